@@ -1,0 +1,151 @@
+"""``ModelConfig``: the one description of a foveate model, saved inside every checkpoint.
+
+Architecture fields decide the shapes of the weights; a checkpoint whose architecture differs from
+the configured one is refused (``ArchitectureMismatch``). Learning fields (learning rate, update mode,
+…) may change between runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from learner.errors import ConfigError
+
+TRUNK_FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "none": None}
+
+#: Fields that decide the shapes and meaning of the weights.
+ARCHITECTURE_FIELDS = (
+    "trunk",
+    "in_features",
+    "input_size",
+    "n_units",
+    "embed_dim",
+    "predictor",
+    "pred_hidden",
+    "phi",
+    "gate_bias",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and learning settings of an R-JEPA model trained by RFP.
+
+    Parameters
+    ----------
+    trunk
+        Frozen feature extractor for areas 1-5: ``resnet18`` (CPU default), ``resnet34``,
+        ``resnet50`` (the paper's), or ``none`` (inputs are already feature vectors of
+        ``in_features``; used by the exactness tests).
+    trunk_weights
+        Path to a torchvision state dict or a SimSiam-style checkpoint, or a torchvision weights
+        name such as ``ResNet50_Weights.IMAGENET1K_V2`` (read from the local torch cache only).
+        ``None``: a random trunk seeded by ``seed``; the log says so.
+    in_features
+        M, width of the trunk's pooled features. Filled in from ``trunk`` unless ``trunk='none'``.
+    input_size
+        Side in pixels that every patch is resized to before the trunk.
+    n_units
+        N, units of the recurrent area 6.
+    embed_dim
+        D, embedding size (the paper's 120).
+    predictor
+        ``mlp`` (two layers, ReLU) or ``linear`` (for Theorem 1 diagnostics).
+    pred_hidden
+        H, hidden width of the MLP predictor.
+    phi
+        Outer nonlinearity of the RGC: ``identity`` (exact passthrough) or ``tanh``.
+    gate_bias
+        Learn gate biases beta (zero-initialised). Off by default, as the spec recommends.
+    loss
+        ``cosine`` (default) or ``mse`` (half squared error, summed over dimensions).
+    lr, optimizer, weight_decay
+        Learning rule for every trainable group: ``sgd`` or ``adam``.
+    update_mode
+        ``every_fixation``: one optimizer step per tick (the service's mode; online RTRL).
+        ``segment``: accumulate, step every ``segment_len`` ticks or at ``end_segment()``;
+        exact, equal to BPTT.
+    segment_len
+        Fixations after which a stream starts a new segment (h, c and traces reset together).
+        0 means never.
+    init_scale
+        Standard deviation of the random recurrent gains at start; 0 (the paper's zero init)
+        gives exact feed-forward behaviour at first.
+    seed
+        Seeds every random initialisation (trunk, W, E, G).
+    """
+
+    trunk: str = "resnet18"
+    trunk_weights: str | None = None
+    in_features: int | None = None
+    input_size: int = 64
+    n_units: int = 512
+    embed_dim: int = 120
+    predictor: str = "mlp"
+    pred_hidden: int = 512
+    phi: str = "identity"
+    gate_bias: bool = False
+    loss: str = "cosine"
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    update_mode: str = "every_fixation"
+    segment_len: int = 100
+    init_scale: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trunk not in TRUNK_FEATURES:
+            raise ConfigError(f"trunk must be one of {sorted(TRUNK_FEATURES)}, got {self.trunk!r}")
+        expected = TRUNK_FEATURES[self.trunk]
+        if expected is None:
+            if not self.in_features or self.in_features < 1:
+                raise ConfigError("trunk='none' needs in_features, the width of the input vectors")
+        elif self.in_features is None:
+            object.__setattr__(self, "in_features", expected)
+        elif self.in_features != expected:
+            raise ConfigError(f"{self.trunk} gives {expected} features, not in_features={self.in_features}")
+        choices = {
+            "predictor": ("mlp", "linear"),
+            "phi": ("identity", "tanh"),
+            "loss": ("cosine", "mse"),
+            "optimizer": ("sgd", "adam"),
+            "update_mode": ("every_fixation", "segment"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("n_units", "embed_dim", "pred_hidden", "input_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.input_size < 16 and self.trunk != "none":
+            raise ConfigError(f"input_size must be at least 16 px for a ResNet trunk, got {self.input_size}")
+        if self.lr < 0 or self.weight_decay < 0 or self.init_scale < 0:
+            raise ConfigError("lr, weight_decay and init_scale must be >= 0")
+        if self.segment_len < 0:
+            raise ConfigError(f"segment_len must be >= 0 (0 = never), got {self.segment_len}")
+
+    @property
+    def M(self) -> int:  # noqa: N802  (the spec's letter)
+        assert self.in_features is not None
+        return self.in_features
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields a checkpoint must match."""
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,44 @@
+"""The learner's exceptions: the root of foveate's one exception hierarchy.
+
+The whole tree, with the HTTP status the service maps each one to, is drawn in
+``service/errors.py``. The learner's part::
+
+    FoveateError                      root; never raised itself
+    ├── ConfigError                   a ModelConfig value is out of range          (422)
+    ├── InputError                    bad fixation data                            (422)
+    │   └── PatchError                undecodable image, wrong shape or channels, NaN
+    ├── TrunkWeightsError             a trunk weights file is missing, unreadable,
+    │                                 or its keys do not match the architecture    (500 at start-up)
+    └── CheckpointError               a checkpoint is unreadable or malformed
+        └── ArchitectureMismatch      the checkpoint was written by another architecture
+"""
+
+from __future__ import annotations
+
+
+class FoveateError(Exception):
+    """Root of every error foveate raises on purpose."""
+
+
+class ConfigError(FoveateError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class InputError(FoveateError, ValueError):
+    """Input data that cannot be learned from; the message says what to fix."""
+
+
+class PatchError(InputError):
+    """An image or patch that cannot be decoded, cut, or has the wrong shape."""
+
+
+class TrunkWeightsError(FoveateError):
+    """Trunk weights that cannot be loaded: a bad path, or keys that do not match."""
+
+
+class CheckpointError(FoveateError):
+    """A checkpoint that cannot be read or written."""
+
+
+class ArchitectureMismatch(CheckpointError):
+    """A checkpoint written by a model of another architecture than the one configured."""

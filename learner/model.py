@@ -1,0 +1,129 @@
+"""R-JEPA: a frozen ResNet trunk (areas 1-5), the recurrent area 6 (RGC), embedding E, predictor G.
+
+Velarde & Parra, arXiv 2411.16695; spec sections 1.1-1.4. At fixation t the model has seen patches
+1..t; it predicts the embedding of fixation t+1 as ``G(E h_t)``, and is scored when that patch
+arrives::
+
+    E_{t+1} = D(G(E h_t), sg(E h_{t+1}))     D = 1 - cos (default) or 1/2 ||p - z||^2
+
+The stop-gradient ``sg`` is on the target branch (SimSiam-style, no EMA target). The trunk never
+learns; area 6 learns by RFP (``rfp.py``) or BPTT (``bptt.py``); E and G learn by ordinary
+per-step backprop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from learner.config import ModelConfig
+from learner.rgc import RGC
+from learner.trunk import build_trunk
+
+log = logging.getLogger(__name__)
+
+
+def prediction_loss(p: torch.Tensor, z: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-stream loss D(p, z): (B, D), (B, D) -> (B,). ``z`` should already be detached."""
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(p, z, dim=-1, eps=1e-12)
+    return 0.5 * (p - z).pow(2).sum(-1)
+
+
+class RJEPA(nn.Module):
+    """The whole model; the learners drive it one step at a time.
+
+    Examples
+    --------
+    >>> cfg = ModelConfig(trunk="none", in_features=8, n_units=6, embed_dim=4, pred_hidden=5)
+    >>> model = RJEPA(cfg)
+    >>> u = model.encode(torch.randn(2, 8))          # identity trunk: features pass through
+    >>> h, c, _ = model.rgc.step(u, model.zero_state(2), model.zero_state(2))
+    >>> model.predict(h).shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = build_trunk(cfg.trunk, cfg.trunk_weights, seed=cfg.seed, in_features=cfg.in_features)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)  # trunk keeps seed; the rest its own stream
+        self.rgc = RGC(
+            cfg.M,
+            cfg.n_units,
+            phi=cfg.phi,
+            gate_bias=cfg.gate_bias,
+            init_scale=cfg.init_scale,
+            generator=gen,
+        )
+        self.E = nn.Linear(cfg.n_units, cfg.embed_dim, bias=False)
+        if cfg.predictor == "mlp":
+            self.G: nn.Module = nn.Sequential(
+                nn.Linear(cfg.embed_dim, cfg.pred_hidden), nn.ReLU(), nn.Linear(cfg.pred_hidden, cfg.embed_dim)
+            )
+        else:
+            self.G = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        with torch.no_grad():
+            for layer in [self.E, *self.G.modules()]:
+                if isinstance(layer, nn.Linear):
+                    _seeded_like_default(layer, gen)
+        self.trunk_dtype = torch.float32
+
+    # --- parameter groups -------------------------------------------------------------------
+    def rfp_parameters(self) -> list[nn.Parameter]:
+        """Area 6: trained by RFP (or BPTT)."""
+        return [p for p in self.rgc.parameters()]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """E and G: trained by per-step backprop."""
+        return list(self.E.parameters()) + list(self.G.parameters())
+
+    def to_device(self, device: torch.device, dtype: torch.dtype = torch.float32) -> RJEPA:
+        """Move the model; on CUDA the frozen trunk runs in bfloat16, everything else in ``dtype``."""
+        self.to(device=device, dtype=dtype)
+        if device.type == "cuda" and self.cfg.trunk != "none":
+            self.trunk.to(dtype=torch.bfloat16)
+            self.trunk_dtype = torch.bfloat16
+        else:
+            self.trunk_dtype = dtype
+        return self
+
+    # --- computation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk features u: (B, 3, P, P) normalised patches (or (B, M) with trunk 'none') -> (B, M)."""
+        dtype = self.rgc.W.dtype
+        return self.trunk(x.to(self.trunk_dtype)).to(dtype)
+
+    def zero_state(self, batch: int) -> torch.Tensor:
+        return self.rgc.W.new_zeros(batch, self.cfg.n_units)  # (B, N)
+
+    def embed(self, h: torch.Tensor) -> torch.Tensor:
+        return self.E(h)  # (B, N) -> (B, D)
+
+    def predict(self, h: torch.Tensor) -> torch.Tensor:
+        """Predicted embedding of the next fixation, G(E h): (B, N) -> (B, D)."""
+        return self.G(self.E(h))
+
+    def loss(self, h_prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Per-stream loss of predicting from ``h_prev`` the embedding of ``h`` (target detached): (B,)."""
+        target = self.E(h).detach()  # sg(z_t)
+        return prediction_loss(self.predict(h_prev), target, self.cfg.loss)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {
+            "trunk": sum(p.numel() for p in self.trunk.parameters()),
+            "rgc": sum(p.numel() for p in self.rgc.parameters()),
+            "embedding": sum(p.numel() for p in self.E.parameters()),
+            "predictor": sum(p.numel() for p in self.G.parameters()),
+        }
+
+
+def _seeded_like_default(layer: nn.Linear, gen: torch.Generator) -> None:
+    """PyTorch's default Linear init (uniform in +-1/sqrt(fan_in)) drawn from ``gen``."""
+    bound = 1.0 / layer.in_features**0.5
+    for p in layer.parameters():
+        p.uniform_(-bound, bound, generator=gen)

@@ -1,0 +1,238 @@
+"""What every foveate learner shares: streams, ticks, resets, segments, the optimizer, persistence.
+
+A **tick** takes one fixation from each of B distinct streams, advances each stream's state by one
+step, scores the prediction each stream made at its previous fixation, and (in ``every_fixation``
+mode) applies **one optimizer step on the mean of the per-stream gradients** of the streams that
+were scored in this tick; streams whose fixation is the first after a reset are advanced but not
+scored. In ``segment`` mode gradients are summed over ticks and, at the segment end, divided by the
+number of scored ticks before one step: the mean over time of the per-tick means, which equals the
+BPTT gradient of the same objective exactly.
+
+Subclasses (``rfp.RFPLearner``, ``bptt.BPTTLearner``) implement ``_learn``: advance the given slots
+by one step and leave the gradients of this tick's mean loss in ``param.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from learner.config import ModelConfig
+from learner.diagnostics import Diagnostics
+from learner.errors import InputError
+from learner.model import RJEPA
+from learner.patches import preprocess
+from learner.state import StreamStates
+
+
+@dataclass
+class TickOutput:
+    """Result of one tick, one row per stream, in the order given."""
+
+    stream_ids: list[str]
+    step: torch.Tensor  # (B,) long: fixations since the stream's last reset, this one included
+    error: torch.Tensor  # (B,) this fixation's prediction error; NaN where nothing was predicted
+    prediction: torch.Tensor  # (B, D) predicted embedding of each stream's next fixation
+    updated: bool  # an optimizer step was applied in this tick
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when there is one."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class StreamLearner:
+    """Base class of the learners: holds the model, the optimizer and every stream's state."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.model = RJEPA(cfg).to_device(self.device, dtype)
+        params = self.model.rfp_parameters() + self.model.head_parameters()
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        if cfg.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                params, lr=cfg.lr, weight_decay=cfg.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.states = StreamStates(
+            cfg.n_units, cfg.embed_dim, self._trace_shapes(), device=self.device, dtype=dtype
+        )
+        self.updates_applied = 0
+        self.ticks = 0
+        self._scored_ticks = 0  # ticks with gradients accumulated since the last step (segment mode)
+        self.diagnostics = Diagnostics(cfg.embed_dim)
+
+    # --- subclass interface ---------------------------------------------------------------------
+    def _trace_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def _learn(self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """Advance ``slots`` by one step on inputs u (B, M); accumulate gradients; return errors (B,)."""
+        raise NotImplementedError
+
+    def _on_reset(self, slots: torch.Tensor) -> None:
+        """Hook for learners that keep per-stream state outside ``self.states``."""
+
+    # --- ticks ------------------------------------------------------------------------------------
+    def tick(
+        self,
+        stream_ids: Sequence[str],
+        patches: Any,
+        reset: Sequence[bool] | None = None,
+    ) -> TickOutput:
+        """Learn from one fixation of each stream.
+
+        ``patches``: a uint8 array or tensor (B, P, P, 3) RGB, or a list of uint8 (H, W, 3) arrays of
+        any size (resized to ``cfg.input_size``). With ``trunk='none'``: feature vectors (B, M).
+        """
+        if self.cfg.trunk == "none":
+            x = torch.as_tensor(np.asarray(patches) if not torch.is_tensor(patches) else patches)
+            x = x.to(self.device, self.dtype)
+        else:
+            x = preprocess(patches, self.cfg.input_size, device=self.device, dtype=self.dtype)
+        if x.shape[0] != len(stream_ids):
+            raise InputError(f"{len(stream_ids)} stream ids but {x.shape[0]} patches")
+        return self.tick_features(stream_ids, self.model.encode(x), reset)
+
+    def tick_features(
+        self, stream_ids: Sequence[str], u: torch.Tensor, reset: Sequence[bool] | None = None
+    ) -> TickOutput:
+        """Like ``tick`` on trunk features u (B, M)."""
+        cfg = self.cfg
+        if u.dim() != 2 or u.shape[1] != cfg.M:
+            raise InputError(f"features must have shape (B, {cfg.M}), got {tuple(u.shape)}")
+        if not torch.isfinite(u).all():
+            raise InputError("features contain NaN or infinite values")
+        slots = self.states.slots(list(stream_ids))
+        starts = self.states.step[slots] == 0
+        if reset is not None:
+            starts |= torch.as_tensor(list(reset), dtype=torch.bool, device=self.device)
+        if cfg.segment_len:
+            starts |= self.states.step[slots] >= cfg.segment_len
+        self._reset_slots(slots[starts])
+        scored = ~starts  # (B,) this fixation scores the prediction made at the previous one
+        error = self._learn(slots, u.to(self.dtype), scored)
+        st = self.states
+        st.step[slots] += 1
+        st.total[slots] += 1
+        self.ticks += 1
+        if scored.any():
+            self._scored_ticks += 1
+        updated = False
+        if cfg.update_mode == "every_fixation":
+            updated = self._apply_step()
+        elif cfg.segment_len and bool((st.step[slots] >= cfg.segment_len).any()):
+            updated = self.end_segment()
+        with torch.no_grad():
+            pred = self.model.predict(st.h[slots])  # (B, D) with the weights after this tick's step
+            st.pred[slots] = pred
+            h_now = st.h[slots]
+            retention = float(self.model.rgc.retention_gains(h_now, st.c[slots]).max())
+            self.diagnostics.observe(st.step[slots], error, self.model.embed(h_now), h_now, retention)
+        return TickOutput(list(stream_ids), st.step[slots].clone(), error, pred, updated)
+
+    def end_segment(self) -> bool:
+        """Segment mode: apply the accumulated gradient (mean over scored ticks). True if stepped."""
+        return self._apply_step()
+
+    def _apply_step(self) -> bool:
+        if not self._scored_ticks:
+            return False
+        if self._scored_ticks > 1:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad.div_(self._scored_ticks)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        self._scored_ticks = 0
+        self.updates_applied += 1
+        return True
+
+    # --- streams ----------------------------------------------------------------------------------
+    def _reset_slots(self, slots: torch.Tensor) -> None:
+        self.states.reset(slots)
+        self._on_reset(slots)
+
+    def reset(self, stream_id: str) -> None:
+        """Start a new sequence in one stream (new scene): h, c and traces to zero together."""
+        self._reset_slots(self.states.slots([stream_id], create=False))
+
+    def drop(self, stream_id: str) -> None:
+        slot = self.states.slots([stream_id], create=False)
+        self._on_reset(slot)
+        self.states.drop(stream_id)
+
+    def stream_ids(self) -> list[str]:
+        return self.states.stream_ids()
+
+    def stream_info(self, stream_id: str) -> dict[str, Any]:
+        slot = self.states.slot_of(stream_id)
+        st = self.states
+        return {
+            "stream_id": stream_id,
+            "step": int(st.step[slot]),
+            "fixations": int(st.total[slot]),
+            "h_norm": float(st.h[slot].norm()),
+        }
+
+    def prediction(self, stream_id: str) -> torch.Tensor | None:
+        """The stream's predicted embedding of its next fixation (D,), or None before its first."""
+        slot = self.states.slot_of(stream_id)
+        return None if int(self.states.step[slot]) == 0 else self.states.pred[slot].clone()
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """The gradients accumulated since the last optimizer step, by parameter name."""
+        return {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    # --- persistence ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: weights (trunk excluded), optimizer, counters, streams."""
+        weights = {k: v for k, v in self.model.state_dict().items() if not k.startswith("trunk.")}
+        return {
+            "weights": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "counters": {
+                "updates_applied": self.updates_applied,
+                "ticks": self.ticks,
+                "scored_ticks": self._scored_ticks,
+            },
+            "streams": self.states.state_dict(),
+            # segment mode: the gradient accumulated so far is part of the state
+            "grads": {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        missing, unexpected = self.model.load_state_dict(sd["weights"], strict=False)
+        missing = [k for k in missing if not k.startswith("trunk.")]
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(sd["optimizer"])
+        counters = sd["counters"]
+        self.updates_applied = int(counters["updates_applied"])
+        self.ticks = int(counters["ticks"])
+        self._scored_ticks = int(counters["scored_ticks"])
+        self.states.load_state_dict(sd["streams"])
+        params = dict(self.model.named_parameters())
+        for name, g in sd["grads"].items():
+            params[name].grad.copy_(g)
+
+    def memory_per_stream(self) -> int:
+        """Bytes of state each stream holds (independent of the stream's length for RFP)."""
+        return self.states.nbytes_per_stream()
+
+    @staticmethod
+    def nan_errors(batch: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.full((batch,), math.nan, device=like.device, dtype=like.dtype)

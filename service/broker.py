@@ -1,0 +1,229 @@
+"""The queue between the API and the worker: one interface, an in-process and a Redis implementation.
+
+The API side is ``async`` (it runs in uvicorn's event loop); the worker side blocks (it runs in the
+worker's threads). Both sides speak :class:`~service.messages.Fixation` and
+:class:`~service.messages.Control` and receive replies as dicts::
+
+    API                                   broker                         worker
+    submit([Fixation], wait=...)  ──►  queue / XADD foveate:fixations ──►  get(timeout)
+    command(Control)              ──►  queue / XADD foveate:control   ──►  get(timeout)
+    result(request_id, timeout)   ◄──  future  / BLPOP result key     ◄──  reply([(msg, payload)])
+    worker_alive()                ◄──  thread  / heartbeat key        ◄──  heartbeat(info)
+
+:class:`LocalBroker` is the embedded default (``foveate serve``: one process, a bounded
+``queue.Queue``, replies handed to asyncio futures). :class:`~service.redis_broker.RedisBroker`
+carries the same traffic over Redis Streams so that the API and the worker can be separate
+processes; docs/redis-format.md specifies its messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from service.config import Settings
+from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
+from service.messages import Control, Fixation
+
+#: What the worker receives.
+Message = Fixation | Control
+#: A decoder the worker hands to the broker: fills ``fix.patch`` from ``fix.source`` or sets ``fix.problem``.
+Decoder = Callable[[Fixation], None]
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+class Broker(ABC):
+    """The queue between the API and the worker (see the module docstring)."""
+
+    settings: Settings
+
+    # --- API side (async) ------------------------------------------------------------------------
+    async def start_api(self) -> None:  # noqa: B027  (optional hook)
+        """Open what the API side needs (connections, the event loop reference)."""
+
+    async def close_api(self) -> None:  # noqa: B027
+        """Release what :meth:`start_api` opened."""
+
+    @abstractmethod
+    async def submit(self, fixations: Sequence[Fixation], *, wait: bool) -> None:
+        """Queue fixations for the worker, in order; each gets a ``request_id`` if it has none.
+
+        Raises ``QueueFull`` (nothing queued) when the backlog would pass ``max_queue``, and
+        ``WorkerUnavailable`` when ``wait`` is set but no worker is alive.
+        """
+
+    @abstractmethod
+    async def result(self, request_id: str, timeout: float) -> dict[str, Any]:
+        """The worker's reply to a submitted request; ``WorkerTimeout`` after ``timeout`` seconds."""
+
+    async def command(self, control: Control, timeout: float | None = None) -> dict[str, Any]:
+        """Send a command to the worker and return its reply payload."""
+        control.request_id = control.request_id or new_request_id()
+        await self._send_control(control, self.settings.sync_timeout_s if timeout is None else timeout)
+        return await self.result(control.request_id, self.settings.sync_timeout_s if timeout is None else timeout)
+
+    @abstractmethod
+    async def _send_control(self, control: Control, timeout: float) -> None: ...
+
+    @abstractmethod
+    async def worker_alive(self) -> tuple[bool, str]:
+        """(alive, why) for ``/readyz``."""
+
+    # --- worker side (blocking) --------------------------------------------------------------
+    @abstractmethod
+    def start_worker(self, decode: Decoder) -> None:
+        """Start receiving; ``decode`` turns undecoded payloads into patches off the tick thread."""
+
+    @abstractmethod
+    def get(self, timeout: float) -> Message | None:
+        """The next message in arrival order, waiting up to ``timeout`` s (0: do not wait)."""
+
+    @abstractmethod
+    def reply(self, replies: Sequence[tuple[Message, dict[str, Any]]]) -> None:
+        """Publish the payloads for these messages, then acknowledge them."""
+
+    def heartbeat(self, info: dict[str, Any]) -> None:  # noqa: B027
+        """Tell the API side the worker is alive."""
+
+    def backlog(self) -> int:
+        """Messages queued in the broker that the worker has not received yet."""
+        return 0
+
+    def forget_stream(self, stream_id: str) -> None:  # noqa: B027
+        """Drop what the broker keeps about a deleted stream (its results stream in Redis)."""
+
+    def stop_worker(self) -> None:  # noqa: B027
+        """Stop receiving (threads, connections)."""
+
+
+class LocalBroker(Broker):
+    """In-process broker for the embedded mode: a bounded queue and asyncio futures.
+
+    Examples
+    --------
+    >>> broker = LocalBroker(Settings(max_queue=4))
+    >>> broker.backlog()
+    0
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._queue: queue.Queue[Message] = queue.Queue(maxsize=settings.max_queue)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._decode: Decoder | None = None
+        self._ids = itertools.count(1)
+        self._last_beat = 0.0
+
+    async def start_api(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    def _expect(self, request_id: str) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._waiters[request_id] = self._loop.create_future()
+
+    async def submit(self, fixations: Sequence[Fixation], *, wait: bool) -> None:
+        # Only this event loop puts, so the check below cannot be raced into overflowing the queue.
+        if self._queue.qsize() + len(fixations) > self.settings.max_queue:
+            raise QueueFull(
+                f"{self._queue.qsize()} fixations are waiting for the worker (limit {self.settings.max_queue}); "
+                "retry later or send fewer at once"
+            )
+        for fix in fixations:
+            fix.request_id = fix.request_id or new_request_id()
+            fix.entry_id = f"local-{next(self._ids)}"
+            if wait:
+                self._expect(fix.request_id)
+            self._queue.put_nowait(fix)
+
+    async def _send_control(self, control: Control, timeout: float) -> None:
+        assert control.request_id is not None
+        self._expect(control.request_id)
+        try:
+            self._queue.put_nowait(control)
+        except queue.Full as exc:
+            self._waiters.pop(control.request_id, None)
+            raise QueueFull("the worker's queue is full; retry the command later") from exc
+
+    async def result(self, request_id: str, timeout: float) -> dict[str, Any]:
+        future = self._waiters.get(request_id)
+        if future is None:
+            raise WorkerTimeout(f"request {request_id} was not submitted with wait=true")
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError as exc:
+            raise WorkerTimeout(
+                f"the worker did not answer within {timeout:g} s (request {request_id}); it is busy or "
+                "stuck: retry later, or raise FOVEATE_SYNC_TIMEOUT_S"
+            ) from exc
+        finally:
+            self._waiters.pop(request_id, None)
+
+    async def worker_alive(self) -> tuple[bool, str]:
+        age = time.time() - self._last_beat
+        if self._decode is None:
+            return False, "the worker has not started"
+        if age > self.settings.heartbeat_timeout_s:
+            return False, f"the worker's last heartbeat was {age:.1f} s ago"
+        return True, "worker thread alive"
+
+    # --- worker side ---
+    def start_worker(self, decode: Decoder) -> None:
+        self._decode = decode
+        self._last_beat = time.time()
+
+    def get(self, timeout: float) -> Message | None:
+        try:
+            msg = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(msg, Fixation) and msg.patch is None and msg.problem is None and self._decode:
+            self._decode(msg)
+        return msg
+
+    def reply(self, replies: Sequence[tuple[Message, dict[str, Any]]]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        pairs = [(msg.request_id, payload) for msg, payload in replies if msg.request_id]
+        if pairs:
+            # One hop into the event loop per tick; futures are only touched there.
+            loop.call_soon_threadsafe(self._deliver, pairs)
+
+    def _deliver(self, pairs: list[tuple[str, dict[str, Any]]]) -> None:
+        for request_id, payload in pairs:
+            future = self._waiters.get(request_id)
+            if future is not None and not future.done():
+                future.set_result(payload)
+
+    def heartbeat(self, info: dict[str, Any]) -> None:
+        self._last_beat = time.time()
+
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def stop_worker(self) -> None:
+        self._decode = None
+
+
+def make_broker(settings: Settings) -> Broker:
+    """The broker the settings ask for: Redis when ``redis_url`` is set, in-process otherwise."""
+    if settings.redis_url is None:
+        return LocalBroker(settings)
+    from service.redis_broker import RedisBroker
+
+    return RedisBroker(settings)
+
+
+__all__ = ["Broker", "Decoder", "LocalBroker", "Message", "WorkerUnavailable", "make_broker", "new_request_id"]

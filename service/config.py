@@ -1,0 +1,163 @@
+"""``Settings``: the service's one configuration object, read from ``FOVEATE_*`` environment variables.
+
+The model fields map one to one onto :class:`learner.config.ModelConfig` (``FOVEATE_N_UNITS`` →
+``n_units`` …) through :meth:`Settings.model_config_obj`; everything else configures the service:
+device, batching, Redis keys, checkpoints and the limits that protect the worker from bad input.
+
+Examples
+--------
+>>> settings = Settings(n_units=64, embed_dim=16)
+>>> settings.model_config_obj().n_units
+64
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from learner.config import ModelConfig
+
+#: Stream ids allowed in URLs, Redis messages and metrics-free logs.
+STREAM_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+# Settings fields that are passed through to ModelConfig under the same name.
+_MODEL_FIELDS = (
+    "trunk",
+    "trunk_weights",
+    "input_size",
+    "n_units",
+    "embed_dim",
+    "predictor",
+    "pred_hidden",
+    "phi",
+    "gate_bias",
+    "loss",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "update_mode",
+    "segment_len",
+    "init_scale",
+    "seed",
+)
+
+
+def _default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Every setting of the API and the worker; each field is read from ``FOVEATE_<FIELD>``.
+
+    Parameters
+    ----------
+    trunk, trunk_weights, input_size, n_units, embed_dim, predictor, pred_hidden, phi, gate_bias, loss,
+    lr, optimizer, weight_decay, update_mode, segment_len, init_scale, seed
+        The model, passed to :class:`learner.config.ModelConfig` (see its docstring).
+    learner
+        ``rfp`` (the service's learning rule) or ``bptt`` (truncated BPTT baseline, window ``bptt_window``).
+    device
+        ``auto`` takes CUDA when torch sees a GPU, the CPU otherwise.
+    max_batch, max_wait_ms
+        A worker tick takes up to ``max_batch`` fixations (one per stream), waiting at most
+        ``max_wait_ms`` after the first one for more.
+    redis_url
+        ``None``: the embedded mode (one process, in-process queue). Otherwise Redis Streams.
+    input_stream, control_stream, results_stream, result_key_prefix, consumer_group, consumer_name,
+    heartbeat_key
+        Redis key names (see docs/redis-format.md).
+    checkpoint_path, checkpoint_interval_s
+        Where and how often the worker saves everything; ``None`` disables checkpoints.
+    max_body_bytes, max_pixels, max_batch_fixations, sync_timeout_s, max_streams, max_queue
+        Limits: request body (413), decoded image pixels (413), fixations per batch request,
+        the wait for a synchronous result (504), live streams (429), queued fixations (429).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FOVEATE_", extra="ignore", validate_default=True)
+
+    # --- the model (ModelConfig) ---
+    trunk: str = "resnet18"
+    trunk_weights: str | None = None
+    input_size: int = 64
+    n_units: int = 512
+    embed_dim: int = 120
+    predictor: str = "mlp"
+    pred_hidden: int = 512
+    phi: str = "identity"
+    gate_bias: bool = False
+    loss: str = "cosine"
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    update_mode: str = "every_fixation"
+    segment_len: int = 100
+    init_scale: float = 0.0
+    seed: int = 0
+
+    # --- the learner and where it runs ---
+    learner: Literal["rfp", "bptt"] = "rfp"
+    bptt_window: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(64, ge=1, le=4096)
+    max_wait_ms: float = Field(5.0, ge=0.0)
+    diagnostics_interval_s: float = Field(5.0, gt=0.0)
+
+    # --- HTTP ---
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # --- Redis Streams ---
+    redis_url: str | None = None
+    input_stream: str = "foveate:fixations"
+    control_stream: str = "foveate:control"
+    results_stream: str = "foveate:results"
+    result_key_prefix: str = "foveate:result:"
+    consumer_group: str = "foveate-workers"
+    consumer_name: str = Field(default_factory=_default_consumer)
+    heartbeat_key: str = "foveate:worker:heartbeat"
+    heartbeat_timeout_s: float = Field(10.0, gt=0.0)
+    stream_maxlen: int = Field(100_000, ge=100)
+    results_maxlen: int = Field(100_000, ge=100)
+    stream_results_maxlen: int = Field(1_000, ge=10)
+    result_ttl_s: int = Field(60, ge=1)
+    claim_idle_ms: int = Field(30_000, ge=100)
+
+    # --- checkpoints ---
+    checkpoint_path: Path | None = Path("checkpoints/foveate.pt")
+    checkpoint_interval_s: float = Field(300.0, gt=0.0)
+
+    # --- limits ---
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(4096 * 4096, ge=1)
+    max_batch_fixations: int = Field(256, ge=1)
+    sync_timeout_s: float = Field(10.0, gt=0.0)
+    max_streams: int = Field(10_000, ge=1)
+    max_queue: int = Field(10_000, ge=1)
+
+    @field_validator("redis_url", "checkpoint_path", "trunk_weights", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # FOVEATE_REDIS_URL= (set but empty) in a compose file means "not set", not "the URL ''".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def model_config_obj(self) -> ModelConfig:
+        """The :class:`ModelConfig` these settings describe (raises ``ConfigError`` if out of range)."""
+        return ModelConfig(**{name: getattr(self, name) for name in _MODEL_FIELDS})
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis URL is set: API and worker share one process."""
+        return self.redis_url is None
+
+
+def model_fields() -> tuple[str, ...]:
+    """Names of the Settings fields that are passed to ModelConfig."""
+    return _MODEL_FIELDS

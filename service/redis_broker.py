@@ -1,0 +1,388 @@
+"""``RedisBroker``: the API and the worker as separate processes, over Redis Streams.
+
+Keys (names from :class:`~service.config.Settings`; the format is in docs/redis-format.md):
+
+- ``foveate:fixations``: input stream, ``XADD … MAXLEN ~ stream_maxlen``; the API and rigs write it.
+  Read by consumer group ``foveate-workers`` with ``XREADGROUP``; an entry is ``XACK``-ed only after
+  its result is published. Entries left pending by a dead consumer for ``claim_idle_ms`` are taken
+  over with ``XAUTOCLAIM``; a worker that comes back under its old name first re-reads its own
+  pending history.
+- ``foveate:control``: commands (reset, delete, checkpoint, queries), same group; a command past its
+  ``deadline`` is acknowledged and dropped, since its caller has already timed out.
+- ``foveate:results`` and ``foveate:results:<stream_id>``: every result, capped streams (rigs XREAD).
+- ``foveate:result:<request_id>``: a list holding the JSON reply for one request; the API waits with
+  ``BLPOP``; it expires after ``result_ttl_s``. A list (not pub/sub) keeps a reply that arrives
+  before the API starts waiting, and lets a rig fetch its own reply the same way.
+- ``foveate:worker:heartbeat``: JSON ``{"ts": unix time, …}`` set each second; ``/readyz`` wants it
+  younger than ``heartbeat_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from service.broker import Broker, Decoder, Message, new_request_id
+from service.config import Settings
+from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
+from service.messages import Control, Fixation, control_from_fields, control_to_fields, fixation_from_fields
+from service.messages import fixation_to_fields
+
+logger = logging.getLogger(__name__)
+
+_CONTROL_GRACE_S = 2.0  # clock skew allowed between API and worker hosts for command deadlines
+_CACHE_S = 0.25  # how long the API trusts a backlog or heartbeat reading
+_RESULTS_TTL_S = 24 * 3600  # per-stream result streams of idle streams disappear after a day
+
+
+def _fields(raw: dict[Any, Any]) -> dict[str, bytes]:
+    return {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in raw.items()}
+
+
+def _id(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def result_fields(fix: Fixation, payload: dict[str, Any]) -> dict[str, str]:
+    """Flat fields of a result entry in ``foveate:results`` (see docs/redis-format.md)."""
+    out = {"stream_id": fix.stream_id, "ok": "1" if payload.get("ok") else "0"}
+    if fix.request_id:
+        out["request_id"] = fix.request_id
+    if fix.entry_id:
+        out["entry_id"] = fix.entry_id
+    if fix.seq is not None:
+        out["seq"] = str(fix.seq)
+    if payload.get("ok"):
+        err = payload.get("error")
+        out["step"] = str(payload["step"])
+        out["error"] = "nan" if err is None else repr(float(err))
+        out["running_error"] = "nan" if payload.get("running_error") is None else repr(payload["running_error"])
+        out["updates_applied"] = str(payload["updates_applied"])
+    else:
+        out["rejected"] = str(payload.get("error"))
+        out["detail"] = str(payload.get("detail", ""))[:500]
+    return out
+
+
+class RedisBroker(Broker):
+    """Broker over Redis Streams (see the module docstring for the keys).
+
+    Parameters
+    ----------
+    settings
+        ``redis_url`` and the key names, limits and timeouts.
+    decode_threads
+        Threads that decode rigs' PNG/JPEG payloads while the worker ticks.
+    """
+
+    def __init__(self, settings: Settings, *, decode_threads: int = 2) -> None:
+        if settings.redis_url is None:
+            raise ValueError("RedisBroker needs settings.redis_url")
+        self.settings = settings
+        self.url: str = settings.redis_url
+        self._decode_threads = decode_threads
+        self._aio: aioredis.Redis | None = None
+        self._sync: redis.Redis | None = None
+        self._inbox: queue.Queue[Message] = queue.Queue(maxsize=4 * settings.max_batch + 64)
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._decode: Decoder | None = None
+        self._backlog_cache = (0.0, 0)
+        self._alive_cache: tuple[float, bool, str] = (0.0, False, "")
+        self._last_error_log = 0.0
+
+    def _unavailable(self, exc: Exception) -> WorkerUnavailable:
+        return WorkerUnavailable(f"cannot reach Redis at {self.url}: {exc}; check FOVEATE_REDIS_URL and the server")
+
+    # ------------------------------------------------------------------ API side
+
+    @property
+    def aio(self) -> aioredis.Redis:
+        if self._aio is None:
+            self._aio = aioredis.Redis.from_url(self.url, socket_connect_timeout=2.0)
+        return self._aio
+
+    async def close_api(self) -> None:
+        if self._aio is not None:
+            await self._aio.aclose()
+            self._aio = None
+
+    async def _backlog_async(self) -> int:
+        now = time.monotonic()
+        if now - self._backlog_cache[0] < _CACHE_S:
+            return self._backlog_cache[1]
+        try:
+            groups = await self.aio.xinfo_groups(self.settings.input_stream)
+        except ResponseError:  # no stream yet
+            groups = []
+        value = self._count_backlog(groups, unread_only=False)
+        if value is None:
+            value = int(await self.aio.xlen(self.settings.input_stream))  # no group yet: nothing read
+        self._backlog_cache = (now, value)
+        return value
+
+    def _count_backlog(self, groups: list[dict[Any, Any]], *, unread_only: bool) -> int | None:
+        for group in groups:
+            info = _fields(group)
+            name = info.get("name")
+            if (name.decode() if isinstance(name, bytes) else name) != self.settings.consumer_group:
+                continue
+            lag = info.get("lag")
+            unread = int(lag) if lag is not None else 0
+            return unread if unread_only else unread + int(info.get("pending") or 0)
+        return None
+
+    async def submit(self, fixations: Sequence[Fixation], *, wait: bool) -> None:
+        try:
+            if wait:
+                alive, why = await self.worker_alive()
+                if not alive:
+                    raise WorkerUnavailable(f"no live worker: {why}; start `foveate worker` or send with wait=false")
+            backlog = await self._backlog_async()
+            if backlog + len(fixations) > self.settings.max_queue:
+                raise QueueFull(
+                    f"{backlog} fixations are waiting in {self.settings.input_stream} "
+                    f"(limit {self.settings.max_queue}); retry later"
+                )
+            pipe = self.aio.pipeline(transaction=False)
+            for fix in fixations:
+                fix.request_id = fix.request_id or new_request_id()
+                pipe.xadd(self.settings.input_stream, fixation_to_fields(fix),  # type: ignore[arg-type]
+                          maxlen=self.settings.stream_maxlen, approximate=True)  # fmt: skip
+            ids = await pipe.execute()
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+        for fix, entry in zip(fixations, ids, strict=True):
+            fix.entry_id = _id(entry)
+
+    async def _send_control(self, control: Control, timeout: float) -> None:
+        fields = control_to_fields(control)
+        fields["deadline"] = repr(time.time() + timeout)
+        try:
+            await self.aio.xadd(self.settings.control_stream, fields,  # type: ignore[arg-type]
+                                maxlen=10_000, approximate=True)  # fmt: skip
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    async def result(self, request_id: str, timeout: float) -> dict[str, Any]:
+        key = self.settings.result_key_prefix + request_id
+        try:
+            item = await self.aio.blpop([key], timeout=max(timeout, 0.01))
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+        if item is None:
+            raise WorkerTimeout(
+                f"the worker did not answer within {timeout:g} s (request {request_id}); the fixation "
+                f"stays queued and its result will be in {self.settings.results_stream}"
+            )
+        payload: dict[str, Any] = json.loads(item[1])
+        return payload
+
+    async def worker_alive(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        stamp, alive, why = self._alive_cache
+        if now - stamp < _CACHE_S:
+            return alive, why
+        try:
+            raw = await self.aio.get(self.settings.heartbeat_key)
+        except RedisError as exc:
+            alive, why = False, f"cannot reach Redis at {self.url}: {exc}"
+        else:
+            if raw is None:
+                alive, why = False, f"no worker heartbeat in {self.settings.heartbeat_key}"
+            else:
+                age = time.time() - float(json.loads(raw).get("ts", 0.0))
+                alive = age <= self.settings.heartbeat_timeout_s
+                why = f"worker heartbeat {age:.1f} s old"
+        self._alive_cache = (now, alive, why)
+        return alive, why
+
+    # ------------------------------------------------------------------ worker side
+
+    @property
+    def sync(self) -> redis.Redis:
+        if self._sync is None:
+            self._sync = redis.Redis.from_url(self.url, socket_connect_timeout=2.0)
+        return self._sync
+
+    def _ensure_group(self, stream: str, start: str) -> None:
+        try:
+            self.sync.xgroup_create(stream, self.settings.consumer_group, id=start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def start_worker(self, decode: Decoder) -> None:
+        self._decode = decode
+        self._ensure_group(self.settings.input_stream, "0")
+        # Commands sent while no worker ran have timed out for their callers: start at the end.
+        self._ensure_group(self.settings.control_stream, "$")
+        self._pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="foveate-decode")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._intake, name="foveate-intake", daemon=True)
+        self._thread.start()
+
+    def _intake(self) -> None:
+        """Read entries (own history first, then claims and new ones), decode, queue them in order."""
+        s = self.settings
+        own_history = True
+        last_claim = 0.0
+        while not self._stop.is_set():
+            try:
+                if own_history:
+                    resp = self.sync.xreadgroup(s.consumer_group, s.consumer_name, {s.input_stream: "0"}, count=256)
+                    own_history = bool(resp and resp[0][1])
+                    self._accept(resp)
+                    continue
+                if time.monotonic() - last_claim > s.claim_idle_ms / 2000.0:
+                    last_claim = time.monotonic()
+                    self._claim()
+                resp = self.sync.xreadgroup(
+                    s.consumer_group, s.consumer_name, {s.input_stream: ">", s.control_stream: ">"},
+                    count=s.max_batch, block=200,
+                )  # fmt: skip
+                self._accept(resp)
+            except RedisError as exc:
+                self._log_error("reading from Redis failed", exc)
+                self._stop.wait(1.0)
+
+    def _claim(self) -> None:
+        """Take over entries another (dead) consumer has left pending for ``claim_idle_ms``."""
+        s = self.settings
+        resp = self.sync.xautoclaim(s.input_stream, s.consumer_group, s.consumer_name, s.claim_idle_ms,
+                                    start_id="0-0", count=256)  # fmt: skip
+        entries = [(eid, fields) for eid, fields in resp[1] if fields is not None]
+        with self._lock:
+            entries = [(eid, f) for eid, f in entries if _id(eid) not in self._inflight]
+        if entries:
+            logger.warning("claimed %d pending fixations from a consumer idle for %d ms", len(entries), s.claim_idle_ms)
+            self._accept([[s.input_stream.encode(), entries]])
+
+    def _accept(self, resp: Any) -> None:
+        s = self.settings
+        for stream, entries in resp or []:
+            name = _id(stream)
+            if name == s.input_stream:
+                fixes = [fixation_from_fields(_fields(f), _id(eid)) for eid, f in entries]
+                with self._lock:
+                    self._inflight.update(fix.entry_id for fix in fixes if fix.entry_id)
+                assert self._pool is not None and self._decode is not None
+                # map keeps the order; decoding runs in the pool while the worker ticks.
+                for fix in self._pool.map(self._decode_one, fixes):
+                    self._put(fix)
+            else:
+                for eid, f in entries:
+                    fields = _fields(f)
+                    ctl = control_from_fields(fields, _id(eid))
+                    deadline = float(fields.get("deadline", b"inf") or b"inf")
+                    if math.isfinite(deadline) and time.time() > deadline + _CONTROL_GRACE_S:
+                        logger.info("dropping command %s past its deadline", ctl.command)
+                        self.sync.xack(s.control_stream, s.consumer_group, _id(eid))
+                        continue
+                    self._put(ctl)
+
+    def _decode_one(self, fix: Fixation) -> Fixation:
+        if fix.problem is None and self._decode is not None:
+            self._decode(fix)
+        return fix
+
+    def _put(self, msg: Message) -> None:
+        while not self._stop.is_set():
+            try:
+                self._inbox.put(msg, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def get(self, timeout: float) -> Message | None:
+        try:
+            return self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def reply(self, replies: Sequence[tuple[Message, dict[str, Any]]]) -> None:
+        s = self.settings
+        pipe = self.sync.pipeline(transaction=False)
+        acks: dict[str, list[str]] = {s.input_stream: [], s.control_stream: []}
+        for msg, payload in replies:
+            if isinstance(msg, Fixation):
+                fields = result_fields(msg, payload)
+                pipe.xadd(s.results_stream, fields, maxlen=s.results_maxlen, approximate=True)  # type: ignore[arg-type]
+                if payload.get("ok"):
+                    key = f"{s.results_stream}:{msg.stream_id}"
+                    pipe.xadd(key, fields, maxlen=s.stream_results_maxlen, approximate=True)  # type: ignore[arg-type]
+                    pipe.expire(key, _RESULTS_TTL_S)
+                if msg.entry_id:
+                    acks[s.input_stream].append(msg.entry_id)
+            elif msg.entry_id:
+                acks[s.control_stream].append(msg.entry_id)
+            if msg.request_id:
+                key = s.result_key_prefix + msg.request_id
+                pipe.rpush(key, json.dumps(payload))
+                pipe.expire(key, s.result_ttl_s)
+        for stream, ids in acks.items():
+            if ids:
+                pipe.xack(stream, s.consumer_group, *ids)
+        try:
+            pipe.execute()
+        except RedisError as exc:
+            # Unacknowledged entries stay pending; a restarted worker re-reads them, and the
+            # worker's per-stream last entry id keeps them from being applied twice.
+            self._log_error("publishing results failed", exc)
+        with self._lock:
+            self._inflight.difference_update(acks[s.input_stream])
+
+    def forget_stream(self, stream_id: str) -> None:
+        try:
+            self.sync.delete(f"{self.settings.results_stream}:{stream_id}")
+        except RedisError as exc:
+            self._log_error("deleting a results stream failed", exc)
+
+    def heartbeat(self, info: dict[str, Any]) -> None:
+        payload = json.dumps({**info, "ts": time.time(), "consumer": self.settings.consumer_name})
+        try:
+            self.sync.set(self.settings.heartbeat_key, payload, px=int(2000 * self.settings.heartbeat_timeout_s))
+        except RedisError as exc:
+            self._log_error("writing the heartbeat failed", exc)
+
+    def backlog(self) -> int:
+        now = time.monotonic()
+        if now - self._backlog_cache[0] < 1.0:
+            return self._backlog_cache[1] + self._inbox.qsize()
+        try:
+            groups = self.sync.xinfo_groups(self.settings.input_stream)
+            value = self._count_backlog(groups, unread_only=True) or 0
+        except RedisError:
+            value = self._backlog_cache[1]
+        self._backlog_cache = (now, value)
+        return value + self._inbox.qsize()
+
+    def stop_worker(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    def _log_error(self, what: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log > 5.0:  # one line per 5 s while Redis is down, not thousands
+            self._last_error_log = now
+            logger.error("%s (%s): %s", what, self.url, exc)

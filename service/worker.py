@@ -1,0 +1,426 @@
+"""The learning worker: holds the learner and every stream's state, one learner tick per loop.
+
+Each loop iteration
+
+1. gathers up to ``max_batch`` fixations within ``max_wait_ms`` of the first, **at most one per
+   stream**: a second fixation of a stream already in the tick is held back for the next tick, and
+   held fixations go first, so each stream's order is preserved;
+2. runs one ``learner.tick`` on the stacked patches (decoded earlier, off this thread: by the API for
+   HTTP, by the broker's decode pool for Redis messages);
+3. publishes one reply per fixation and only then lets the broker acknowledge them;
+4. answers commands (reset, delete, checkpoint, queries) that arrived, after the tick;
+5. every second writes the heartbeat and the queue gauges; every ``diagnostics_interval_s`` the
+   learner's diagnostics; every ``checkpoint_interval_s`` a checkpoint (and one on stop).
+
+A bad message is answered with its error, counted, acknowledged, and never stops the loop.
+
+Examples
+--------
+>>> worker = Worker(Settings(), LocalBroker(Settings()))  # doctest: +SKIP
+>>> worker.start(); ...; worker.stop()                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+import numpy as np
+import torch
+
+from learner.errors import ConfigError, FoveateError, InputError
+from learner.streaming import StreamLearner, resolve_device
+from service import metrics
+from service.broker import Broker, Message
+from service.config import Settings
+from service.decode import decode_source
+from service.errors import TooManyStreams, UnknownStream, WorkerError, error_payload, status_of
+from service.messages import Control, Fixation
+from service.streams import StreamRecord
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.1  # how long an idle loop waits for a message before housekeeping
+
+
+def build_learner(settings: Settings) -> StreamLearner:
+    """The learner the settings describe, on ``auto`` → CUDA when available, else the CPU."""
+    cfg = settings.model_config_obj()
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("FOVEATE_DEVICE=cuda but torch sees no CUDA device; use auto or cpu")
+    if settings.learner == "bptt":
+        from learner.bptt import BPTTLearner
+
+        return BPTTLearner(cfg, device=device, window=settings.bptt_window)
+    from learner.rfp import RFPLearner
+
+    return RFPLearner(cfg, device=device)
+
+
+def _fail(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, FoveateError):
+        return {"ok": False, **error_payload(exc)}
+    return {"ok": False, "error": "WorkerError", "detail": f"{type(exc).__name__}: {exc}"}
+
+
+def _reason(exc: Exception) -> str:
+    return status_of(type(exc))[1] if isinstance(exc, FoveateError) else "internal"
+
+
+class Worker:
+    """Owns the learner; consumes fixations and commands from a broker (see the module docstring).
+
+    Parameters
+    ----------
+    settings
+        Batching, limits, checkpoint path and interval, and the model.
+    broker
+        Where fixations and commands come from and replies go.
+    learner
+        A ready learner; built from ``settings`` when ``None``.
+    """
+
+    def __init__(self, settings: Settings, broker: Broker, learner: StreamLearner | None = None) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.learner = learner if learner is not None else build_learner(settings)
+        self.records: dict[str, StreamRecord] = {}
+        self.last_checkpoint: dict[str, Any] | None = None
+        self._held: OrderedDict[str, deque[Fixation]] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_beat = self._last_diag = 0.0
+        self._last_ckpt = time.monotonic()
+        self._lock = threading.Lock()  # one tick, command or checkpoint at a time
+        self.started = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self, *, thread: bool = True) -> None:
+        """Restore the checkpoint if there is one, start receiving, and (``thread``) run in a thread."""
+        self.restore()
+        self.broker.start_worker(self._decode)
+        metrics.WORKER_UP.set(1)
+        dev = self.learner.device.type
+        metrics.WORKER_INFO.labels(learner=self.settings.learner, device=dev, trunk=self.settings.trunk).set(1)
+        self._heartbeat()
+        self.started = True
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="foveate-worker", daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """The loop; returns after :meth:`request_stop`."""
+        logger.info("worker running on %s: %d streams, %d updates applied",
+                    self.learner.device, len(self.records), self.learner.updates_applied)  # fmt: skip
+        while not self._stop.is_set():
+            batch, controls = self._gather()
+            if batch:
+                self._tick(batch)
+            for ctl in controls:
+                self._command(ctl)
+            self._housekeeping()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self, *, checkpoint: bool = True) -> None:
+        """Stop the loop, write a final checkpoint, and close the broker's worker side."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+        self.broker.stop_worker()
+        if checkpoint and self.settings.checkpoint_path is not None and self.started:
+            self.checkpoint()
+        metrics.WORKER_UP.set(0)
+        self.started = False
+
+    @property
+    def alive(self) -> bool:
+        return self.started and (self._thread is None or self._thread.is_alive())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def restore(self) -> bool:
+        """Load ``checkpoint_path`` when it exists; ``ArchitectureMismatch`` and ``CheckpointError`` propagate."""
+        path = self.settings.checkpoint_path
+        if path is None or not path.exists():
+            logger.info("no checkpoint at %s: starting fresh", path)
+            return False
+        from learner.checkpoint import load_checkpoint
+
+        extra = load_checkpoint(path, self.learner)
+        saved = extra.get("service", {})
+        self.records = {sid: StreamRecord.from_dict(rec) for sid, rec in saved.get("records", {}).items()}
+        for sid in self.learner.stream_ids():
+            self.records.setdefault(sid, StreamRecord(sid))
+        for sid in [s for s in self.records if s not in set(self.learner.stream_ids())]:
+            del self.records[sid]
+        self.last_checkpoint = saved.get("checkpoint")
+        metrics.ACTIVE_STREAMS.set(len(self.records))
+        return True
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Write everything to ``checkpoint_path`` now (atomically) and return what was written."""
+        path = self.settings.checkpoint_path
+        if path is None:
+            raise ConfigError("checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH")
+        from learner.checkpoint import save_checkpoint
+
+        with self._lock:
+            start = time.perf_counter()
+            info = {"path": str(path), "written_at": time.time(),
+                    "updates_applied": self.learner.updates_applied, "streams": len(self.records)}  # fmt: skip
+            extra = {"service": {"records": {s: r.to_dict() for s, r in self.records.items()}, "checkpoint": info}}
+            save_checkpoint(path, self.learner, extra)
+            info["seconds"] = time.perf_counter() - start
+        self.last_checkpoint = info
+        self._last_ckpt = time.monotonic()
+        metrics.CHECKPOINTS.inc()
+        metrics.LAST_CHECKPOINT.set(info["written_at"])
+        return info
+
+    # ------------------------------------------------------------------ gathering
+
+    def _decode(self, fix: Fixation) -> None:
+        """Fill ``fix.patch`` from ``fix.source`` (runs in the broker's decode threads)."""
+        if fix.source is None:
+            fix.problem = InputError("the fixation carries no image")
+            return
+        try:
+            fix.patch = decode_source(fix.source, max_pixels=self.settings.max_pixels, size=self.settings.input_size)
+        except FoveateError as exc:
+            fix.problem = exc
+        fix.source = None  # the encoded bytes are not needed any more
+
+    def _held_count(self) -> int:
+        return sum(len(q) for q in self._held.values())
+
+    def _gather(self) -> tuple[list[Fixation], list[Control]]:
+        s = self.settings
+        batch: dict[str, Fixation] = {}
+        for sid in list(self._held):
+            if len(batch) >= s.max_batch:
+                break
+            held = self._held[sid]
+            batch[sid] = held.popleft()
+            if not held:
+                del self._held[sid]
+        controls: list[Control] = []
+        deadline = time.monotonic() + s.max_wait_ms / 1000.0 if batch else None
+        held_cap = 4 * s.max_batch
+        while len(batch) < s.max_batch and self._held_count() < held_cap and not self._stop.is_set():
+            timeout = _IDLE_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
+            msg: Message | None = self.broker.get(timeout)
+            if msg is None:
+                break
+            if isinstance(msg, Control):
+                controls.append(msg)  # answered right after this tick, in arrival order
+                break
+            if deadline is None:
+                deadline = time.monotonic() + s.max_wait_ms / 1000.0
+            sid = msg.stream_id
+            if sid in batch or sid in self._held:
+                self._held.setdefault(sid, deque()).append(msg)
+            else:
+                batch[sid] = msg
+        return list(batch.values()), controls
+
+    # ------------------------------------------------------------------ ticks
+
+    def _tick(self, batch: list[Fixation]) -> None:
+        replies: list[tuple[Message, dict[str, Any]]] = []
+        accepted: list[Fixation] = []
+        for fix in batch:
+            problem = fix.problem or self._admission(fix)
+            if problem is not None:
+                metrics.REJECTED_MESSAGES.labels(reason=_reason(problem)).inc()
+                logger.info("rejected fixation of %r: %s", fix.stream_id[:140], problem)
+                replies.append((fix, _fail(problem)))
+            else:
+                accepted.append(fix)
+        with self._lock:
+            replies.extend(self._apply(accepted))
+        self.broker.reply(replies)
+
+    def _admission(self, fix: Fixation) -> Exception | None:
+        rec = self.records.get(fix.stream_id)
+        if rec is None and len(self.records) >= self.settings.max_streams:
+            return TooManyStreams(
+                f"the worker holds {len(self.records)} streams (FOVEATE_MAX_STREAMS); delete idle ones first"
+            )
+        if rec is not None and rec.is_replay(fix.entry_id):
+            return InputError(f"entry {fix.entry_id} was already applied to {fix.stream_id!r} "
+                              f"(last applied {rec.last_entry_id}); not applied again")  # fmt: skip
+        if fix.patch is None:
+            return InputError("the fixation carries no decoded image")
+        return None
+
+    def _apply(self, fixes: list[Fixation]) -> list[tuple[Message, dict[str, Any]]]:
+        if not fixes:
+            return []
+        ids = [f.stream_id for f in fixes]
+        patches: Any = [f.patch for f in fixes]
+        if len({p.shape for p in patches}) == 1:
+            patches = np.stack(patches)  # (B, P, P, 3) uint8: the learner takes it without resizing
+        start = time.perf_counter()
+        try:
+            out = self.learner.tick(ids, patches, reset=[f.reset for f in fixes])
+        except FoveateError as exc:
+            if len(fixes) == 1:
+                metrics.REJECTED_MESSAGES.labels(reason=_reason(exc)).inc()
+                return [(fixes[0], _fail(exc))]
+            # Find the bad one: apply each alone, so the others are still learned from.
+            return [pair for fix in fixes for pair in self._apply([fix])]
+        except RuntimeError as exc:  # torch failures (out of memory, device lost): answer, keep running
+            logger.exception("learner tick failed on %d fixations", len(fixes))
+            metrics.REJECTED_MESSAGES.labels(reason="internal").inc(len(fixes))
+            return [(f, _fail(WorkerError(f"the learner failed: {exc}"))) for f in fixes]
+        metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
+        steps = out.step.tolist()
+        errors = out.error.tolist()
+        want = [i for i, f in enumerate(fixes) if f.return_prediction]
+        preds = out.prediction[want].detach().cpu().tolist() if want else []
+        pred_of = dict(zip(want, preds, strict=True))
+        updates = self.learner.updates_applied
+        replies: list[tuple[Message, dict[str, Any]]] = []
+        for i, fix in enumerate(fixes):
+            rec = self.records.get(fix.stream_id)
+            if rec is None:
+                rec = self.records[fix.stream_id] = StreamRecord(fix.stream_id)
+            if fix.reset:
+                rec.resets += 1
+                metrics.RESETS.inc()
+            rec.observe(step=steps[i], error=errors[i], seq=fix.seq, t=fix.t, entry_id=fix.entry_id)
+            metrics.observe_error(steps[i], errors[i])
+            payload: dict[str, Any] = {
+                "ok": True,
+                "stream_id": fix.stream_id,
+                "seq": fix.seq,
+                "step": steps[i],
+                "error": None if math.isnan(errors[i]) else errors[i],
+                "running_error": rec.running_error,
+                "updates_applied": updates,
+                "request_id": fix.request_id,
+            }
+            if i in pred_of:
+                payload["prediction"] = pred_of[i]
+            replies.append((fix, payload))
+        metrics.FIXATIONS.inc(len(fixes))
+        metrics.BATCH_SIZE.observe(len(fixes))
+        if out.updated:
+            metrics.UPDATES.inc()
+        metrics.ACTIVE_STREAMS.set(len(self.records))
+        return replies
+
+    # ------------------------------------------------------------------ commands
+
+    def _command(self, ctl: Control) -> None:
+        try:
+            payload = {"ok": True, **self.execute(ctl.command, ctl.args)}
+        except FoveateError as exc:
+            metrics.REJECTED_MESSAGES.labels(reason=_reason(exc)).inc()
+            payload = _fail(exc)
+        self.broker.reply([(ctl, payload)])
+
+    def _record(self, args: dict[str, Any]) -> StreamRecord:
+        sid = str(args.get("stream_id", ""))
+        rec = self.records.get(sid)
+        if rec is None:
+            raise UnknownStream(f"no stream {sid[:140]!r}: it has received no fixation yet, or was deleted")
+        return rec
+
+    def execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run one command on the worker's state (called on the worker's thread)."""
+        if command == "checkpoint":
+            return {"checkpoint": self.checkpoint()}
+        with self._lock:
+            return self._execute(command, args)
+
+    def _execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        learner = self.learner
+        if command == "ping":
+            return {}
+        if command == "streams":
+            return {"streams": [r.summary() for r in self.records.values()], "count": len(self.records)}
+        if command == "stream":
+            rec = self._record(args)
+            return {"stream": {**rec.info(), "state": learner.stream_info(rec.stream_id)}}
+        if command == "prediction":
+            rec = self._record(args)
+            pred = learner.prediction(rec.stream_id)
+            return {"stream_id": rec.stream_id, "step": rec.step,
+                    "prediction": None if pred is None else pred.detach().cpu().tolist()}  # fmt: skip
+        if command == "reset":
+            rec = self._record(args)
+            learner.reset(rec.stream_id)
+            rec.resets += 1
+            rec.step = 0
+            metrics.RESETS.inc()
+            return {"stream_id": rec.stream_id, "step": 0}
+        if command == "delete":
+            rec = self._record(args)
+            learner.drop(rec.stream_id)
+            del self.records[rec.stream_id]
+            self.broker.forget_stream(rec.stream_id)
+            metrics.ACTIVE_STREAMS.set(len(self.records))
+            return {"stream_id": rec.stream_id, "deleted": True}
+        if command == "model":
+            return {"model": self.model_info()}
+        raise InputError(f"unknown worker command {args.get('command', command)!r}")
+
+    def model_info(self) -> dict[str, Any]:
+        """Config, parameter counts, counters and the last checkpoint, for ``GET /v1/model``."""
+        model = self.learner.model
+        counts = model.parameter_counts()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {
+            "learner": self.settings.learner,
+            "device": str(self.learner.device),
+            "config": self.learner.cfg.to_dict(),
+            "parameters": counts,
+            "trainable_parameters": int(trainable),
+            "updates_applied": self.learner.updates_applied,
+            "ticks": self.learner.ticks,
+            "streams": len(self.records),
+            "bytes_per_stream": self.learner.memory_per_stream(),
+            "last_checkpoint": self.last_checkpoint,
+        }
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _heartbeat(self) -> None:
+        now = time.time()
+        self._last_beat = time.monotonic()
+        depth = self.broker.backlog() + self._held_count()
+        metrics.QUEUE_DEPTH.set(depth)
+        metrics.WORKER_HEARTBEAT.set(now)
+        self.broker.heartbeat({"updates_applied": self.learner.updates_applied,
+                               "streams": len(self.records), "queue_depth": depth})  # fmt: skip
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat >= 1.0:
+            self._heartbeat()
+        if now - self._last_diag >= self.settings.diagnostics_interval_s:
+            self._last_diag = now
+            self._export_diagnostics()
+        if self.settings.checkpoint_path is not None and now - self._last_ckpt >= self.settings.checkpoint_interval_s:
+            try:
+                self.checkpoint()
+            except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval
+                logger.error("periodic checkpoint failed: %s", exc)
+                self._last_ckpt = now
+
+    def _export_diagnostics(self) -> None:
+        diag = self.learner.diagnostics
+        summary = diag.summary()
+        z = diag.embeddings()  # (W, D)
+        if z.shape[0]:
+            summary["embedding_norm"] = float(z.norm(dim=-1).mean())
+        metrics.set_diagnostics({k: v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -1,0 +1,89 @@
+"""An independent float64 reference: form R written out again, unrolled with autograd (BPTT).
+
+It shares no code with ``learner.rgc`` or ``learner.rfp`` beyond reading the parameters, so a
+mistake in the learner's forward pass or in its hand-written derivatives shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from learner.model import RJEPA
+
+
+def rgc_forward(model: RJEPA, u: torch.Tensor, h: torch.Tensor, c: torch.Tensor, k_full: torch.Tensor | None = None):
+    """One step of form R from the spec's boxed equations. ``k_full`` (N, N): a full h->tau_h matrix
+    added to the element-wise gain (the negative control of spec section 3, item 9)."""
+    rgc = model.rgc
+    w_hh, w_ch, w_hc, w_cc = rgc.gains
+    beta = rgc.biases if rgc.biases is not None else torch.zeros_like(rgc.gains)
+    x = u @ rgc.W.T + rgc.b
+    hh = w_hh * h + beta[0]
+    if k_full is not None:
+        hh = hh + h @ k_full.T
+    tau_h = torch.tanh(hh)
+    gam_h = torch.tanh(w_ch * c + beta[1])
+    gam_c = torch.tanh(w_hc * h + beta[2])
+    tau_c = torch.tanh(w_cc * c + beta[3])
+    h_new = (1 - gam_h) * x + tau_h * h
+    c_new = (1 - gam_c) * x + tau_c * c
+    if rgc.phi == "tanh":
+        h_new, c_new = torch.tanh(h_new), torch.tanh(c_new)
+    return h_new, c_new
+
+
+def step_loss(model: RJEPA, h_prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Mean over streams of D(G(E h_{t-1}), sg(E h_t))."""
+    p = model.G(model.E(h_prev))
+    z = model.E(h).detach()
+    if model.cfg.loss == "cosine":
+        per = 1 - F.cosine_similarity(p, z, dim=-1, eps=1e-12)
+    else:
+        per = 0.5 * (p - z).pow(2).sum(-1)
+    return per.mean()
+
+
+def bptt_grads(model: RJEPA, u: torch.Tensor, *, k_full: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
+    """Autograd gradients of L = sum_{t>=2} E_t for u (B, T, M) from zero state: (summed, per step)."""
+    params = dict(model.named_parameters())
+    names = [n for n in params if not n.startswith("trunk.")]
+    B, T, _ = u.shape
+    h = c = u.new_zeros(B, model.cfg.n_units)
+    hs = []
+    for t in range(T):
+        h, c = rgc_forward(model, u[:, t], h, c, k_full)
+        hs.append(h)
+    per_step = []
+    for t in range(1, T):
+        loss_t = step_loss(model, hs[t - 1], hs[t])
+        g = torch.autograd.grad(loss_t, [params[n] for n in names], retain_graph=True, allow_unused=True)
+        per_step.append({n: (gi if gi is not None else torch.zeros_like(params[n])) for n, gi in zip(names, g)})
+    summed = {n: sum(step[n] for step in per_step) for n in names}
+    return summed, per_step
+
+
+def split_groups(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name every RFP parameter group separately (rows of gains and biases are groups of their own)."""
+    out = {}
+    for name, g in grads.items():
+        if name == "rgc.gains":
+            out.update({f"w_{k}": g[i] for i, k in enumerate(("hh", "ch", "hc", "cc"))})
+        elif name == "rgc.biases":
+            out.update({f"beta_{k}": g[i] for i, k in enumerate(("hh", "ch", "hc", "cc"))})
+        else:
+            out[name] = g
+    return out
+
+
+def rel_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Per group (e_norm, e_elem) of the spec's verification recipe."""
+    out = {}
+    for name in ref:
+        diff = got[name] - ref[name]
+        scale_n = float(ref[name].norm())
+        scale_e = float(ref[name].abs().max())
+        e_norm = float(diff.norm()) / scale_n if scale_n > 0 else float(diff.norm())
+        e_elem = float(diff.abs().max()) / scale_e if scale_e > 0 else float(diff.abs().max())
+        out[name] = (e_norm, e_elem)
+    return out

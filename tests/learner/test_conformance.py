@@ -1,0 +1,168 @@
+"""The conformance suite every learner variant passes (STYLE 7)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from learner import BPTTLearner, ModelConfig, RFPLearner, StreamLearner
+from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.errors import InputError
+
+M = 10
+
+
+def cfg(**kw) -> ModelConfig:  # type: ignore[no-untyped-def]
+    base = dict(trunk="none", in_features=M, n_units=8, embed_dim=5, pred_hidden=7, lr=1e-2, init_scale=0.3, seed=3)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+VARIANTS: dict[str, Callable[..., StreamLearner]] = {
+    "rfp-online": lambda **kw: RFPLearner(cfg(**kw)),
+    "rfp-batched": lambda **kw: RFPLearner(cfg(**kw), batched_traces=True),
+    "rfp-segment": lambda **kw: RFPLearner(cfg(update_mode="segment", segment_len=4, **kw)),
+    "bptt-k3": lambda **kw: BPTTLearner(cfg(**kw), window=3),
+    "bptt-full": lambda **kw: BPTTLearner(cfg(**kw), window=None),
+    "bptt-segment": lambda **kw: BPTTLearner(cfg(update_mode="segment", segment_len=4, **kw)),
+}
+
+
+def feats(seed: int, b: int = 3) -> torch.Tensor:
+    return torch.randn(b, M, generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(learner: StreamLearner, sid: str) -> tuple[torch.Tensor, ...]:
+    s = learner.states.slot_of(sid)
+    st = learner.states
+    return (st.h[s].clone(), st.c[s].clone(), st.step[s].clone(), *(t[s].clone() for t in st.trace.values()))
+
+
+def same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def make(request: pytest.FixtureRequest) -> Callable[..., StreamLearner]:
+    return VARIANTS[request.param]
+
+
+def test_checkpoint_then_next_step_is_bit_identical(make, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a = make()
+    ids = ["x", "y", "z"]
+    for t in range(6):
+        a.tick_features(ids, feats(t), reset=[t == 3, False, False])
+    save_checkpoint(tmp_path / "ck.pt", a, extra={"seq": {"x": 6}})
+    b = make()
+    assert load_checkpoint(tmp_path / "ck.pt", b) == {"seq": {"x": 6}}
+    for t in range(6, 10):
+        out_a = a.tick_features(ids, feats(t))
+        out_b = b.tick_features(ids, feats(t))
+        assert torch.equal(out_a.prediction, out_b.prediction)
+        assert torch.equal(out_a.error, out_b.error, ) or torch.equal(out_a.error.isnan(), out_b.error.isnan())
+    for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(pa, pb), na
+    assert a.updates_applied == b.updates_applied
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # atomic write left no temporary file
+
+
+def test_inputs_are_not_mutated(make) -> None:  # type: ignore[no-untyped-def]
+    learner = make()
+    u = feats(1)
+    keep = u.clone()
+    for _ in range(3):
+        learner.tick_features(["a", "b", "c"], u)
+    assert torch.equal(u, keep)
+
+
+def test_equal_seeds_give_equal_trajectories(make) -> None:  # type: ignore[no-untyped-def]
+    outs = []
+    for _ in range(2):
+        learner = make()
+        outs.append([learner.tick_features(["a", "b", "c"], feats(t)).prediction for t in range(5)])
+    assert all(torch.equal(p, q) for p, q in zip(*outs))
+    other = make(seed=4).tick_features(["a", "b", "c"], feats(0)).prediction
+    assert not torch.equal(other, outs[0][0])
+
+
+def test_streams_are_isolated_with_lr_zero(make) -> None:  # type: ignore[no-untyped-def]
+    inter = make(lr=0.0)
+    apart_a, apart_b = make(lr=0.0), make(lr=0.0)
+    for t in range(5):
+        inter.tick_features(["A"], feats(t, 1))
+        inter.tick_features(["B"], feats(100 + t, 1))
+        apart_a.tick_features(["A"], feats(t, 1))
+        apart_b.tick_features(["B"], feats(100 + t, 1))
+    assert same(snapshot(inter, "A"), snapshot(apart_a, "A"))
+    assert same(snapshot(inter, "B"), snapshot(apart_b, "B"))
+
+
+def test_reset_and_rejected_nan_leave_other_streams_bit_identical(make) -> None:  # type: ignore[no-untyped-def]
+    learner = make()
+    for t in range(4):
+        learner.tick_features(["A", "B"], feats(t, 2))
+    before_b = snapshot(learner, "B")
+    params = [p.clone() for p in learner.model.parameters()]
+    learner.reset("A")
+    assert same(snapshot(learner, "B"), before_b)
+    assert int(learner.states.step[learner.states.slot_of("A")]) == 0
+    assert all(float(t[learner.states.slot_of("A")].abs().sum()) == 0 for t in learner.states.trace.values())
+    bad = feats(9, 2)
+    bad[0, 3] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        learner.tick_features(["A", "B"], bad)
+    assert same(snapshot(learner, "B"), before_b)
+    assert all(torch.equal(p, q) for p, q in zip(params, learner.model.parameters()))
+
+
+def test_a_stream_appears_once_per_tick(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match="at most once"):
+        make().tick_features(["a", "a"], feats(0, 2))
+
+
+def test_memory_per_stream_does_not_grow_with_length() -> None:
+    learner = RFPLearner(cfg())
+    learner.tick_features(["a"], feats(0, 1))
+    size = learner.memory_per_stream()
+    ptrs = [t.data_ptr() for t in learner.states.trace.values()]
+    for t in range(300):
+        learner.tick_features(["a"], feats(t, 1))
+    assert learner.memory_per_stream() == size
+    assert [t.data_ptr() for t in learner.states.trace.values()] == ptrs  # no reallocation either
+    full = BPTTLearner(cfg(segment_len=0), window=None)  # the contrast: full-history BPTT grows
+    for t in range(50):
+        full.tick_features(["a"], feats(t, 1))
+    assert len(full._inputs[full.states.slot_of("a")]) == 50
+
+
+def test_drop_frees_the_slot_and_a_new_stream_starts_clean() -> None:
+    learner = RFPLearner(cfg())
+    for t in range(3):
+        learner.tick_features(["a", "b"], feats(t, 2))
+    slot = learner.states.slot_of("a")
+    learner.drop("a")
+    assert "a" not in learner.stream_ids()
+    learner.tick_features(["c"], feats(5, 1))
+    assert learner.states.slot_of("c") == slot
+    assert int(learner.states.step[slot]) == 1 and int(learner.states.total[slot]) == 1
+
+
+def test_segment_len_resets_streams_together_with_traces() -> None:
+    learner = RFPLearner(cfg(segment_len=3))
+    steps = [int(learner.tick_features(["a"], feats(t, 1)).step[0]) for t in range(7)]
+    assert steps == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_rfp_and_bptt_segment_modes_take_the_same_step() -> None:
+    kw = dict(update_mode="segment", segment_len=6, optimizer="sgd", lr=0.05)
+    rfp = RFPLearner(cfg(**kw), dtype=torch.float64)
+    bptt = BPTTLearner(cfg(**kw), dtype=torch.float64)
+    for t in range(12):
+        u = feats(t).double()
+        r, b = rfp.tick_features(["a", "b", "c"], u), bptt.tick_features(["a", "b", "c"], u)
+        assert r.updated == b.updated
+    assert rfp.updates_applied == bptt.updates_applied == 2
+    for (name, p), q in zip(rfp.model.named_parameters(), bptt.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)

@@ -1,0 +1,184 @@
+"""RFP against autograd BPTT, in float64, for every parameter group (spec section 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learner import ModelConfig, RFPLearner
+from learner.rgc import RGC
+from tests.learner.reference import bptt_grads, rel_errors, rgc_forward, split_groups
+
+M, N, D, H, T, B = 12, 10, 6, 9, 24, 3
+TOL = 1e-9
+
+
+def make_learner(*, loss: str, phi: str, weights: str, seed: int = 0, batched: bool = False) -> RFPLearner:
+    cfg = ModelConfig(
+        trunk="none", in_features=M, n_units=N, embed_dim=D, pred_hidden=H, loss=loss, phi=phi,
+        gate_bias=weights == "random", update_mode="segment", segment_len=0, optimizer="sgd", lr=0.0, seed=seed,
+    )
+    learner = RFPLearner(cfg, dtype=torch.float64, batched_traces=batched)
+    if weights == "random":  # spec 3.1: gains N(0, 0.7^2), gate biases N(0, 0.3^2)
+        gen = torch.Generator().manual_seed(100 + seed)
+        with torch.no_grad():
+            learner.model.rgc.gains.copy_(torch.randn(4, N, generator=gen, dtype=torch.float64) * 0.7)
+            learner.model.rgc.biases.copy_(torch.randn(4, N, generator=gen, dtype=torch.float64) * 0.3)
+    return learner
+
+
+def inputs(seed: int, batch: int = B, steps: int = T) -> torch.Tensor:
+    return torch.randn(batch, steps, M, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run_rfp(learner: RFPLearner, u: torch.Tensor) -> tuple[dict, list[dict]]:
+    """Feed u (B, T, M) as B lockstep streams; return summed and per-step gradients (times B: sums)."""
+    ids = [f"s{i}" for i in range(u.shape[0])]
+    per_step, prev = [], None
+    for t in range(u.shape[1]):
+        learner.tick_features(ids, u[:, t])
+        now = learner.grads()
+        if t >= 1:
+            per_step.append({n: now[n] - (prev[n] if prev else 0) for n in now})
+        prev = now
+    return learner.grads(), per_step
+
+
+CASES = [
+    (loss, phi, weights)
+    for loss in ("cosine", "mse")
+    for phi in ("identity", "tanh")
+    for weights in ("zero", "random")
+]
+
+
+@pytest.mark.parametrize("loss,phi,weights", CASES)
+def test_rfp_equals_bptt_for_every_group(loss: str, phi: str, weights: str) -> None:
+    learner = make_learner(loss=loss, phi=phi, weights=weights)
+    u = inputs(1)
+    ref_sum, ref_steps = bptt_grads(learner.model, u)
+    got_sum, got_steps = run_rfp(learner, u)
+    errors = rel_errors(split_groups(got_sum), split_groups(ref_sum))
+    groups = set(errors)
+    assert {"rgc.W", "rgc.b", "w_hh", "w_ch", "w_hc", "w_cc", "E.weight"} <= groups
+    if weights == "random":
+        assert {"beta_hh", "beta_ch", "beta_hc", "beta_cc"} <= groups
+    worst = max(max(e) for e in errors.values())
+    assert worst <= TOL, errors
+    for t, (got, ref) in enumerate(zip(got_steps, ref_steps)):  # lag bugs show up here
+        step_err = rel_errors(split_groups(got), split_groups(ref))
+        assert max(max(e) for e in step_err.values()) <= TOL, (t, step_err)
+    # the test would see a wrong gradient: the RGC gradients are far from zero
+    assert float(ref_sum["rgc.gains"].abs().max()) > 1e-6
+
+
+def test_batched_trace_path_equals_per_stream_path() -> None:
+    a = make_learner(loss="cosine", phi="tanh", weights="random", batched=False)
+    b = make_learner(loss="cosine", phi="tanh", weights="random", batched=True)
+    u = inputs(2)
+    ga, _ = run_rfp(a, u)
+    gb, _ = run_rfp(b, u)
+    assert max(max(e) for e in rel_errors(ga, gb).values()) <= 1e-12
+
+
+def test_tick_gradient_is_mean_of_single_stream_gradients() -> None:
+    u = inputs(3, batch=4, steps=6)
+    together = make_learner(loss="mse", phi="identity", weights="random")
+    g_together, _ = run_rfp(together, u)
+    singles = []
+    for i in range(4):
+        alone = make_learner(loss="mse", phi="identity", weights="random")
+        g_alone, _ = run_rfp(alone, u[i : i + 1])
+        singles.append(g_alone)
+    mean = {n: sum(s[n] for s in singles) / 4 for n in singles[0]}
+    assert max(max(e) for e in rel_errors(g_together, mean).values()) <= 1e-12
+
+
+def test_negative_control_full_recurrent_matrix_is_not_exact() -> None:
+    """A full h->tau_h matrix breaks the block condition: the element-wise recursion is then far off."""
+    learner = make_learner(loss="cosine", phi="identity", weights="random")
+    k_full = torch.randn(N, N, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 0.7
+    k_full.fill_diagonal_(0)
+
+    class FullRecurrenceRGC(RGC):
+        def step(self, u, h, c):  # type: ignore[no-untyped-def]
+            h_new, c_new, cache = super().step(u, h, c)
+            ref_h, ref_c = rgc_forward(learner.model, u, h, c, k_full)  # the true dynamics
+            return ref_h, ref_c, cache  # ...with the element-wise Jacobian kept for the traces
+
+    learner.model.rgc.__class__ = FullRecurrenceRGC
+    u = inputs(4)
+    got, _ = run_rfp(learner, u)
+    learner.model.rgc.__class__ = RGC
+    ref, _ = bptt_grads(learner.model, u, k_full=k_full)
+    errors = rel_errors(split_groups(got), split_groups(ref))
+    assert errors["w_hh"][0] > 1e-2 and errors["rgc.W"][0] > 1e-3, errors
+
+
+def test_finite_differences_agree_with_rfp() -> None:
+    """Central differences on a few entries; the target is frozen at the base parameters (stop-gradient)."""
+    learner = make_learner(loss="cosine", phi="tanh", weights="random")
+    u = inputs(5, batch=1, steps=12)
+    got, _ = run_rfp(learner, u)
+    model = learner.model
+
+    def loss_with_frozen_targets(targets: list[torch.Tensor]) -> float:
+        h = c = u.new_zeros(1, N)
+        hs = []
+        for t in range(u.shape[1]):
+            h, c = rgc_forward(model, u[:, t], h, c)
+            hs.append(h)
+        total = 0.0
+        for t in range(1, len(hs)):
+            p = model.G(model.E(hs[t - 1]))
+            z = targets[t]
+            total += float(1 - torch.nn.functional.cosine_similarity(p, z, dim=-1).mean())
+        return total
+
+    with torch.no_grad():
+        h = c = u.new_zeros(1, N)
+        targets = []
+        for t in range(u.shape[1]):
+            h, c = rgc_forward(model, u[:, t], h, c)
+            targets.append(model.E(h).clone())
+        eps = 1e-5
+        params = dict(model.named_parameters())
+        for name, index in [("rgc.W", (1, 2)), ("rgc.b", (3,)), ("rgc.gains", (0, 4)), ("rgc.gains", (1, 2)),
+                            ("rgc.gains", (2, 7)), ("rgc.gains", (3, 1)), ("rgc.biases", (0, 5)), ("E.weight", (2, 3))]:
+            p = params[name]
+            old = float(p[index])
+            p[index] = old + eps
+            up = loss_with_frozen_targets(targets)
+            p[index] = old - eps
+            down = loss_with_frozen_targets(targets)
+            p[index] = old
+            fd = (up - down) / (2 * eps)
+            g = float(got[name][index])
+            assert abs(fd - g) / max(abs(g), 1.0) < 1e-6, (name, index, fd, g)
+
+
+@pytest.mark.parametrize("phi", ["identity", "tanh"])
+def test_passthrough_and_zero_weight_properties(phi: str) -> None:
+    learner = make_learner(loss="cosine", phi=phi, weights="random")
+    rgc = learner.model.rgc
+    with torch.no_grad():
+        rgc.biases.zero_()
+        u = inputs(6, batch=2, steps=5)
+        zero = u.new_zeros(2, N)
+        h1, c1, _ = rgc.step(u[:, 0], zero, zero)
+        expect = rgc.drive(u[:, 0])
+        expect = torch.tanh(expect) if phi == "tanh" else expect
+        assert torch.equal(h1, expect) and torch.equal(c1, expect)  # passthrough, random gains
+        rgc.gains.zero_()
+        h, c = zero, zero
+        for t in range(5):
+            h, c, _ = rgc.step(u[:, t], h, c)
+            x = rgc.drive(u[:, t])
+            assert torch.equal(h, torch.tanh(x) if phi == "tanh" else x)  # no temporal dynamics
+
+
+def test_zero_weights_still_get_gradient() -> None:
+    """Zero is not a stationary point of the recurrent gains (spec 1.3)."""
+    learner = make_learner(loss="cosine", phi="identity", weights="zero")
+    got, _ = run_rfp(learner, inputs(7))
+    assert float(got["rgc.gains"].abs().min(dim=1).values.max()) > 0
