@@ -116,25 +116,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
         else:
-            print(f"foveate: command {args.command!r} registered no handler (set_defaults(func=...))",
-                  file=sys.stderr)
+            print(
+                f"foveate: command {args.command!r} registered no handler (set_defaults(func=...))",
+                file=sys.stderr,
+            )
         return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Imported here, not at the top: learner/errors.py is light, but the package must not be
-    # needed for --help or --version.
-    from learner.errors import FoveateError
-
     try:
         status = func(args)
-    except FoveateError as exc:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # A FoveateError can only come from an imported learner.errors; looking it up instead of importing
+        # it keeps learner (and torch) out of commands that never load them, such as the tracker bridges.
+        errors = sys.modules.get("learner.errors")
+        if errors is None or not isinstance(exc, errors.FoveateError):
+            raise
         # Deliberate errors carry a message that says what to fix; a traceback adds nothing.
         print(f"foveate {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     return 0 if status is None else int(status)
 
 

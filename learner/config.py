@@ -26,6 +26,7 @@ ARCHITECTURE_FIELDS = (
     "pred_hidden",
     "phi",
     "gate_bias",
+    "input_norm",
 )
 
 
@@ -59,6 +60,8 @@ class ModelConfig:
         Outer nonlinearity of the RGC: ``identity`` (exact passthrough) or ``tanh``.
     gate_bias
         Learn gate biases beta (zero-initialised). Off by default, as the spec recommends.
+    input_norm
+        Standardise the trunk features with running statistics of the inputs (``model.InputNorm``).
     loss
         ``cosine`` (default) or ``mse`` (half squared error, summed over dimensions).
     lr, optimizer, weight_decay
@@ -87,6 +90,7 @@ class ModelConfig:
     pred_hidden: int = 512
     phi: str = "identity"
     gate_bias: bool = False
+    input_norm: bool = True
     loss: str = "cosine"
     lr: float = 1e-3
     optimizer: str = "adam"

@@ -26,6 +26,42 @@ from learner.trunk import build_trunk
 log = logging.getLogger(__name__)
 
 
+class InputNorm(nn.Module):
+    """Standardises trunk features per dimension with running statistics of the inputs seen so far.
+
+    Random or pretrained ResNet features share a large common component (they are non-negative
+    averages of ReLUs), which makes every embedding point the same way: the cosine loss is then met
+    by predicting that mean direction and the embedding has an effective dimensionality near 1.
+    The statistics depend on the inputs only, never on the learned weights, so RFP stays exact
+    (the normalised features are simply the inputs u_t of the recursion).
+    """
+
+    def __init__(self, features: int, *, window: int = 10_000, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.window, self.eps = window, eps
+        self.register_buffer("mean", torch.zeros(features))  # (M,)
+        self.register_buffer("var", torch.ones(features))  # (M,)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def forward(self, u: torch.Tensor, *, update: bool) -> torch.Tensor:
+        """(B, M) -> (B, M). With ``update``, the batch joins the statistics after it is normalised."""
+        if update and int(self.count) == 0:  # first batch: its own statistics (a scalar scale if B = 1)
+            self.mean.copy_(u.mean(0))
+            spread = u.var(0, unbiased=False) if u.shape[0] > 1 else u.pow(2).mean().expand_as(self.var)
+            self.var.copy_(spread.clamp(min=self.eps))
+            self.count.fill_(u.shape[0])
+            update = False
+        out = (u - self.mean) / torch.sqrt(self.var + self.eps)
+        if update:
+            n = int(self.count) + u.shape[0]
+            w = max(u.shape[0] / n, u.shape[0] / self.window)  # running average, then a moving one
+            self.mean.lerp_(u.mean(0), w)
+            self.var.lerp_((u - self.mean).pow(2).mean(0), w)
+            self.count.fill_(n)
+        return out
+
+
 def prediction_loss(p: torch.Tensor, z: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-stream loss D(p, z): (B, D), (B, D) -> (B,). ``z`` should already be detached."""
     if kind == "cosine":
@@ -50,6 +86,7 @@ class RJEPA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = build_trunk(cfg.trunk, cfg.trunk_weights, seed=cfg.seed, in_features=cfg.in_features)
+        self.input_norm = InputNorm(cfg.M) if cfg.input_norm else None
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # trunk keeps seed; the rest its own stream
         self.rgc = RGC(
             cfg.M,
@@ -97,6 +134,10 @@ class RJEPA(nn.Module):
         """Trunk features u: (B, 3, P, P) normalised patches (or (B, M) with trunk 'none') -> (B, M)."""
         dtype = self.rgc.W.dtype
         return self.trunk(x.to(self.trunk_dtype)).to(dtype)
+
+    def normalize(self, u: torch.Tensor, *, update: bool) -> torch.Tensor:
+        """Trunk features -> the RGC's inputs (standardised when ``cfg.input_norm``): (B, M)."""
+        return self.input_norm(u, update=update) if self.input_norm is not None else u
 
     def zero_state(self, batch: int) -> torch.Tensor:
         return self.rgc.W.new_zeros(batch, self.cfg.n_units)  # (B, N)

@@ -83,6 +83,19 @@ class StreamLearner:
         """Advance ``slots`` by one step on inputs u (B, M); accumulate gradients; return errors (B,)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def _infer(self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """Forward only: advance h and c, score the predictions; no gradients, traces untouched."""
+        st = self.states
+        h_prev, c_prev = st.h[slots], st.c[slots]
+        h, c, _ = self.model.rgc.step(u, h_prev, c_prev)
+        error = self.nan_errors(len(slots), h)
+        idx = scored.nonzero().squeeze(1)
+        if idx.numel():
+            error[idx] = self.model.loss(h_prev[idx], h[idx])
+        st.h[slots], st.c[slots] = h, c
+        return error
+
     def _on_reset(self, slots: torch.Tensor) -> None:
         """Hook for learners that keep per-stream state outside ``self.states``."""
 
@@ -92,11 +105,15 @@ class StreamLearner:
         stream_ids: Sequence[str],
         patches: Any,
         reset: Sequence[bool] | None = None,
+        *,
+        learn: bool = True,
     ) -> TickOutput:
         """Learn from one fixation of each stream.
 
         ``patches``: a uint8 array or tensor (B, P, P, 3) RGB, or a list of uint8 (H, W, 3) arrays of
         any size (resized to ``cfg.input_size``). With ``trunk='none'``: feature vectors (B, M).
+        ``learn=False``: forward only (states advance and errors are scored, weights and traces stay;
+        a stream that later learns again has stale traces until its next reset).
         """
         if self.cfg.trunk == "none":
             x = torch.as_tensor(np.asarray(patches) if not torch.is_tensor(patches) else patches)
@@ -105,10 +122,10 @@ class StreamLearner:
             x = preprocess(patches, self.cfg.input_size, device=self.device, dtype=self.dtype)
         if x.shape[0] != len(stream_ids):
             raise InputError(f"{len(stream_ids)} stream ids but {x.shape[0]} patches")
-        return self.tick_features(stream_ids, self.model.encode(x), reset)
+        return self.tick_features(stream_ids, self.model.encode(x), reset, learn=learn)
 
     def tick_features(
-        self, stream_ids: Sequence[str], u: torch.Tensor, reset: Sequence[bool] | None = None
+        self, stream_ids: Sequence[str], u: torch.Tensor, reset: Sequence[bool] | None = None, *, learn: bool = True
     ) -> TickOutput:
         """Like ``tick`` on trunk features u (B, M)."""
         cfg = self.cfg
@@ -124,18 +141,19 @@ class StreamLearner:
             starts |= self.states.step[slots] >= cfg.segment_len
         self._reset_slots(slots[starts])
         scored = ~starts  # (B,) this fixation scores the prediction made at the previous one
-        error = self._learn(slots, u.to(self.dtype), scored)
+        u = self.model.normalize(u.to(self.dtype), update=learn)
+        error = self._learn(slots, u, scored) if learn else self._infer(slots, u, scored)
         st = self.states
         st.step[slots] += 1
         st.total[slots] += 1
         self.ticks += 1
-        if scored.any():
-            self._scored_ticks += 1
         updated = False
-        if cfg.update_mode == "every_fixation":
-            updated = self._apply_step()
-        elif cfg.segment_len and bool((st.step[slots] >= cfg.segment_len).any()):
-            updated = self.end_segment()
+        if learn:
+            self._scored_ticks += int(bool(scored.any()))
+            if cfg.update_mode == "every_fixation":
+                updated = self._apply_step()
+            elif cfg.segment_len and bool((st.step[slots] >= cfg.segment_len).any()):
+                updated = self.end_segment()
         with torch.no_grad():
             pred = self.model.predict(st.h[slots])  # (B, D) with the weights after this tick's step
             st.pred[slots] = pred

@@ -70,7 +70,9 @@ class Broker(ABC):
         """Send a command to the worker and return its reply payload."""
         control.request_id = control.request_id or new_request_id()
         await self._send_control(control, self.settings.sync_timeout_s if timeout is None else timeout)
-        return await self.result(control.request_id, self.settings.sync_timeout_s if timeout is None else timeout)
+        return await self.result(
+            control.request_id, self.settings.sync_timeout_s if timeout is None else timeout
+        )
 
     @abstractmethod
     async def _send_control(self, control: Control, timeout: float) -> None: ...
@@ -137,8 +139,8 @@ class LocalBroker(Broker):
         # Only this event loop puts, so the check below cannot be raced into overflowing the queue.
         if self._queue.qsize() + len(fixations) > self.settings.max_queue:
             raise QueueFull(
-                f"{self._queue.qsize()} fixations are waiting for the worker (limit {self.settings.max_queue}); "
-                "retry later or send fewer at once"
+                f"{self._queue.qsize()} fixations are waiting for the worker "
+                f"(limit {self.settings.max_queue}); retry later or send fewer at once"
             )
         for fix in fixations:
             fix.request_id = fix.request_id or new_request_id()
@@ -226,4 +228,12 @@ def make_broker(settings: Settings) -> Broker:
     return RedisBroker(settings)
 
 
-__all__ = ["Broker", "Decoder", "LocalBroker", "Message", "WorkerUnavailable", "make_broker", "new_request_id"]
+__all__ = [
+    "Broker",
+    "Decoder",
+    "LocalBroker",
+    "Message",
+    "WorkerUnavailable",
+    "make_broker",
+    "new_request_id",
+]

@@ -102,16 +102,17 @@ class Settings(BaseSettings):
 
     # --- the learner and where it runs ---
     learner: Literal["rfp", "bptt"] = "rfp"
-    bptt_window: int = Field(10, ge=1)
+    bptt_window: int = Field(default=10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_batch: int = Field(64, ge=1, le=4096)
-    max_wait_ms: float = Field(5.0, ge=0.0)
-    diagnostics_interval_s: float = Field(5.0, gt=0.0)
+    max_batch: int = Field(default=64, ge=1, le=4096)
+    max_wait_ms: float = Field(default=5.0, ge=0.0)
+    diagnostics_interval_s: float = Field(default=5.0, gt=0.0)
 
     # --- HTTP ---
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
+    worker_metrics_host: str = "0.0.0.0"
+    worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- Redis Streams ---
@@ -123,24 +124,24 @@ class Settings(BaseSettings):
     consumer_group: str = "foveate-workers"
     consumer_name: str = Field(default_factory=_default_consumer)
     heartbeat_key: str = "foveate:worker:heartbeat"
-    heartbeat_timeout_s: float = Field(10.0, gt=0.0)
-    stream_maxlen: int = Field(100_000, ge=100)
-    results_maxlen: int = Field(100_000, ge=100)
-    stream_results_maxlen: int = Field(1_000, ge=10)
-    result_ttl_s: int = Field(60, ge=1)
-    claim_idle_ms: int = Field(30_000, ge=100)
+    heartbeat_timeout_s: float = Field(default=10.0, gt=0.0)
+    stream_maxlen: int = Field(default=100_000, ge=100)
+    results_maxlen: int = Field(default=100_000, ge=100)
+    stream_results_maxlen: int = Field(default=1_000, ge=10)
+    result_ttl_s: int = Field(default=60, ge=1)
+    claim_idle_ms: int = Field(default=30_000, ge=100)
 
     # --- checkpoints ---
     checkpoint_path: Path | None = Path("checkpoints/foveate.pt")
-    checkpoint_interval_s: float = Field(300.0, gt=0.0)
+    checkpoint_interval_s: float = Field(default=300.0, gt=0.0)
 
     # --- limits ---
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    max_pixels: int = Field(4096 * 4096, ge=1)
-    max_batch_fixations: int = Field(256, ge=1)
-    sync_timeout_s: float = Field(10.0, gt=0.0)
-    max_streams: int = Field(10_000, ge=1)
-    max_queue: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_batch_fixations: int = Field(default=256, ge=1)
+    sync_timeout_s: float = Field(default=10.0, gt=0.0)
+    max_streams: int = Field(default=10_000, ge=1)
+    max_queue: int = Field(default=10_000, ge=1)
 
     @field_validator("redis_url", "checkpoint_path", "trunk_weights", mode="before")
     @classmethod

@@ -61,7 +61,9 @@ def decode_source(source: PatchSource, *, max_pixels: int, size: int | None = No
         if shape[2] != 3:
             raise PatchError(f"raw pixels must have 3 (RGB) channels, got shape {tuple(shape)}; send H,W,3")
         if shape[0] * shape[1] > max_pixels:
-            raise PatchError(f"raw patch has {shape[0] * shape[1]} pixels, more than the limit of {max_pixels}")
+            raise PatchError(
+                f"raw patch has {shape[0] * shape[1]} pixels, more than the limit of {max_pixels}"
+            )
         patch = as_patch(source.data, shape=(shape[0], shape[1], shape[2]), max_pixels=max_pixels)
     elif source.kind == "frame":
         if source.x is None or source.y is None:

@@ -23,8 +23,8 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
 
 FastAPI's own ``RequestValidationError`` (a field missing or of the wrong type, a stream id that does
 not match ``^[A-Za-z0-9_.:-]{1,128}$``) answers 422 as ``InputError``; a body that is not valid JSON
-answers **400** as ``MalformedRequest``; an unknown route 404 and a wrong method 405. Every error body
-has one shape::
+answers **400** as ``MalformedRequest``; an unknown route 404, a wrong method 405, and an
+unexpected failure (a bug) 500 as ``InternalError``. Every error body has one shape::
 
     {"error": "<class name>", "detail": "<what to fix>"}
 
@@ -138,7 +138,7 @@ def status_of(exc_type: type[FoveateError]) -> tuple[int, str]:
     """HTTP status and metrics ``reason`` for an exception class (by its nearest listed ancestor)."""
     for klass in exc_type.__mro__:
         if klass in _STATUS:
-            return _STATUS[klass]  # type: ignore[index]
+            return _STATUS[klass]
     return _STATUS[FoveateError]
 
 
@@ -189,7 +189,10 @@ def _describe_validation(errors: list[Any]) -> tuple[bool, str]:
     for err in errors[:10]:
         if err.get("type") == "json_invalid":
             ctx = err.get("ctx") or {}
-            return True, f"request body is not valid JSON ({ctx.get('error', err.get('msg'))}); send a JSON object"
+            return (
+                True,
+                f"request body is not valid JSON ({ctx.get('error', err.get('msg'))}); send a JSON object",
+            )
         loc = ".".join(str(part) for part in err.get("loc", ()) if part != "body") or "body"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     if len(errors) > 10:
@@ -215,8 +218,15 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     return _respond(exc.status_code, reason, phrase, detail)
 
 
+async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not bad input: keep the body's shape, and let the log carry the traceback.
+    logger.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+    return _respond(500, "internal", "InternalError", "unexpected server error; see the server log")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that give every error the ``{"error", "detail"}`` shape."""
+    app.add_exception_handler(Exception, _unexpected_handler)
     app.add_exception_handler(FoveateError, _foveate_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)

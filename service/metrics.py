@@ -108,7 +108,9 @@ QUEUE_DEPTH = Gauge(
     registry=WORKER_REGISTRY,
 )  # fmt: skip
 ACTIVE_STREAMS = Gauge("foveate_active_streams", "Streams held by the worker.", registry=WORKER_REGISTRY)
-RESETS = Counter("foveate_resets", "Stream resets (reset flags and reset commands).", registry=WORKER_REGISTRY)
+RESETS = Counter(
+    "foveate_resets", "Stream resets (reset flags and reset commands).", registry=WORKER_REGISTRY
+)
 CHECKPOINTS = Counter("foveate_checkpoints", "Checkpoints written.", registry=WORKER_REGISTRY)
 LAST_CHECKPOINT = Gauge(
     "foveate_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint written.",
@@ -122,7 +124,9 @@ EFFECTIVE_DIM = Gauge(
     "foveate_effective_dimensionality", "Participation ratio of recent embeddings (collapse -> 1).",
     registry=WORKER_REGISTRY,
 )  # fmt: skip
-EMBEDDING_NORM = Gauge("foveate_embedding_norm", "Mean L2 norm of recent embeddings.", registry=WORKER_REGISTRY)
+EMBEDDING_NORM = Gauge(
+    "foveate_embedding_norm", "Mean L2 norm of recent embeddings.", registry=WORKER_REGISTRY
+)
 HIDDEN_NORM = Gauge("foveate_hidden_norm", "Mean L2 norm of the recurrent state h.", registry=WORKER_REGISTRY)
 RETENTION_GAIN_MAX = Gauge(
     "foveate_retention_gain_max", "Largest retention gain of the recurrent units (>= 1: unstable).",

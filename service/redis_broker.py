@@ -36,8 +36,14 @@ from redis.exceptions import RedisError, ResponseError
 from service.broker import Broker, Decoder, Message, new_request_id
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
-from service.messages import Control, Fixation, control_from_fields, control_to_fields, fixation_from_fields
-from service.messages import fixation_to_fields
+from service.messages import (
+    Control,
+    Fixation,
+    control_from_fields,
+    control_to_fields,
+    fixation_from_fields,
+    fixation_to_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +53,20 @@ _RESULTS_TTL_S = 24 * 3600  # per-stream result streams of idle streams disappea
 
 
 def _fields(raw: dict[Any, Any]) -> dict[str, bytes]:
-    return {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in raw.items()}
+    return {(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v for k, v in raw.items()}
 
 
 def _id(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _deadline(fields: dict[str, bytes]) -> float:
+    """A command's ``deadline`` (Unix time); none or unreadable means no deadline."""
+    try:
+        value = float(fields.get("deadline") or "inf")
+    except ValueError:
+        return math.inf
+    return value if not math.isnan(value) else math.inf
 
 
 def result_fields(fix: Fixation, payload: dict[str, Any]) -> dict[str, str]:
@@ -67,7 +82,9 @@ def result_fields(fix: Fixation, payload: dict[str, Any]) -> dict[str, str]:
         err = payload.get("error")
         out["step"] = str(payload["step"])
         out["error"] = "nan" if err is None else repr(float(err))
-        out["running_error"] = "nan" if payload.get("running_error") is None else repr(payload["running_error"])
+        out["running_error"] = (
+            "nan" if payload.get("running_error") is None else repr(payload["running_error"])
+        )
         out["updates_applied"] = str(payload["updates_applied"])
     else:
         out["rejected"] = str(payload.get("error"))
@@ -106,7 +123,9 @@ class RedisBroker(Broker):
         self._last_error_log = 0.0
 
     def _unavailable(self, exc: Exception) -> WorkerUnavailable:
-        return WorkerUnavailable(f"cannot reach Redis at {self.url}: {exc}; check FOVEATE_REDIS_URL and the server")
+        return WorkerUnavailable(
+            f"cannot reach Redis at {self.url}: {exc}; check FOVEATE_REDIS_URL and the server"
+        )
 
     # ------------------------------------------------------------------ API side
 
@@ -151,7 +170,9 @@ class RedisBroker(Broker):
             if wait:
                 alive, why = await self.worker_alive()
                 if not alive:
-                    raise WorkerUnavailable(f"no live worker: {why}; start `foveate worker` or send with wait=false")
+                    raise WorkerUnavailable(
+                        f"no live worker: {why}; start `foveate worker` or send with wait=false"
+                    )
             backlog = await self._backlog_async()
             if backlog + len(fixations) > self.settings.max_queue:
                 raise QueueFull(
@@ -241,10 +262,13 @@ class RedisBroker(Broker):
         s = self.settings
         own_history = True
         last_claim = 0.0
+        resp: Any
         while not self._stop.is_set():
             try:
                 if own_history:
-                    resp = self.sync.xreadgroup(s.consumer_group, s.consumer_name, {s.input_stream: "0"}, count=256)
+                    resp = self.sync.xreadgroup(
+                        s.consumer_group, s.consumer_name, {s.input_stream: "0"}, count=256
+                    )
                     own_history = bool(resp and resp[0][1])
                     self._accept(resp)
                     continue
@@ -269,7 +293,9 @@ class RedisBroker(Broker):
         with self._lock:
             entries = [(eid, f) for eid, f in entries if _id(eid) not in self._inflight]
         if entries:
-            logger.warning("claimed %d pending fixations from a consumer idle for %d ms", len(entries), s.claim_idle_ms)
+            logger.warning(
+                "claimed %d pending fixations from a consumer idle for %d ms", len(entries), s.claim_idle_ms
+            )
             self._accept([[s.input_stream.encode(), entries]])
 
     def _accept(self, resp: Any) -> None:
@@ -288,8 +314,8 @@ class RedisBroker(Broker):
                 for eid, f in entries:
                     fields = _fields(f)
                     ctl = control_from_fields(fields, _id(eid))
-                    deadline = float(fields.get("deadline", b"inf") or b"inf")
-                    if math.isfinite(deadline) and time.time() > deadline + _CONTROL_GRACE_S:
+                    deadline = _deadline(fields)
+                    if time.time() > deadline + _CONTROL_GRACE_S:
                         logger.info("dropping command %s past its deadline", ctl.command)
                         self.sync.xack(s.control_stream, s.consumer_group, _id(eid))
                         continue
@@ -355,7 +381,9 @@ class RedisBroker(Broker):
     def heartbeat(self, info: dict[str, Any]) -> None:
         payload = json.dumps({**info, "ts": time.time(), "consumer": self.settings.consumer_name})
         try:
-            self.sync.set(self.settings.heartbeat_key, payload, px=int(2000 * self.settings.heartbeat_timeout_s))
+            self.sync.set(
+                self.settings.heartbeat_key, payload, px=int(2000 * self.settings.heartbeat_timeout_s)
+            )
         except RedisError as exc:
             self._log_error("writing the heartbeat failed", exc)
 

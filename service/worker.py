@@ -107,7 +107,9 @@ class Worker:
         self.broker.start_worker(self._decode)
         metrics.WORKER_UP.set(1)
         dev = self.learner.device.type
-        metrics.WORKER_INFO.labels(learner=self.settings.learner, device=dev, trunk=self.settings.trunk).set(1)
+        metrics.WORKER_INFO.labels(learner=self.settings.learner, device=dev, trunk=self.settings.trunk).set(
+            1
+        )
         self._heartbeat()
         self.started = True
         if thread:
@@ -147,7 +149,7 @@ class Worker:
     # ------------------------------------------------------------------ checkpoints
 
     def restore(self) -> bool:
-        """Load ``checkpoint_path`` when it exists; ``ArchitectureMismatch`` and ``CheckpointError`` propagate."""
+        """Load ``checkpoint_path`` if it exists; ``ArchitectureMismatch``, ``CheckpointError`` propagate."""
         path = self.settings.checkpoint_path
         if path is None or not path.exists():
             logger.info("no checkpoint at %s: starting fresh", path)
@@ -173,16 +175,18 @@ class Worker:
         from learner.checkpoint import save_checkpoint
 
         with self._lock:
-            start = time.perf_counter()
-            info = {"path": str(path), "written_at": time.time(),
-                    "updates_applied": self.learner.updates_applied, "streams": len(self.records)}  # fmt: skip
-            extra = {"service": {"records": {s: r.to_dict() for s, r in self.records.items()}, "checkpoint": info}}
+            start, written_at = time.perf_counter(), time.time()
+            info: dict[str, Any] = {"path": str(path), "written_at": written_at,
+                                    "updates_applied": self.learner.updates_applied,
+                                    "streams": len(self.records)}  # fmt: skip
+            records = {s: r.to_dict() for s, r in self.records.items()}
+            extra = {"service": {"records": records, "checkpoint": dict(info)}}
             save_checkpoint(path, self.learner, extra)
             info["seconds"] = time.perf_counter() - start
         self.last_checkpoint = info
         self._last_ckpt = time.monotonic()
         metrics.CHECKPOINTS.inc()
-        metrics.LAST_CHECKPOINT.set(info["written_at"])
+        metrics.LAST_CHECKPOINT.set(written_at)
         return info
 
     # ------------------------------------------------------------------ gathering
@@ -193,7 +197,9 @@ class Worker:
             fix.problem = InputError("the fixation carries no image")
             return
         try:
-            fix.patch = decode_source(fix.source, max_pixels=self.settings.max_pixels, size=self.settings.input_size)
+            fix.patch = decode_source(
+                fix.source, max_pixels=self.settings.max_pixels, size=self.settings.input_size
+            )
         except FoveateError as exc:
             fix.problem = exc
         fix.source = None  # the encoded bytes are not needed any more
@@ -237,7 +243,9 @@ class Worker:
         replies: list[tuple[Message, dict[str, Any]]] = []
         accepted: list[Fixation] = []
         for fix in batch:
-            problem = fix.problem or self._admission(fix)
+            problem = fix.problem or self._admission(
+                fix, sum(f.stream_id not in self.records for f in accepted)
+            )
             if problem is not None:
                 metrics.REJECTED_MESSAGES.labels(reason=_reason(problem)).inc()
                 logger.info("rejected fixation of %r: %s", fix.stream_id[:140], problem)
@@ -248,9 +256,9 @@ class Worker:
             replies.extend(self._apply(accepted))
         self.broker.reply(replies)
 
-    def _admission(self, fix: Fixation) -> Exception | None:
+    def _admission(self, fix: Fixation, new_in_tick: int) -> Exception | None:
         rec = self.records.get(fix.stream_id)
-        if rec is None and len(self.records) >= self.settings.max_streams:
+        if rec is None and len(self.records) + new_in_tick >= self.settings.max_streams:
             return TooManyStreams(
                 f"the worker holds {len(self.records)} streams (FOVEATE_MAX_STREAMS); delete idle ones first"
             )
@@ -410,7 +418,10 @@ class Worker:
         if now - self._last_diag >= self.settings.diagnostics_interval_s:
             self._last_diag = now
             self._export_diagnostics()
-        if self.settings.checkpoint_path is not None and now - self._last_ckpt >= self.settings.checkpoint_interval_s:
+        if (
+            self.settings.checkpoint_path is not None
+            and now - self._last_ckpt >= self.settings.checkpoint_interval_s
+        ):
             try:
                 self.checkpoint()
             except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval

@@ -152,7 +152,9 @@ class RedisServer:
             "--loglevel", "warning",
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
 
     def _wait_ready(self) -> str:
         """Return "" once PING answers, else why not."""

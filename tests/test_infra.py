@@ -8,6 +8,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -29,7 +30,7 @@ def test_redis_server_set_get_round_trip(redis_server: str) -> None:
         client.close()
 
 
-def test_redis_server_restarts_empty_on_same_port(redis_server_factory: Callable) -> None:
+def test_redis_server_restarts_empty_on_same_port(redis_server_factory: Callable[[], Any]) -> None:
     server = redis_server_factory()
     url = server.url
     client = redis.Redis.from_url(url)
@@ -46,7 +47,7 @@ def test_redis_server_restarts_empty_on_same_port(redis_server_factory: Callable
         client.close()
 
 
-def test_two_redis_servers_are_isolated(redis_server_factory: Callable) -> None:
+def test_two_redis_servers_are_isolated(redis_server_factory: Callable[[], Any]) -> None:
     a, b = redis_server_factory(), redis_server_factory()
     assert a.port != b.port
     ca, cb = redis.Redis.from_url(a.url), redis.Redis.from_url(b.url)
@@ -135,3 +136,22 @@ def test_cli_reports_foveate_errors_without_traceback(
     monkeypatch.setattr("foveate.cli.COMMAND_MODULES", ("failing_foveate_cmds",))
     assert main(["fail"]) == 1
     assert "foveate fail: error: hidden_size must be positive; got -1" in capsys.readouterr().err
+
+
+def test_cli_lets_other_exceptions_propagate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only deliberate FoveateErrors become a one-line message; a bug keeps its traceback.
+    _write_module(
+        tmp_path,
+        "buggy_foveate_cmds",
+        """
+        def _bug(args):
+            raise ZeroDivisionError("a real bug")
+
+        def register(subparsers):
+            subparsers.add_parser("bug").set_defaults(func=_bug)
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("foveate.cli.COMMAND_MODULES", ("buggy_foveate_cmds",))
+    with pytest.raises(ZeroDivisionError, match="a real bug"):
+        main(["bug"])

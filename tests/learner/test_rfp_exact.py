@@ -16,7 +16,7 @@ TOL = 1e-9
 def make_learner(*, loss: str, phi: str, weights: str, seed: int = 0, batched: bool = False) -> RFPLearner:
     cfg = ModelConfig(
         trunk="none", in_features=M, n_units=N, embed_dim=D, pred_hidden=H, loss=loss, phi=phi,
-        gate_bias=weights == "random", update_mode="segment", segment_len=0, optimizer="sgd", lr=0.0, seed=seed,
+        gate_bias=weights == "random", input_norm=False, update_mode="segment", segment_len=0, optimizer="sgd", lr=0.0, seed=seed,
     )
     learner = RFPLearner(cfg, dtype=torch.float64, batched_traces=batched)
     if weights == "random":  # spec 3.1: gains N(0, 0.7^2), gate biases N(0, 0.3^2)

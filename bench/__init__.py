@@ -1,0 +1,1 @@
+"""foveate's benchmarks and experiments: each module runs with ``python -m bench.<name>``."""

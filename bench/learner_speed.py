@@ -1,0 +1,213 @@
+"""Learner speed and memory: fixations per second and per-tick latency, measured in one run.
+
+Variants (same model, same inputs, same process, interleaved rounds so that machine noise hits all
+of them alike):
+
+* ``forward``: inference only (trunk, RGC, head; no gradients, no traces);
+* ``rfp``: RFP, ``every_fixation`` (one optimizer step per tick; the service's mode);
+* ``rfp-segment``: RFP, gradients accumulated and applied at the segment end;
+* ``bptt-k10``, ``bptt-k100``: truncated BPTT re-run over the last K steps at every fixation;
+* ``bptt-full``: full-history BPTT (the window is everything since the last reset).
+
+Every tick includes the trunk on real-sized patches (uint8, ``input_size``), so ratios are what a
+service sees. Ratios are to ``forward`` in the same run. Memory per stream is measured for RFP and
+BPTT against the sequence length T, with the crossover. The roofline section measures the bytes the
+trace update moves per tick against a copy bandwidth measured in the same run.
+
+    python -m bench.learner_speed --batch 1 16 64 128 --json runs/bench/learner_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learner import BPTTLearner, ModelConfig, RFPLearner, StreamLearner
+
+VARIANTS: dict[str, Callable[[ModelConfig, str], StreamLearner]] = {
+    "forward": lambda cfg, dev: RFPLearner(cfg, device=dev),
+    "rfp": lambda cfg, dev: RFPLearner(cfg, device=dev),
+    "rfp-segment": lambda cfg, dev: RFPLearner(cfg.replace(update_mode="segment"), device=dev),
+    "bptt-k10": lambda cfg, dev: BPTTLearner(cfg, device=dev, window=10),
+    "bptt-k100": lambda cfg, dev: BPTTLearner(cfg, device=dev, window=100),
+    "bptt-full": lambda cfg, dev: BPTTLearner(cfg, device=dev, window=None),
+}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_ticks(
+    cfg: ModelConfig, batch: int, variants: list[str], *, ticks: int, warmup: int, device: str, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Per-tick latencies of each variant, interleaved in ``rounds`` so noise is shared."""
+    rng = np.random.default_rng(0)
+    patches = rng.integers(0, 256, size=(warmup + ticks, batch, cfg.input_size, cfg.input_size, 3), dtype=np.uint8)
+    ids = [f"s{i}" for i in range(batch)]
+    learners = {name: VARIANTS[name](cfg, device) for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    per_round = max(1, ticks // rounds)
+    for name, learner in learners.items():  # warm up; the first steps also allocate
+        for t in range(warmup):
+            learner.tick(ids, patches[t], learn=name != "forward")
+    pos = {name: warmup for name in variants}
+    for _ in range(rounds):
+        for name, learner in learners.items():
+            for _ in range(per_round):
+                t = pos[name]
+                _sync(device)
+                start = time.perf_counter()
+                learner.tick(ids, patches[t], learn=name != "forward")
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+                pos[name] += 1
+    out = {}
+    for name, ts in times.items():
+        arr = np.asarray(ts)
+        out[name] = {
+            "p50_ms": float(np.percentile(arr, 50) * 1e3),
+            "p99_ms": float(np.percentile(arr, 99) * 1e3),
+            "mean_ms": float(arr.mean() * 1e3),
+            "fixations_per_s": float(batch / arr.mean()),
+            "ticks": len(ts),
+        }
+    base = out["forward"]["mean_ms"] if "forward" in out else None
+    for name in out:
+        out[name]["ratio_to_forward"] = out[name]["mean_ms"] / base if base else float("nan")
+    return out
+
+
+def memory_vs_length(cfg: ModelConfig, lengths: list[int], device: str) -> dict[str, Any]:
+    """Bytes held per stream after T fixations: RFP (flat) against full-history BPTT (growing)."""
+    rows = []
+    feats = torch.randn(max(lengths), cfg.M)
+    for T in lengths:
+        rfp = RFPLearner(cfg.replace(trunk="none", in_features=cfg.M, segment_len=0), device=device)
+        bptt = BPTTLearner(cfg.replace(trunk="none", in_features=cfg.M, segment_len=0), device=device, window=None)
+        for t in range(T):
+            rfp.tick_features(["a"], feats[t : t + 1], learn=False)
+            bptt.tick_features(["a"], feats[t : t + 1], learn=False)
+        # BPTT must keep every input of the window plus, while back-propagating, one step's activations
+        # (x, gates, h, c: about 8 N floats) per step of the window
+        slot = bptt.states.slot_of("a")
+        window_bytes = sum(u.numel() * u.element_size() for u in bptt._inputs[slot])
+        act_bytes = T * 8 * cfg.n_units * 4
+        rows.append({
+            "T": T,
+            "rfp_bytes": rfp.memory_per_stream(),
+            "bptt_bytes": bptt.memory_per_stream() + window_bytes + act_bytes,
+        })
+    crossover = next((r["T"] for r in rows if r["bptt_bytes"] > r["rfp_bytes"]), None)
+    per_step = (cfg.M + 8 * cfg.n_units) * 4
+    return {"rows": rows, "crossover_T_measured": crossover,
+            "crossover_T_model": rows[0]["rfp_bytes"] / per_step if rows else None}
+
+
+def roofline(cfg: ModelConfig, batch: int, device: str, repeats: int = 5) -> dict[str, float]:
+    """Bytes the trace update moves per tick against a copy bandwidth measured now."""
+    learner = RFPLearner(cfg.replace(trunk="none", in_features=cfg.M), device=device)
+    ids = [f"s{i}" for i in range(batch)]
+    u = torch.randn(batch, cfg.M, device=device)
+    for _ in range(3):
+        learner.tick_features(ids, u)
+    slots = learner.states.slots(ids)
+    with torch.no_grad():
+        h, c, cache = learner.model.rgc.step(u, learner.states.h[slots], learner.states.c[slots])
+        jac = learner.model.rgc.jacobian(cache)
+    ts = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        learner._advance_traces(slots, jac, u)
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    trace = learner.states.trace["W"]
+    bytes_moved = 2 * batch * trace[0].numel() * trace.element_size()  # read + write each stream's W traces
+    src = torch.empty(batch * trace[0].numel(), device=device)
+    dst = torch.empty_like(src)
+    cs = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        cs.append(time.perf_counter() - t0)
+    bandwidth = 2 * src.numel() * src.element_size() / min(cs)
+    achieved = bytes_moved / min(ts)
+    return {"bytes_per_tick": bytes_moved, "seconds": min(ts), "achieved_GBps": achieved / 1e9,
+            "copy_bandwidth_GBps": bandwidth / 1e9, "fraction_of_copy_bandwidth": achieved / bandwidth}
+
+
+def machine() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "processor": platform.processor()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def print_table(batch: int, res: dict[str, dict[str, float]]) -> None:
+    print(f"\nB = {batch}")
+    print(f"{'variant':<13}{'fix/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'x forward':>11}")
+    for name, r in res.items():
+        print(f"{name:<13}{r['fixations_per_s']:>10.1f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+              f"{r['ratio_to_forward']:>11.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--ticks", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--trunk", default="resnet18")
+    ap.add_argument("--n-units", type=int, default=ModelConfig.n_units)
+    ap.add_argument("--input-size", type=int, default=ModelConfig.input_size)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memory-lengths", type=int, nargs="+", default=[1, 10, 100, 1000])
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ModelConfig(trunk=args.trunk, n_units=args.n_units, input_size=args.input_size, segment_len=0)
+    report: dict[str, Any] = {"machine": machine(), "config": cfg.to_dict(), "ticks": {}}
+    print(f"machine: {report['machine']}")
+    print(f"model: trunk={cfg.trunk} input={cfg.input_size}px N={cfg.n_units} M={cfg.M} D={cfg.embed_dim}")
+    for b in args.batch:
+        res = measure_ticks(cfg, b, args.variants, ticks=args.ticks, warmup=args.warmup, device=args.device,
+                            rounds=args.rounds)
+        report["ticks"][b] = res
+        print_table(b, res)
+    mem = memory_vs_length(cfg, args.memory_lengths, args.device)
+    report["memory"] = mem
+    print("\nmemory per stream (bytes)\n     T     RFP          BPTT (full history)")
+    for r in mem["rows"]:
+        print(f"{r['T']:>6}{r['rfp_bytes']:>12,}{r['bptt_bytes']:>16,}")
+    print(f"crossover: BPTT holds more than RFP from T = {mem['crossover_T_measured']} "
+          f"(model: {mem['crossover_T_model']:.0f})")
+    roof = roofline(cfg, max(args.batch), args.device)
+    report["roofline"] = roof
+    print(f"\ntrace update at B={max(args.batch)}: {roof['bytes_per_tick'] / 1e6:.1f} MB/tick, "
+          f"{roof['achieved_GBps']:.2f} GB/s against a measured copy bandwidth of {roof['copy_bandwidth_GBps']:.2f} GB/s"
+          f" ({100 * roof['fraction_of_copy_bandwidth']:.0f}%)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""``POST /v1/streams/{stream_id}/fixations`` and ``POST /v1/fixations/batch``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from learner.errors import FoveateError
+from service.api.deps import BrokerDep, SettingsDep, StreamId
+from service.api.payloads import decode_item, read_fixation
+from service.api.schemas import (
+    Accepted,
+    BatchIn,
+    BatchItem,
+    BatchOut,
+    ErrorBody,
+    FixationIn,
+    FixationMeta,
+    FixationResult,
+)
+from service.errors import PayloadTooLarge, error_from_payload, error_payload
+from service.messages import Fixation
+
+router = APIRouter(tags=["fixations"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "Malformed JSON or multipart body",
+        413: "Body over FOVEATE_MAX_BODY_BYTES, or too many fixations in a batch",
+        422: "Invalid fields or image (undecodable, wrong shape, too many pixels, gaze off the frame)",
+        429: "Queue full or too many streams; retry later",
+        503: "No live worker (wait=true) or Redis unreachable",
+        504: "The worker did not answer within FOVEATE_SYNC_TIMEOUT_S",
+    }.items()
+}
+
+
+def _multipart_schema() -> dict[str, Any]:
+    props = dict(FixationMeta.model_json_schema()["properties"])
+    props["shape"] = {"type": "string", "description": "'H,W,3' for a raw part", "example": "64,64,3"}
+    for part, text in (
+        ("patch", "PNG/JPEG patch"),
+        ("raw", "raw RGB uint8 pixels"),
+        ("frame", "PNG/JPEG frame"),
+    ):
+        props[part] = {"type": "string", "format": "binary", "description": f"{text} (exactly one file part)"}
+    return {"type": "object", "properties": props}
+
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": FixationIn.model_json_schema()},
+            "multipart/form-data": {"schema": _multipart_schema()},
+        },
+    }
+}
+
+
+def _result(payload: dict[str, Any], with_prediction: bool) -> FixationResult:
+    if not payload.get("ok"):
+        raise error_from_payload(payload)
+    fields = {k: v for k, v in payload.items() if k in FixationResult.model_fields}
+    if not with_prediction:
+        fields.pop("prediction", None)
+    return FixationResult(**fields)
+
+
+@router.post(
+    "/streams/{stream_id}/fixations",
+    response_model=FixationResult,
+    response_model_exclude_unset=True,
+    responses={202: {"model": Accepted, "description": "Queued (wait=false)"}, **_ERRORS},
+    openapi_extra=_BODY,
+    summary="Learn from one fixation",
+)
+async def post_fixation(
+    stream_id: StreamId,
+    request: Request,
+    broker: BrokerDep,
+    settings: SettingsDep,
+    wait: bool = Query(True, description="Wait for the worker's result (false: answer 202 at once)."),
+    return_prediction: bool = Query(False, description="Include the predicted next embedding."),
+) -> Any:
+    """Send one fixation of a stream: JSON with ``patch_b64`` | ``raw_b64`` + ``shape`` |
+    ``frame_b64`` + gaze, or ``multipart/form-data`` with a file part ``patch``, ``raw`` or ``frame``
+    and the same fields as form fields. Returns the stream's step, this fixation's prediction error
+    (against the prediction made at the previous fixation; null at step 1), the running error and
+    the number of updates applied."""
+    fix = await read_fixation(request, stream_id, settings)
+    fix.return_prediction = return_prediction
+    await broker.submit([fix], wait=wait)
+    assert fix.request_id is not None
+    if not wait:
+        accepted = Accepted(stream_id=stream_id, seq=fix.seq, request_id=fix.request_id, status="queued")
+        return JSONResponse(accepted.model_dump(), status_code=202)
+    payload = await broker.result(fix.request_id, settings.sync_timeout_s)
+    return _result(payload, return_prediction)
+
+
+async def _answer(broker: BrokerDep, fix: Fixation, timeout: float, with_prediction: bool) -> BatchItem:
+    assert fix.request_id is not None
+    try:
+        return BatchItem(
+            ok=True, result=_result(await broker.result(fix.request_id, timeout), with_prediction)
+        )
+    except FoveateError as exc:
+        return BatchItem(ok=False, rejected=ErrorBody(**error_payload(exc)))
+
+
+@router.post(
+    "/fixations/batch",
+    response_model=BatchOut,
+    response_model_exclude_unset=True,
+    responses=_ERRORS,
+    summary="Learn from many fixations, of one or several streams",
+)
+async def post_batch(
+    body: BatchIn,
+    broker: BrokerDep,
+    settings: SettingsDep,
+    wait: bool = Query(True, description="Wait for every result (false: every item answers 'accepted')."),
+    return_prediction: bool = Query(False, description="Include each predicted next embedding."),
+) -> BatchOut:
+    """Many fixations in one request (JSON only). Results come back in request order; a fixation whose
+    image cannot be decoded is rejected alone (``ok: false``), the others are still applied. Fixations
+    of one stream are applied in list order, one per worker tick."""
+    if len(body.fixations) > settings.max_batch_fixations:
+        raise PayloadTooLarge(
+            f"{len(body.fixations)} fixations in one batch, more than FOVEATE_MAX_BATCH_FIXATIONS="
+            f"{settings.max_batch_fixations}; split the batch"
+        )
+
+    def decode_all() -> list[Fixation]:
+        return [decode_item(item, item.stream_id, settings) for item in body.fixations]
+
+    fixes = await anyio.to_thread.run_sync(decode_all)
+    good = [f for f in fixes if f.problem is None]
+    for fix in good:
+        fix.return_prediction = return_prediction
+    if good:
+        await broker.submit(good, wait=wait)
+    answers: dict[int, BatchItem] = {}
+    if wait and good:
+        done = await asyncio.gather(
+            *(_answer(broker, f, settings.sync_timeout_s, return_prediction) for f in good)
+        )
+        answers = {id(f): a for f, a in zip(good, done, strict=True)}
+    results: list[BatchItem] = []
+    for fix in fixes:
+        if fix.problem is not None:
+            assert isinstance(fix.problem, FoveateError)
+            results.append(BatchItem(ok=False, rejected=ErrorBody(**error_payload(fix.problem))))
+        elif wait:
+            results.append(answers[id(fix)])
+        else:
+            assert fix.request_id is not None
+            acc = Accepted(stream_id=fix.stream_id, seq=fix.seq, request_id=fix.request_id, status="queued")
+            results.append(BatchItem(ok=True, accepted=acc))
+    return BatchOut(results=results)

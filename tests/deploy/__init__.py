@@ -1,0 +1,1 @@
+"""Checks of the deployment files (docker/, docker-compose*.yml, docs/deploy.md) with the real tools."""

@@ -1,0 +1,1 @@
+"""Tests of service/api: the routes on a real uvicorn (embedded mode)."""

@@ -1,0 +1,235 @@
+"""Brokers: the in-process queue, and Redis Streams against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from service.broker import LocalBroker
+from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
+from service.messages import Control, Fixation
+from service.redis_broker import RedisBroker
+from tests.service._support import free_port, small_settings
+
+
+def _fix(stream: str = "s1", seq: int = 0) -> Fixation:
+    return Fixation(stream, seq=seq, patch=np.full((4, 4, 3), seq, np.uint8))
+
+
+def _decode_into(fix: Fixation) -> None:
+    """A stand-in decoder that marks what it saw (the worker's real one is tested in test_worker)."""
+    assert fix.source is not None
+    fix.patch = np.frombuffer(fix.source.data, np.uint8).reshape(fix.source.shape or (0,))
+    fix.source = None
+
+
+def _get(broker: Any, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = broker.get(0.2)
+        if msg is not None:
+            return msg
+    raise AssertionError("nothing received")
+
+
+# ------------------------------------------------------------------ LocalBroker
+
+
+def test_local_reply_reaches_the_waiting_request() -> None:
+    broker = LocalBroker(small_settings())
+    broker.start_worker(_decode_into)
+
+    async def scenario() -> dict[str, Any]:
+        await broker.start_api()
+        fix = _fix()
+        await broker.submit([fix], wait=True)
+        got = await asyncio.to_thread(_get, broker)
+        assert got is fix and fix.entry_id == "local-1"
+        broker.reply([(got, {"ok": True, "step": 1})])
+        assert fix.request_id is not None
+        return await broker.result(fix.request_id, 5.0)
+
+    assert asyncio.run(scenario()) == {"ok": True, "step": 1}
+
+
+def test_local_queue_full_queues_nothing() -> None:
+    broker = LocalBroker(small_settings(max_queue=2))
+
+    async def scenario() -> None:
+        with pytest.raises(QueueFull, match="limit 2"):
+            await broker.submit([_fix(seq=i) for i in range(3)], wait=False)
+        assert broker.backlog() == 0
+        await broker.submit([_fix(seq=i) for i in range(2)], wait=False)
+        assert broker.backlog() == 2
+
+    asyncio.run(scenario())
+
+
+def test_local_timeout_and_liveness() -> None:
+    broker = LocalBroker(small_settings())
+
+    async def scenario() -> None:
+        assert (await broker.worker_alive())[0] is False
+        broker.start_worker(_decode_into)
+        assert (await broker.worker_alive())[0] is True
+        fix = _fix()
+        await broker.submit([fix], wait=True)
+        assert fix.request_id is not None
+        with pytest.raises(WorkerTimeout, match="did not answer"):
+            await broker.result(fix.request_id, 0.05)
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ RedisBroker
+
+
+def _redis_settings(url: str, **changes: Any) -> Any:
+    return small_settings(redis_url=url, **changes)
+
+
+def test_redis_round_trip(redis_server: str) -> None:
+    settings = _redis_settings(redis_server)
+    worker_side, api_side = RedisBroker(settings), RedisBroker(settings)
+    worker_side.start_worker(_decode_into)
+    worker_side.heartbeat({})
+    r = redis.Redis.from_url(redis_server)
+    try:
+
+        async def scenario() -> dict[str, Any]:
+            fix = _fix(seq=7)
+            await api_side.submit([fix], wait=True)
+            got = await asyncio.to_thread(_get, worker_side)
+            assert isinstance(got, Fixation) and (got.stream_id, got.seq) == ("s1", 7)
+            np.testing.assert_array_equal(got.patch, fix.patch)
+            assert got.entry_id == fix.entry_id
+            assert r.xpending(settings.input_stream, settings.consumer_group)["pending"] == 1
+            worker_side.reply([(got, {"ok": True, "step": 1, "error": None, "updates_applied": 0})])
+            assert fix.request_id is not None
+            out = await api_side.result(fix.request_id, 5.0)
+            await api_side.close_api()
+            return out
+
+        assert asyncio.run(scenario())["step"] == 1
+        assert r.xpending(settings.input_stream, settings.consumer_group)["pending"] == 0  # acked
+        (entry,) = r.xrange("foveate:results:s1")
+        assert entry[1][b"step"] == b"1" and entry[1][b"error"] == b"nan" and entry[1][b"seq"] == b"7"
+        assert r.xlen(settings.results_stream) == 1
+    finally:
+        worker_side.stop_worker()
+
+
+def test_redis_control_and_expired_commands(redis_server: str) -> None:
+    settings = _redis_settings(redis_server)
+    worker_side, api_side = RedisBroker(settings), RedisBroker(settings)
+    worker_side.start_worker(_decode_into)
+    r = redis.Redis.from_url(redis_server)
+    try:
+        # A command whose caller gave up long ago is dropped (and acknowledged).
+        r.xadd(settings.control_stream, {"command": "reset", "args": "{}", "deadline": str(time.time() - 60)})
+
+        async def scenario() -> dict[str, Any]:
+            task = asyncio.create_task(api_side.command(Control("ping"), 5.0))
+            got = await asyncio.to_thread(_get, worker_side)
+            assert isinstance(got, Control) and got.command == "ping"
+            worker_side.reply([(got, {"ok": True, "pong": 1})])
+            out = await task
+            await api_side.close_api()
+            return out
+
+        assert asyncio.run(scenario()) == {"ok": True, "pong": 1}
+        assert worker_side.get(0.3) is None
+        assert r.xpending(settings.control_stream, settings.consumer_group)["pending"] == 0
+    finally:
+        worker_side.stop_worker()
+
+
+def test_redis_bad_rig_message_is_delivered_with_its_problem(redis_server: str) -> None:
+    settings = _redis_settings(redis_server)
+    worker_side = RedisBroker(settings)
+    worker_side.start_worker(_decode_into)
+    try:
+        r = redis.Redis.from_url(redis_server)
+        r.xadd(settings.input_stream, {"stream_id": "rig", "raw": b"xx", "request_id": "q1"})
+        got = _get(worker_side)
+        assert isinstance(got, Fixation) and got.request_id == "q1"
+        assert got.problem is not None and "shape" in str(got.problem)
+    finally:
+        worker_side.stop_worker()
+
+
+def test_redis_reclaims_entries_of_a_dead_consumer(redis_server: str) -> None:
+    settings = _redis_settings(redis_server, claim_idle_ms=200, consumer_name="survivor")
+    r = redis.Redis.from_url(redis_server)
+    r.xgroup_create(settings.input_stream, settings.consumer_group, id="0", mkstream=True)
+    patch = np.zeros((2, 2, 3), np.uint8)
+    r.xadd(settings.input_stream, {"stream_id": "s", "seq": 1, "raw": patch.tobytes(), "shape": "2,2,3"})
+    # A consumer reads the entry, then dies without acknowledging it.
+    taken = r.xreadgroup(settings.consumer_group, "dead", {settings.input_stream: ">"}, count=10)
+    assert len(taken[0][1]) == 1
+    time.sleep(0.3)
+    survivor = RedisBroker(settings)
+    survivor.start_worker(_decode_into)
+    try:
+        got = _get(survivor)
+        assert isinstance(got, Fixation) and got.seq == 1
+        owners = r.xpending_range(settings.input_stream, settings.consumer_group, "-", "+", 10)
+        assert [o["consumer"] for o in owners] == [b"survivor"]
+    finally:
+        survivor.stop_worker()
+
+
+def test_redis_worker_rereads_its_own_pending_history(redis_server: str) -> None:
+    settings = _redis_settings(redis_server, consumer_name="w1")
+    r = redis.Redis.from_url(redis_server)
+    r.xgroup_create(settings.input_stream, settings.consumer_group, id="0", mkstream=True)
+    r.xadd(settings.input_stream, {"stream_id": "s", "seq": 4, "raw": bytes(12), "shape": "2,2,3"})
+    r.xreadgroup(settings.consumer_group, "w1", {settings.input_stream: ">"}, count=10)  # read, then "crash"
+    again = RedisBroker(settings)  # the same consumer name comes back (a restarted container)
+    again.start_worker(_decode_into)
+    try:
+        got = _get(again)
+        assert isinstance(got, Fixation) and got.seq == 4
+    finally:
+        again.stop_worker()
+
+
+def test_redis_backpressure_and_liveness(redis_server: str) -> None:
+    settings = _redis_settings(redis_server, max_queue=3)
+    api_side = RedisBroker(settings)
+    r = redis.Redis.from_url(redis_server)
+
+    async def scenario() -> None:
+        alive, why = await api_side.worker_alive()
+        assert not alive and "heartbeat" in why
+        with pytest.raises(WorkerUnavailable, match="no live worker"):
+            await api_side.submit([_fix()], wait=True)
+        await api_side.submit([_fix(seq=i) for i in range(3)], wait=False)
+        await asyncio.sleep(0.3)  # past the backlog cache
+        with pytest.raises(QueueFull, match="limit 3"):
+            await api_side.submit([_fix(seq=9)], wait=False)
+        r.set(settings.heartbeat_key, json.dumps({"ts": time.time()}))
+        await asyncio.sleep(0.3)
+        assert (await api_side.worker_alive())[0]
+        await api_side.close_api()
+
+    asyncio.run(scenario())
+    assert r.xlen(settings.input_stream) == 3
+
+
+def test_redis_down_is_503() -> None:
+    api_side = RedisBroker(small_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+
+    async def scenario() -> None:
+        with pytest.raises(WorkerUnavailable, match="cannot reach Redis"):
+            await api_side.submit([_fix()], wait=False)
+        assert (await api_side.worker_alive())[0] is False
+        await api_side.close_api()
+
+    asyncio.run(scenario())

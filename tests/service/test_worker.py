@@ -1,0 +1,156 @@
+"""The worker with a real (small) learner: batching, order, bad input, commands, checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from learner.errors import ArchitectureMismatch
+from service import metrics
+from service.broker import LocalBroker
+from service.errors import PatchError
+from service.messages import Control, Fixation
+from service.worker import Worker
+from tests.service._support import small_settings
+
+
+def _patch(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def _fix(stream: str, seq: int, **kw: Any) -> Fixation:
+    return Fixation(stream, seq=seq, patch=_patch(seq), **kw)
+
+
+class Running:
+    """A started worker thread on a LocalBroker, and a way to submit from an event loop."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = small_settings(**settings)
+        self.broker = LocalBroker(self.settings)
+        self.worker = Worker(self.settings, self.broker)
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.broker.start_api())
+        self.worker.start()
+
+    def send(self, fixes: list[Fixation]) -> list[dict[str, Any]]:
+        async def go() -> list[dict[str, Any]]:
+            await self.broker.submit(fixes, wait=True)
+            return [await self.broker.result(f.request_id or "", 30.0) for f in fixes]
+
+        return self.loop.run_until_complete(go())
+
+    def send_as_redis(self, fix: Fixation, entry_id: str) -> dict[str, Any]:
+        """Deliver a fixation as if read from Redis (LocalBroker.submit would number it itself)."""
+
+        async def go() -> dict[str, Any]:
+            fix.request_id, fix.entry_id = f"req-{entry_id}", entry_id
+            self.broker._expect(fix.request_id)
+            self.broker._queue.put_nowait(fix)
+            return await self.broker.result(fix.request_id, 30.0)
+
+        return self.loop.run_until_complete(go())
+
+    def command(self, name: str, **args: Any) -> dict[str, Any]:
+        return self.loop.run_until_complete(self.broker.command(Control(name, args), 30.0))
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.loop.close()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    run = Running(checkpoint_path=tmp_path / "ckpt.pt", max_streams=3)
+    yield run
+    run.close()
+
+
+def test_gather_takes_one_fixation_per_stream_in_order() -> None:
+    settings = small_settings(max_batch=8, max_wait_ms=0.0)
+    broker = LocalBroker(settings)
+    worker = Worker(settings, broker)
+    for fix in [_fix("a", 1), _fix("a", 2), _fix("b", 1), _fix("a", 3), _fix("b", 2), _fix("c", 1)]:
+        broker._queue.put_nowait(fix)
+    ticks = []
+    while True:
+        batch, _ = worker._gather()
+        if not batch:
+            break
+        ticks.append([(f.stream_id, f.seq) for f in batch])
+    assert ticks == [[("a", 1), ("b", 1), ("c", 1)], [("a", 2), ("b", 2)], [("a", 3)]]
+
+
+def test_streams_learn_in_order_and_bad_input_is_isolated(running: Running) -> None:
+    updates0 = metrics.UPDATES._value.get()  # type: ignore[attr-defined]
+    bad = Fixation("b", seq=1, problem=PatchError("cannot decode image"))
+    out = running.send([_fix("a", 1), _fix("a", 2), bad, _fix("b", 2), _fix("a", 3), _fix("b", 3)])
+    a = [o for o in out if o.get("stream_id") == "a"]
+    assert [o["step"] for o in a] == [1, 2, 3] and [o["seq"] for o in a] == [1, 2, 3]
+    assert a[0]["error"] is None and all(0.0 <= o["error"] <= 2.0 for o in a[1:])
+    assert out[2] == {"ok": False, "error": "PatchError", "detail": "cannot decode image"}
+    assert [o["step"] for o in (out[3], out[5])] == [1, 2]  # stream b was unaffected by its bad message
+    assert out[-1]["updates_applied"] >= 2
+    assert metrics.UPDATES._value.get() > updates0  # type: ignore[attr-defined]
+    assert running.worker.alive
+
+
+def test_commands(running: Running) -> None:
+    running.send([_fix("a", 1), _fix("a", 2, return_prediction=True)])
+    info = running.command("stream", stream_id="a")["stream"]
+    assert (info["step"], info["fixations"], info["last_seq"], info["state"]["step"]) == (2, 2, 2, 2)
+    pred = running.command("prediction", stream_id="a")
+    assert len(pred["prediction"]) == running.settings.embed_dim
+    assert running.command("reset", stream_id="a") == {"ok": True, "stream_id": "a", "step": 0}
+    assert running.send([_fix("a", 3)])[0]["step"] == 1
+    assert running.command("streams")["count"] == 1
+    assert running.command("delete", stream_id="a")["deleted"] is True
+    gone = running.command("stream", stream_id="a")
+    assert gone["ok"] is False and gone["error"] == "UnknownStream"
+    model = running.command("model")["model"]
+    assert model["config"]["n_units"] == 64 and model["parameters"]["rgc"] > 0
+    assert running.command("nonsense")["error"] == "InputError"
+
+
+def test_too_many_streams_and_replays_are_refused(running: Running) -> None:
+    out = running.send([_fix(s, 1) for s in ("a", "b", "c", "d")])
+    assert [o["ok"] for o in out] == [True, True, True, False]
+    assert out[3]["error"] == "TooManyStreams"
+    first = running.send_as_redis(_fix("a", 2), "1700000000000-5")
+    replay = running.send_as_redis(_fix("a", 2), "1700000000000-5")
+    assert first["ok"] and not replay["ok"] and "already applied" in replay["detail"]
+    assert running.command("stream", stream_id="a")["stream"]["step"] == 2  # not applied twice
+
+
+def test_checkpoint_restores_steps_and_updates(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    first = Running(checkpoint_path=ckpt)
+    out = first.send([_fix("a", 1), _fix("a", 2), _fix("a", 3)])
+    updates = out[-1]["updates_applied"]
+    first.close()  # a graceful stop writes the checkpoint
+    assert ckpt.exists()
+
+    second = Running(checkpoint_path=ckpt)
+    try:
+        assert second.worker.learner.updates_applied == updates
+        nxt = second.send([_fix("a", 4)])[0]
+        assert nxt["step"] == 4 and nxt["updates_applied"] == updates + 1
+        info = second.command("stream", stream_id="a")["stream"]
+        assert info["fixations"] == 4 and info["last_seq"] == 4
+        assert second.command("model")["model"]["last_checkpoint"]["updates_applied"] == updates
+    finally:
+        second.close()
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    Running(checkpoint_path=ckpt).close()
+    settings = small_settings(checkpoint_path=ckpt, n_units=48)
+    worker = Worker(settings, LocalBroker(settings))
+    with pytest.raises(ArchitectureMismatch, match="n_units"):
+        worker.start()
