@@ -179,13 +179,16 @@ def run(
     train = feature_ticks(learner, ds, images=train_list, subjects=subjects, patch_px=patch_px)
     test = feature_ticks(learner, ds, images=test_list, subjects=test_subjects or subjects, patch_px=patch_px)
     t_features = time.perf_counter() - t0
-    before_test = stream(_clone_frozen(learner), test, learn=False)
-    untrained_train = stream(untrained, train, learn=False)
     t0 = time.perf_counter()
     train_records: list[dict[str, Any]] = []
     for _ in range(epochs):
         train_records = stream(learner, train, learn=True)
     t_learn = time.perf_counter() - t0
+    # the untrained model gets the same input whitening: it is preprocessing, not gradient learning
+    if learner.model.input_norm is not None and untrained.model.input_norm is not None:
+        untrained.model.input_norm.load_state_dict(learner.model.input_norm.state_dict())
+    untrained_train = stream(_clone_frozen(untrained), train, learn=False)
+    before_test = stream(_clone_frozen(untrained), test, learn=False)
     after_test = stream(_clone_frozen(learner), test, learn=False)
     tail = max(1, len(train_records) * 3 // 10)  # the last 30% of training fixations
     return {

@@ -61,7 +61,7 @@ class ModelConfig:
     gate_bias
         Learn gate biases beta (zero-initialised). Off by default, as the spec recommends.
     input_norm
-        Standardise the trunk features with running statistics of the inputs (``model.InputNorm``).
+        Whiten the trunk features with running statistics of the inputs (``model.InputNorm``).
     loss
         ``cosine`` (default) or ``mse`` (half squared error, summed over dimensions).
     lr, optimizer, weight_decay
@@ -92,7 +92,7 @@ class ModelConfig:
     gate_bias: bool = False
     input_norm: bool = True
     loss: str = "cosine"
-    lr: float = 1e-3
+    lr: float = 1e-4
     optimizer: str = "adam"
     weight_decay: float = 0.0
     update_mode: str = "every_fixation"

@@ -27,39 +27,50 @@ log = logging.getLogger(__name__)
 
 
 class InputNorm(nn.Module):
-    """Standardises trunk features per dimension with running statistics of the inputs seen so far.
+    """Whitens trunk features (ZCA) with running statistics of the inputs seen so far.
 
-    Random or pretrained ResNet features share a large common component (they are non-negative
-    averages of ReLUs), which makes every embedding point the same way: the cosine loss is then met
-    by predicting that mean direction and the embedding has an effective dimensionality near 1.
-    The statistics depend on the inputs only, never on the learned weights, so RFP stays exact
-    (the normalised features are simply the inputs u_t of the recursion).
+    ResNet features, random or pretrained, share a large common component and are strongly
+    correlated (on OSIE patches a random resnet18's embedding has an effective dimensionality of
+    about 4 of 120 before any learning). The cosine loss is then met by predicting the common
+    direction. Whitening spreads the inputs (about 63 of 120 on the same data). The statistics depend
+    on the inputs only, never on learned weights, so RFP stays exact: the whitened features are
+    simply the inputs u_t of the recursion. The whitening matrix is recomputed after 1, 2, 4, ...
+    updates, then every ``every`` updates, so its cost is amortised and the inputs drift slowly.
     """
 
-    def __init__(self, features: int, *, window: int = 10_000, eps: float = 1e-5) -> None:
+    def __init__(self, features: int, *, window: int = 10_000, every: int = 256, eps: float = 1e-5) -> None:
         super().__init__()
-        self.window, self.eps = window, eps
+        self.window, self.every, self.eps = window, every, eps
         self.register_buffer("mean", torch.zeros(features))  # (M,)
-        self.register_buffer("var", torch.ones(features))  # (M,)
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("cov", torch.eye(features))  # (M, M)
+        self.register_buffer("whiten", torch.eye(features))  # (M, M) applied as (u - mean) @ whiten
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # inputs seen
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # batches seen
 
     @torch.no_grad()
     def forward(self, u: torch.Tensor, *, update: bool) -> torch.Tensor:
-        """(B, M) -> (B, M). With ``update``, the batch joins the statistics after it is normalised."""
-        if update and int(self.count) == 0:  # first batch: its own statistics (a scalar scale if B = 1)
-            self.mean.copy_(u.mean(0))
-            spread = u.var(0, unbiased=False) if u.shape[0] > 1 else u.pow(2).mean().expand_as(self.var)
-            self.var.copy_(spread.clamp(min=self.eps))
-            self.count.fill_(u.shape[0])
-            update = False
-        out = (u - self.mean) / torch.sqrt(self.var + self.eps)
+        """(B, M) -> (B, M). With ``update``, the batch joins the statistics before it is whitened."""
         if update:
             n = int(self.count) + u.shape[0]
             w = max(u.shape[0] / n, u.shape[0] / self.window)  # running average, then a moving one
             self.mean.lerp_(u.mean(0), w)
-            self.var.lerp_((u - self.mean).pow(2).mean(0), w)
+            d = u - self.mean  # (B, M)
+            self.cov.lerp_(d.T @ d / u.shape[0], w)
             self.count.fill_(n)
-        return out
+            self.updates += 1
+            k = int(self.updates)
+            if k & (k - 1) == 0 and k < self.every or k % self.every == 0:
+                self._recompute(n)
+        return (u - self.mean) @ self.whiten
+
+    def _recompute(self, n: int) -> None:
+        m = self.cov.shape[0]
+        # shrink towards a scaled identity while there are few samples (n < M makes cov singular)
+        shrink = max(0.01, m / (n + 1)) * float(self.cov.diagonal().mean().clamp(min=self.eps))
+        evals, evecs = torch.linalg.eigh(self.cov.double() + shrink * torch.eye(m, dtype=torch.float64,
+                                                                                 device=self.cov.device))
+        w = evecs @ torch.diag(evals.clamp(min=self.eps).rsqrt()) @ evecs.T
+        self.whiten.copy_(w.to(self.whiten.dtype))
 
 
 def prediction_loss(p: torch.Tensor, z: torch.Tensor, kind: str) -> torch.Tensor:

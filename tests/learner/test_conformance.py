@@ -88,8 +88,9 @@ def test_equal_seeds_give_equal_trajectories(make) -> None:  # type: ignore[no-u
 
 
 def test_streams_are_isolated_with_lr_zero(make) -> None:  # type: ignore[no-untyped-def]
-    inter = make(lr=0.0)
-    apart_a, apart_b = make(lr=0.0), make(lr=0.0)
+    # the input-whitening statistics are shared model state, like the weights: frozen here too
+    inter = make(lr=0.0, input_norm=False)
+    apart_a, apart_b = make(lr=0.0, input_norm=False), make(lr=0.0, input_norm=False)
     for t in range(5):
         inter.tick_features(["A"], feats(t, 1))
         inter.tick_features(["B"], feats(100 + t, 1))
