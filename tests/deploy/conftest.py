@@ -40,6 +40,7 @@ SMALL_MODEL_ENV = {
     "FOVEATE_EMBED_DIM": "16",
     "FOVEATE_PRED_HIDDEN": "32",
     "FOVEATE_INPUT_SIZE": "32",
+    "FOVEATE_SYNC_TIMEOUT_S": "60",  # a loaded 2-core CI machine can take >10 s on a first tick
     "FOVEATE_CHECKPOINT_PATH": "",  # empty: no checkpoints
     "FOVEATE_DIAGNOSTICS_INTERVAL_S": "1",
     "FOVEATE_LOG_LEVEL": "WARNING",
