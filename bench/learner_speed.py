@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +52,9 @@ def measure_ticks(
 ) -> dict[str, dict[str, float]]:
     """Per-tick latencies of each variant, interleaved in ``rounds`` so noise is shared."""
     rng = np.random.default_rng(0)
-    patches = rng.integers(0, 256, size=(warmup + ticks, batch, cfg.input_size, cfg.input_size, 3), dtype=np.uint8)
+    patches = rng.integers(
+        0, 256, size=(warmup + ticks, batch, cfg.input_size, cfg.input_size, 3), dtype=np.uint8
+    )
     ids = [f"s{i}" for i in range(batch)]
     learners = {name: VARIANTS[name](cfg, device) for name in variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -95,7 +96,9 @@ def memory_vs_length(cfg: ModelConfig, lengths: list[int], device: str) -> dict[
     feats = torch.randn(max(lengths), cfg.M)
     for T in lengths:
         rfp = RFPLearner(cfg.replace(trunk="none", in_features=cfg.M, segment_len=0), device=device)
-        bptt = BPTTLearner(cfg.replace(trunk="none", in_features=cfg.M, segment_len=0), device=device, window=None)
+        bptt = BPTTLearner(
+            cfg.replace(trunk="none", in_features=cfg.M, segment_len=0), device=device, window=None
+        )
         for t in range(T):
             rfp.tick_features(["a"], feats[t : t + 1], learn=False)
             bptt.tick_features(["a"], feats[t : t + 1], learn=False)
@@ -104,15 +107,20 @@ def memory_vs_length(cfg: ModelConfig, lengths: list[int], device: str) -> dict[
         slot = bptt.states.slot_of("a")
         window_bytes = sum(u.numel() * u.element_size() for u in bptt._inputs[slot])
         act_bytes = T * 8 * cfg.n_units * 4
-        rows.append({
-            "T": T,
-            "rfp_bytes": rfp.memory_per_stream(),
-            "bptt_bytes": bptt.memory_per_stream() + window_bytes + act_bytes,
-        })
+        rows.append(
+            {
+                "T": T,
+                "rfp_bytes": rfp.memory_per_stream(),
+                "bptt_bytes": bptt.memory_per_stream() + window_bytes + act_bytes,
+            }
+        )
     crossover = next((r["T"] for r in rows if r["bptt_bytes"] > r["rfp_bytes"]), None)
     per_step = (cfg.M + 8 * cfg.n_units) * 4
-    return {"rows": rows, "crossover_T_measured": crossover,
-            "crossover_T_model": rows[0]["rfp_bytes"] / per_step if rows else None}
+    return {
+        "rows": rows,
+        "crossover_T_measured": crossover,
+        "crossover_T_model": rows[0]["rfp_bytes"] / per_step if rows else None,
+    }
 
 
 def roofline(cfg: ModelConfig, batch: int, device: str, repeats: int = 5) -> dict[str, float]:
@@ -124,7 +132,7 @@ def roofline(cfg: ModelConfig, batch: int, device: str, repeats: int = 5) -> dic
         learner.tick_features(ids, u)
     slots = learner.states.slots(ids)
     with torch.no_grad():
-        h, c, cache = learner.model.rgc.step(u, learner.states.h[slots], learner.states.c[slots])
+        _, _, cache = learner.model.rgc.step(u, learner.states.h[slots], learner.states.c[slots])
         jac = learner.model.rgc.jacobian(cache)
     ts = []
     for _ in range(repeats):
@@ -146,13 +154,23 @@ def roofline(cfg: ModelConfig, batch: int, device: str, repeats: int = 5) -> dic
         cs.append(time.perf_counter() - t0)
     bandwidth = 2 * src.numel() * src.element_size() / min(cs)
     achieved = bytes_moved / min(ts)
-    return {"bytes_per_tick": bytes_moved, "seconds": min(ts), "achieved_GBps": achieved / 1e9,
-            "copy_bandwidth_GBps": bandwidth / 1e9, "fraction_of_copy_bandwidth": achieved / bandwidth}
+    return {
+        "bytes_per_tick": bytes_moved,
+        "seconds": min(ts),
+        "achieved_GBps": achieved / 1e9,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "fraction_of_copy_bandwidth": achieved / bandwidth,
+    }
 
 
 def machine() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "processor": platform.processor()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "processor": platform.processor(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -162,8 +180,10 @@ def print_table(batch: int, res: dict[str, dict[str, float]]) -> None:
     print(f"\nB = {batch}")
     print(f"{'variant':<13}{'fix/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'x fwd (mean)':>14}{'x fwd (p50)':>13}")
     for name, r in res.items():
-        print(f"{name:<13}{r['fixations_per_s']:>10.1f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-              f"{r['ratio_to_forward']:>14.3f}{r['p50_ratio_to_forward']:>13.3f}")
+        print(
+            f"{name:<13}{r['fixations_per_s']:>10.1f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{r['ratio_to_forward']:>14.3f}{r['p50_ratio_to_forward']:>13.3f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,8 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {report['machine']}")
     print(f"model: trunk={cfg.trunk} input={cfg.input_size}px N={cfg.n_units} M={cfg.M} D={cfg.embed_dim}")
     for b in args.batch:
-        res = measure_ticks(cfg, b, args.variants, ticks=args.ticks, warmup=args.warmup, device=args.device,
-                            rounds=args.rounds)
+        res = measure_ticks(
+            cfg,
+            b,
+            args.variants,
+            ticks=args.ticks,
+            warmup=args.warmup,
+            device=args.device,
+            rounds=args.rounds,
+        )
         report["ticks"][b] = res
         print_table(b, res)
     mem = memory_vs_length(cfg, args.memory_lengths, args.device)
@@ -197,13 +224,18 @@ def main(argv: list[str] | None = None) -> None:
     print("\nmemory per stream (bytes)\n     T     RFP          BPTT (full history)")
     for r in mem["rows"]:
         print(f"{r['T']:>6}{r['rfp_bytes']:>12,}{r['bptt_bytes']:>16,}")
-    print(f"crossover: BPTT holds more than RFP from T = {mem['crossover_T_measured']} "
-          f"(model: {mem['crossover_T_model']:.0f})")
+    print(
+        f"crossover: BPTT holds more than RFP from T = {mem['crossover_T_measured']} "
+        f"(model: {mem['crossover_T_model']:.0f})"
+    )
     roof = roofline(cfg, max(args.batch), args.device)
     report["roofline"] = roof
-    print(f"\ntrace update at B={max(args.batch)}: {roof['bytes_per_tick'] / 1e6:.1f} MB/tick, "
-          f"{roof['achieved_GBps']:.2f} GB/s against a measured copy bandwidth of {roof['copy_bandwidth_GBps']:.2f} GB/s"
-          f" ({100 * roof['fraction_of_copy_bandwidth']:.0f}%)")
+    print(
+        f"\ntrace update at B={max(args.batch)}: {roof['bytes_per_tick'] / 1e6:.1f} MB/tick, "
+        f"{roof['achieved_GBps']:.2f} GB/s against a measured copy bandwidth of "
+        f"{roof['copy_bandwidth_GBps']:.2f} GB/s"
+        f" ({100 * roof['fraction_of_copy_bandwidth']:.0f}%)"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -106,8 +106,11 @@ def by_step(records: Sequence[dict[str, Any]], max_step: int = 10) -> dict[int, 
     out = {}
     for step in sorted(groups):
         v = np.asarray(groups[step])
-        out[step] = {"mean": float(v.mean()), "sem": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0,
-                     "n": len(v)}
+        out[step] = {
+            "mean": float(v.mean()),
+            "sem": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0,
+            "n": len(v),
+        }
     return out
 
 
@@ -118,7 +121,7 @@ def mean_error(records: Sequence[dict[str, Any]]) -> float:
 
 @torch.no_grad()
 def repeat_baseline(learner: StreamLearner, ticks: Sequence[Tick]) -> float:
-    """Error of predicting the next embedding as the current one, D(z_t, z_{t+1}), under ``learner``'s weights."""
+    """Error of predicting the next embedding as this one, D(z_t, z_{t+1}), with the learner's weights."""
     model, errors, last = learner.model, [], {}
     h_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for tick in ticks:
@@ -231,8 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = ModelConfig(trunk=args.trunk, trunk_weights=args.trunk_weights, lr=args.lr, n_units=args.n_units)
-    res = run(args.dataset, cfg, train_images=args.train_images, test_images=args.test_images,
-              patch_px=args.patch_px, epochs=args.epochs, device=args.device)
+    res = run(
+        args.dataset,
+        cfg,
+        train_images=args.train_images,
+        test_images=args.test_images,
+        patch_px=args.patch_px,
+        epochs=args.epochs,
+        device=args.device,
+    )
     res.pop("learner")
     res.pop("train_records")
     text = json.dumps(res, indent=2)

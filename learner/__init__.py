@@ -24,7 +24,7 @@ _LAZY = {
     "TickOutput": "learner.streaming",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["BPTTLearner", "ModelConfig", "RFPLearner", "StreamLearner", "TickOutput"]
 
 
 def __getattr__(name: str) -> Any:

@@ -122,7 +122,7 @@ class BPTTLearner(StreamLearner):
                     hs.append(h)
                 traj = torch.cat(hs)  # (T+1, N): the start state, then h_1..h_T of this window
                 # the scored steps are the last len(weights) (after a reset the first is not scored)
-                per_step = self.model.loss(traj[:-1], traj[1:])[-len(weights):]  # (Ts,)
+                per_step = self.model.loss(traj[:-1], traj[1:])[-len(weights) :]  # (Ts,)
                 w = torch.tensor(weights, dtype=per_step.dtype, device=per_step.device)
                 (per_step * w).sum().backward()
             stepped = self._apply_step()
@@ -140,8 +140,10 @@ class BPTTLearner(StreamLearner):
         windows = {}
         for sid in self.stream_ids():
             s = self.states.slot_of(sid)
-            entry: dict[str, Any] = {"inputs": [t.cpu() for t in self._inputs.get(s, [])],
-                                     "weights": list(self._weights.get(s, []))}
+            entry: dict[str, Any] = {
+                "inputs": [t.cpu() for t in self._inputs.get(s, [])],
+                "weights": list(self._weights.get(s, [])),
+            }
             if s in self._start:
                 entry["start"] = [t.cpu() for t in self._start[s]]
             windows[sid] = entry

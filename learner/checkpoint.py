@@ -46,7 +46,9 @@ def trunk_fingerprint(learner: StreamLearner) -> str:
     return cached
 
 
-def save_checkpoint(path: str | os.PathLike[str], learner: StreamLearner, extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike[str], learner: StreamLearner, extra: dict[str, Any] | None = None
+) -> None:
     """Write ``learner`` (and ``extra``) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,9 @@ def save_checkpoint(path: str | os.PathLike[str], learner: StreamLearner, extra:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    log.info("checkpoint written: %s (%d streams, %d updates)", path, len(learner.states), learner.updates_applied)
+    log.info(
+        "checkpoint written: %s (%d streams, %d updates)", path, len(learner.states), learner.updates_applied
+    )
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -89,7 +93,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a foveate checkpoint")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}, this foveate reads {VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint version {payload.get('version')}, this foveate reads {VERSION}"
+        )
     return payload
 
 
@@ -103,7 +109,9 @@ def load_checkpoint(path: str | os.PathLike[str], learner: StreamLearner) -> dic
     payload = read_checkpoint(path)
     saved = ModelConfig.from_dict(payload["config"])
     ours = learner.cfg
-    diff = {k: (v, ours.architecture()[k]) for k, v in saved.architecture().items() if ours.architecture()[k] != v}
+    diff = {
+        k: (v, ours.architecture()[k]) for k, v in saved.architecture().items() if ours.architecture()[k] != v
+    }
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs configured {b!r}" for k, (a, b) in diff.items())
         raise ArchitectureMismatch(f"{path} was written by another architecture ({detail})")
@@ -121,5 +129,7 @@ def load_checkpoint(path: str | os.PathLike[str], learner: StreamLearner) -> dic
     for group in learner.optimizer.param_groups:  # learning settings follow the configuration
         group["lr"] = ours.lr
         group["weight_decay"] = ours.weight_decay
-    log.info("checkpoint restored: %s (%d streams, %d updates)", path, len(learner.states), learner.updates_applied)
+    log.info(
+        "checkpoint restored: %s (%d streams, %d updates)", path, len(learner.states), learner.updates_applied
+    )
     return dict(payload["extra"])

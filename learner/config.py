@@ -132,7 +132,7 @@ class ModelConfig:
             raise ConfigError(f"segment_len must be >= 0 (0 = never), got {self.segment_len}")
 
     @property
-    def M(self) -> int:  # noqa: N802  (the spec's letter)
+    def M(self) -> int:  # the spec's letter
         assert self.in_features is not None
         return self.in_features
 

@@ -62,7 +62,8 @@ class Diagnostics:
     Examples
     --------
     >>> d = Diagnostics(embed_dim=3, window=16)
-    >>> d.observe(torch.tensor([1, 2]), torch.tensor([float("nan"), 0.5]), torch.randn(2, 3), torch.randn(2, 4))
+    >>> error = torch.tensor([float("nan"), 0.5])
+    >>> d.observe(torch.tensor([1, 2]), error, torch.randn(2, 3), torch.randn(2, 4))
     >>> d.error_by_step()[2]
     0.5
     """
@@ -79,7 +80,12 @@ class Diagnostics:
 
     @torch.no_grad()
     def observe(
-        self, step: torch.Tensor, error: torch.Tensor, z: torch.Tensor, h: torch.Tensor, retention: float = 0.0
+        self,
+        step: torch.Tensor,
+        error: torch.Tensor,
+        z: torch.Tensor,
+        h: torch.Tensor,
+        retention: float = 0.0,
     ) -> None:
         """Record one tick: step (B,), error (B,) with NaN for unscored, embeddings z (B, D), states h (B, N),
         and the largest retention gain |tau| seen in the tick."""
@@ -89,13 +95,12 @@ class Diagnostics:
             e = error[ok].double().cpu()
             self._sum.index_add_(0, s, e)
             self._count.index_add_(0, s, torch.ones_like(s))
-            for si, ei in zip(s.tolist(), e.tolist()):
+            for si, ei in zip(s.tolist(), e.tolist(), strict=True):
                 old = self._ema[si]
                 self._ema[si] = ei if math.isnan(old) else (1 - self.ema) * old + self.ema * ei
-        zc = z.detach().double().cpu()
-        for row in zc[-self.window :]:
-            self._z[self._n % self.window] = row
-            self._n += 1
+        zc = z.detach().double().cpu()[-self.window :]  # (B', D)
+        self._z[(self._n + torch.arange(zc.shape[0])) % self.window] = zc
+        self._n += zc.shape[0]
         self.h_norm = float(h.detach().norm(dim=-1).mean())
         self.max_retention_gain = float(retention)
 

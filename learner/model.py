@@ -59,7 +59,7 @@ class InputNorm(nn.Module):
             self.count.fill_(n)
             self.updates += 1
             k = int(self.updates)
-            if k & (k - 1) == 0 and k < self.every or k % self.every == 0:
+            if (k & (k - 1) == 0 and k < self.every) or k % self.every == 0:
                 self._recompute(n)
         return (u - self.mean) @ self.whiten
 
@@ -67,8 +67,9 @@ class InputNorm(nn.Module):
         m = self.cov.shape[0]
         # shrink towards a scaled identity while there are few samples (n < M makes cov singular)
         shrink = max(0.01, m / (n + 1)) * float(self.cov.diagonal().mean().clamp(min=self.eps))
-        evals, evecs = torch.linalg.eigh(self.cov.double() + shrink * torch.eye(m, dtype=torch.float64,
-                                                                                 device=self.cov.device))
+        evals, evecs = torch.linalg.eigh(
+            self.cov.double() + shrink * torch.eye(m, dtype=torch.float64, device=self.cov.device)
+        )
         w = evecs @ torch.diag(evals.clamp(min=self.eps).rsqrt()) @ evecs.T
         self.whiten.copy_(w.to(self.whiten.dtype))
 
@@ -110,7 +111,9 @@ class RJEPA(nn.Module):
         self.E = nn.Linear(cfg.n_units, cfg.embed_dim, bias=False)
         if cfg.predictor == "mlp":
             self.G: nn.Module = nn.Sequential(
-                nn.Linear(cfg.embed_dim, cfg.pred_hidden), nn.ReLU(), nn.Linear(cfg.pred_hidden, cfg.embed_dim)
+                nn.Linear(cfg.embed_dim, cfg.pred_hidden),
+                nn.ReLU(),
+                nn.Linear(cfg.pred_hidden, cfg.embed_dim),
             )
         else:
             self.G = nn.Linear(cfg.embed_dim, cfg.embed_dim)

@@ -281,13 +281,14 @@ def cut_patch(
     return np.ascontiguousarray(padded[j : j + size, i : i + size])
 
 
-def _resize(patch: np.ndarray, size: int) -> np.ndarray:
+def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
+    """Resize a (H, W, 3) patch to (size, size, 3) with the rule ``preprocess`` uses; as is if equal."""
     h, w = patch.shape[:2]
     if h == size and w == size:
         return patch
     # INTER_AREA averages when shrinking (no aliasing); it degrades to nearest-like when growing.
     interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
-    return cv2.resize(patch, (size, size), interpolation=interp)
+    return np.ascontiguousarray(cv2.resize(patch, (size, size), interpolation=interp))
 
 
 def preprocess(
@@ -346,7 +347,7 @@ def preprocess(
     if batch is None:
         if not items:
             return torch.empty((0, 3, size, size), device=device, dtype=dtype)
-        batch = torch.from_numpy(np.stack([_resize(as_patch(p), size) for p in items]))
+        batch = torch.from_numpy(np.stack([resize_patch(as_patch(p), size) for p in items]))
     # (x / 255 - mean) / std == x * scale - shift: one fused pass, on the target device.
     scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=dtype, device=device)
     shift = torch.tensor(

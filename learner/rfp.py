@@ -83,7 +83,7 @@ class RFPLearner(StreamLearner):
             per_stream = model.loss(hp, h[idx])  # (Bs,)
             head = model.head_parameters()
             grads = torch.autograd.grad(per_stream.mean(), [hp, *head])
-            for p, g in zip(head, grads[1:]):
+            for p, g in zip(head, grads[1:], strict=True):
                 p.grad.add_(g)
             self._accumulate_rgc_grads(slots[idx], grads[0])  # uses the traces of step t-1
             error[idx] = per_stream.detach()

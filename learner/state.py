@@ -156,7 +156,9 @@ class StreamStates:
             src = sd[name]
             assert isinstance(src, torch.Tensor)
             if src.shape[1:] != t.shape[1:]:
-                raise ValueError(f"stream state {name!r} has shape {tuple(src.shape[1:])}, expected {tuple(t.shape[1:])}")
+                raise ValueError(
+                    f"stream state {name!r} has shape {tuple(src.shape[1:])}, expected {tuple(t.shape[1:])}"
+                )
             t[idx] = src.to(device=t.device, dtype=t.dtype)
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:

@@ -125,7 +125,12 @@ class StreamLearner:
         return self.tick_features(stream_ids, self.model.encode(x), reset, learn=learn)
 
     def tick_features(
-        self, stream_ids: Sequence[str], u: torch.Tensor, reset: Sequence[bool] | None = None, *, learn: bool = True
+        self,
+        stream_ids: Sequence[str],
+        u: torch.Tensor,
+        reset: Sequence[bool] | None = None,
+        *,
+        learn: bool = True,
     ) -> TickOutput:
         """Like ``tick`` on trunk features u (B, M)."""
         cfg = self.cfg
@@ -154,13 +159,15 @@ class StreamLearner:
                 updated = self._apply_step()
             elif cfg.segment_len and bool((st.step[slots] >= cfg.segment_len).any()):
                 updated = self.end_segment()
+        step = st.step[slots]  # (B,) a copy
         with torch.no_grad():
-            pred = self.model.predict(st.h[slots])  # (B, D) with the weights after this tick's step
+            h_now = st.h[slots]  # (B, N)
+            z = self.model.embed(h_now)  # (B, D)
+            pred = self.model.G(z)  # (B, D) with the weights after this tick's step
             st.pred[slots] = pred
-            h_now = st.h[slots]
             retention = float(self.model.rgc.retention_gains(h_now, st.c[slots]).max())
-            self.diagnostics.observe(st.step[slots], error, self.model.embed(h_now), h_now, retention)
-        return TickOutput(list(stream_ids), st.step[slots].clone(), error, pred, updated)
+            self.diagnostics.observe(step, error, z, h_now, retention)
+        return TickOutput(list(stream_ids), step, error, pred, updated)
 
     def end_segment(self) -> bool:
         """Segment mode: apply the accumulated gradient (mean over scored ticks). True if stepped."""
@@ -236,7 +243,9 @@ class StreamLearner:
         missing, unexpected = self.model.load_state_dict(sd["weights"], strict=False)
         missing = [k for k in missing if not k.startswith("trunk.")]
         if missing or unexpected:
-            raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         self.optimizer.load_state_dict(sd["optimizer"])
         counters = sd["counters"]
         self.updates_applied = int(counters["updates_applied"])

@@ -11,22 +11,16 @@ stacks without copying, and messages forwarded over Redis stay small.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from learner.errors import PatchError
-from learner.patches import as_patch, cut_patch, decode_image
+from learner.patches import as_patch, cut_patch, decode_image, resize_patch
 from service.messages import PatchSource
 
 
 def fit(patch: np.ndarray, size: int | None) -> np.ndarray:
-    """Resize a (H, W, 3) patch to (size, size, 3); ``None`` or an equal size leaves it as it is."""
-    h, w = patch.shape[:2]
-    if size is None or (h == size and w == size):
-        return patch
-    # Same interpolation rule as learner.patches.preprocess, so pre-resizing changes nothing.
-    interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
-    return np.ascontiguousarray(cv2.resize(patch, (size, size), interpolation=interp))
+    """Resize a (H, W, 3) patch to (size, size, 3) by ``preprocess``'s own rule; ``None`` keeps it."""
+    return patch if size is None else resize_patch(patch, size)
 
 
 def decode_source(source: PatchSource, *, max_pixels: int, size: int | None = None) -> np.ndarray:

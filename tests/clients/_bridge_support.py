@@ -22,7 +22,8 @@ import httpx
 import numpy as np
 
 from clients.bridges.common import OutgoingFixation, PostResult, SinkRejected, SinkUnavailable
-from tests.clients._servers import FoveateProcess, subprocess_env
+from tests.clients._servers import FoveateProcess
+from tests.clients._servers import serve_on as _serve_on
 
 RATE_HZ = 250.0
 DT = 1.0 / RATE_HZ
@@ -148,20 +149,11 @@ def write_lsl_config(directory: Path) -> Path:
 
 
 def serve_on(port: int, workdir: Path, *, timeout: float = 120.0) -> FoveateProcess:
-    """``foveate serve --port PORT`` (small model, no checkpoints); returns once ``/readyz`` answers 200."""
-    proc = FoveateProcess(["serve", "--port", str(port)], workdir, f"serve-{port}-{time.monotonic_ns()}",
-                          subprocess_env())  # fmt: skip
-    proc.url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.alive():
-        try:
-            if httpx.get(f"{proc.url}/readyz", timeout=2.0).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.stop()
-    raise AssertionError(f"foveate serve on port {port} did not become ready:\n{proc.tail()}")
+    """``foveate serve --port PORT`` (small model, no checkpoints); returns once ``/readyz`` answers 200.
+
+    A fresh log name per start: the bridge tests restart a server on the same port.
+    """
+    return _serve_on(port, workdir, timeout=timeout, name=f"serve-{port}-{time.monotonic_ns()}")
 
 
 def kill_hard(proc: FoveateProcess) -> None:

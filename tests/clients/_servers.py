@@ -86,23 +86,34 @@ class FoveateProcess:
         return int(self.process.returncode)
 
 
+def serve_on(
+    port: int, workdir: Path, *, timeout: float = 120.0, name: str | None = None, **env: str
+) -> FoveateProcess:
+    """``foveate serve --port PORT`` (embedded mode); returns once ``/readyz`` answers 200."""
+    proc = FoveateProcess(
+        ["serve", "--port", str(port)], workdir, name or f"serve-{port}", subprocess_env(**env)
+    )
+    proc.url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.alive():
+        try:
+            if httpx.get(f"{proc.url}/readyz", timeout=2.0).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.stop()
+    raise AssertionError(f"foveate serve on port {port} did not become ready:\n{proc.tail()}")
+
+
 def start_server(workdir: Path, *, timeout: float = 120.0, **env: str) -> FoveateProcess:
     """``foveate serve`` (embedded mode) on a free port; returns once ``/readyz`` answers 200."""
     for _ in range(3):  # another process may take the free port before the server binds it
-        port = free_port()
-        proc = FoveateProcess(["serve", "--port", str(port)], workdir, f"serve-{port}", subprocess_env(**env))
-        proc.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.alive():
-            try:
-                if httpx.get(f"{proc.url}/readyz", timeout=2.0).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        proc.stop()
-        if "address already in use" not in proc.tail().lower():
-            raise AssertionError(f"foveate serve did not become ready:\n{proc.tail()}")
+        try:
+            return serve_on(free_port(), workdir, timeout=timeout, **env)
+        except AssertionError as exc:
+            if "address already in use" not in str(exc).lower():
+                raise
     raise AssertionError("foveate serve found no free port in 3 attempts")
 
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from learner.model import RJEPA
 
 
-def rgc_forward(model: RJEPA, u: torch.Tensor, h: torch.Tensor, c: torch.Tensor, k_full: torch.Tensor | None = None):
+def rgc_forward(
+    model: RJEPA, u: torch.Tensor, h: torch.Tensor, c: torch.Tensor, k_full: torch.Tensor | None = None
+):
     """One step of form R from the spec's boxed equations. ``k_full`` (N, N): a full h->tau_h matrix
     added to the element-wise gain (the negative control of spec section 3, item 9)."""
     rgc = model.rgc
@@ -44,7 +46,9 @@ def step_loss(model: RJEPA, h_prev: torch.Tensor, h: torch.Tensor) -> torch.Tens
     return per.mean()
 
 
-def bptt_grads(model: RJEPA, u: torch.Tensor, *, k_full: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
+def bptt_grads(
+    model: RJEPA, u: torch.Tensor, *, k_full: torch.Tensor | None = None
+) -> tuple[dict, list[dict]]:
     """Autograd gradients of L = sum_{t>=2} E_t for u (B, T, M) from zero state: (summed, per step)."""
     params = dict(model.named_parameters())
     names = [n for n in params if not n.startswith("trunk.")]
@@ -58,7 +62,12 @@ def bptt_grads(model: RJEPA, u: torch.Tensor, *, k_full: torch.Tensor | None = N
     for t in range(1, T):
         loss_t = step_loss(model, hs[t - 1], hs[t])
         g = torch.autograd.grad(loss_t, [params[n] for n in names], retain_graph=True, allow_unused=True)
-        per_step.append({n: (gi if gi is not None else torch.zeros_like(params[n])) for n, gi in zip(names, g)})
+        per_step.append(
+            {
+                n: (gi if gi is not None else torch.zeros_like(params[n]))
+                for n, gi in zip(names, g, strict=True)
+            }
+        )
     summed = {n: sum(step[n] for step in per_step) for n in names}
     return summed, per_step
 

@@ -15,7 +15,9 @@ M = 10
 
 
 def cfg(**kw) -> ModelConfig:  # type: ignore[no-untyped-def]
-    base = dict(trunk="none", in_features=M, n_units=8, embed_dim=5, pred_hidden=7, lr=1e-2, init_scale=0.3, seed=3)
+    base = dict(
+        trunk="none", in_features=M, n_units=8, embed_dim=5, pred_hidden=7, lr=1e-2, init_scale=0.3, seed=3
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -61,8 +63,11 @@ def test_checkpoint_then_next_step_is_bit_identical(make, tmp_path) -> None:  # 
         out_a = a.tick_features(ids, feats(t))
         out_b = b.tick_features(ids, feats(t))
         assert torch.equal(out_a.prediction, out_b.prediction)
-        assert torch.equal(out_a.error, out_b.error, ) or torch.equal(out_a.error.isnan(), out_b.error.isnan())
-    for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(
+            out_a.error,
+            out_b.error,
+        ) or torch.equal(out_a.error.isnan(), out_b.error.isnan())
+    for (na, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
     assert a.updates_applied == b.updates_applied
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # atomic write left no temporary file
@@ -82,7 +87,7 @@ def test_equal_seeds_give_equal_trajectories(make) -> None:  # type: ignore[no-u
     for _ in range(2):
         learner = make()
         outs.append([learner.tick_features(["a", "b", "c"], feats(t)).prediction for t in range(5)])
-    assert all(torch.equal(p, q) for p, q in zip(*outs))
+    assert all(torch.equal(p, q) for p, q in zip(*outs, strict=True))
     other = make(seed=4).tick_features(["a", "b", "c"], feats(0)).prediction
     assert not torch.equal(other, outs[0][0])
 
@@ -115,7 +120,7 @@ def test_reset_and_rejected_nan_leave_other_streams_bit_identical(make) -> None:
     with pytest.raises(InputError, match="NaN"):
         learner.tick_features(["A", "B"], bad)
     assert same(snapshot(learner, "B"), before_b)
-    assert all(torch.equal(p, q) for p, q in zip(params, learner.model.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(params, learner.model.parameters(), strict=True))
 
 
 def test_a_stream_appears_once_per_tick(make) -> None:  # type: ignore[no-untyped-def]
@@ -165,5 +170,5 @@ def test_rfp_and_bptt_segment_modes_take_the_same_step() -> None:
         r, b = rfp.tick_features(["a", "b", "c"], u), bptt.tick_features(["a", "b", "c"], u)
         assert r.updated == b.updated
     assert rfp.updates_applied == bptt.updates_applied == 2
-    for (name, p), q in zip(rfp.model.named_parameters(), bptt.model.parameters()):
+    for (name, p), q in zip(rfp.model.named_parameters(), bptt.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)

@@ -15,8 +15,20 @@ TOL = 1e-9
 
 def make_learner(*, loss: str, phi: str, weights: str, seed: int = 0, batched: bool = False) -> RFPLearner:
     cfg = ModelConfig(
-        trunk="none", in_features=M, n_units=N, embed_dim=D, pred_hidden=H, loss=loss, phi=phi,
-        gate_bias=weights == "random", input_norm=False, update_mode="segment", segment_len=0, optimizer="sgd", lr=0.0, seed=seed,
+        trunk="none",
+        in_features=M,
+        n_units=N,
+        embed_dim=D,
+        pred_hidden=H,
+        loss=loss,
+        phi=phi,
+        gate_bias=weights == "random",
+        input_norm=False,
+        update_mode="segment",
+        segment_len=0,
+        optimizer="sgd",
+        lr=0.0,
+        seed=seed,
     )
     learner = RFPLearner(cfg, dtype=torch.float64, batched_traces=batched)
     if weights == "random":  # spec 3.1: gains N(0, 0.7^2), gate biases N(0, 0.3^2)
@@ -65,7 +77,7 @@ def test_rfp_equals_bptt_for_every_group(loss: str, phi: str, weights: str) -> N
         assert {"beta_hh", "beta_ch", "beta_hc", "beta_cc"} <= groups
     worst = max(max(e) for e in errors.values())
     assert worst <= TOL, errors
-    for t, (got, ref) in enumerate(zip(got_steps, ref_steps)):  # lag bugs show up here
+    for t, (got, ref) in enumerate(zip(got_steps, ref_steps, strict=True)):  # lag bugs show up here
         step_err = rel_errors(split_groups(got), split_groups(ref))
         assert max(max(e) for e in step_err.values()) <= TOL, (t, step_err)
     # the test would see a wrong gradient: the RGC gradients are far from zero
@@ -102,7 +114,7 @@ def test_negative_control_full_recurrent_matrix_is_not_exact() -> None:
 
     class FullRecurrenceRGC(RGC):
         def step(self, u, h, c):  # type: ignore[no-untyped-def]
-            h_new, c_new, cache = super().step(u, h, c)
+            _, _, cache = super().step(u, h, c)
             ref_h, ref_c = rgc_forward(learner.model, u, h, c, k_full)  # the true dynamics
             return ref_h, ref_c, cache  # ...with the element-wise Jacobian kept for the traces
 
@@ -143,8 +155,16 @@ def test_finite_differences_agree_with_rfp() -> None:
             targets.append(model.E(h).clone())
         eps = 1e-5
         params = dict(model.named_parameters())
-        for name, index in [("rgc.W", (1, 2)), ("rgc.b", (3,)), ("rgc.gains", (0, 4)), ("rgc.gains", (1, 2)),
-                            ("rgc.gains", (2, 7)), ("rgc.gains", (3, 1)), ("rgc.biases", (0, 5)), ("E.weight", (2, 3))]:
+        for name, index in [
+            ("rgc.W", (1, 2)),
+            ("rgc.b", (3,)),
+            ("rgc.gains", (0, 4)),
+            ("rgc.gains", (1, 2)),
+            ("rgc.gains", (2, 7)),
+            ("rgc.gains", (3, 1)),
+            ("rgc.biases", (0, 5)),
+            ("E.weight", (2, 3)),
+        ]:
             p = params[name]
             old = float(p[index])
             p[index] = old + eps
