@@ -63,10 +63,7 @@ def test_checkpoint_then_next_step_is_bit_identical(make, tmp_path) -> None:  # 
         out_a = a.tick_features(ids, feats(t))
         out_b = b.tick_features(ids, feats(t))
         assert torch.equal(out_a.prediction, out_b.prediction)
-        assert torch.equal(
-            out_a.error,
-            out_b.error,
-        ) or torch.equal(out_a.error.isnan(), out_b.error.isnan())
+        torch.testing.assert_close(out_a.error, out_b.error, rtol=0, atol=0, equal_nan=True)  # bit-identical
     for (na, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
     assert a.updates_applied == b.updates_applied
