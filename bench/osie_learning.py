@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.recorded import RecordedDataset, default_dataset_path
-from learner import ModelConfig, RFPLearner, StreamLearner
+from clients.recorded import Fixation, RecordedDataset, default_dataset_path
+from learner import BPTTLearner, ModelConfig, RFPLearner, StreamLearner
 from learner.diagnostics import covariance_spectrum, participation_ratio
 from learner.model import prediction_loss
 from learner.patches import cut_patch, preprocess
@@ -59,21 +59,47 @@ def feature_ticks(
     images: Sequence[str],
     subjects: Sequence[str] | None = None,
     patch_px: int = 50,
+    batch: int = 64,
 ) -> list[Tick]:
-    """Cut every fixation's patch, run the frozen trunk once, and group into interleaved ticks."""
-    ticks = []
-    with torch.no_grad():
-        for tick in ds.interleaved(subjects=subjects, images=list(images)):
-            patches = [cut_patch(ds.load_image(f.image), f.x, f.y, patch_px) for _, f, _ in tick]
-            x = preprocess(patches, learner.cfg.input_size, device=learner.device, dtype=learner.dtype)
+    """Cut every fixation's patch, run the frozen trunk once, and group into interleaved ticks.
+
+    The trunk runs on about ``batch`` patches at a time, pooled over consecutive ticks: a tick holds
+    one fixation per stream (a handful), and a CPU convolution is far cheaper per patch in larger
+    batches. The trunk is frozen and in eval mode, so the features do not depend on the pooling.
+    """
+    ticks: list[Tick] = []
+    pending: list[tuple[list[tuple[str, Fixation, bool]], list[np.ndarray]]] = []
+
+    def flush() -> None:
+        x = preprocess(
+            [p for _, patches in pending for p in patches],
+            learner.cfg.input_size,
+            device=learner.device,
+            dtype=learner.dtype,
+        )
+        u = learner.model.encode(x)  # (sum of B, M)
+        start = 0
+        for tick, _ in pending:
             ticks.append(
                 Tick(
                     ids=[sid for sid, _, _ in tick],
-                    u=learner.model.encode(x),
+                    u=u[start : start + len(tick)].clone(),  # (B, M), not a view that pins the batch
                     reset=[r for _, _, r in tick],
                     meta=[(f.subject, f.image, f.fix_index) for _, f, _ in tick],
                 )
             )
+            start += len(tick)
+        pending.clear()
+
+    with torch.no_grad():
+        for tick in ds.interleaved(subjects=subjects, images=list(images)):
+            pending.append(
+                (tick, [cut_patch(ds.load_image(f.image), f.x, f.y, patch_px) for _, f, _ in tick])
+            )
+            if sum(len(t) for t, _ in pending) >= batch:
+                flush()
+        if pending:
+            flush()
     return ticks
 
 
@@ -120,34 +146,53 @@ def mean_error(records: Sequence[dict[str, Any]]) -> float:
 
 
 @torch.no_grad()
+def replay(learner: StreamLearner, ticks: Sequence[Tick]) -> list[dict[str, Any]]:
+    """Replay the ticks through a frozen copy of the learner: one record per fixation, in order.
+
+    Each record holds what ``stream`` gives, plus the fixation's embedding ``z`` = E h_t (a numpy
+    array (D,)) and ``repeat_error`` = D(z_{t-1}, z_t), the error of predicting the next embedding
+    as the current one ("repeat" baseline; None at the first fixation after a reset). The learner
+    itself is left untouched: weights, input statistics and streams.
+    """
+    probe = _clone_frozen(learner)
+    model, records = probe.model, []
+    last: dict[str, torch.Tensor] = {}  # stream -> z of its previous fixation
+    for tick in ticks:
+        out = probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
+        z = model.embed(probe.states.h[probe.states.slots(tick.ids)])  # (B, D)
+        has_prev = [int(out.step[i]) > 1 and sid in last for i, sid in enumerate(tick.ids)]
+        rows = [i for i, ok in enumerate(has_prev) if ok]
+        rep = torch.full((len(tick.ids),), math.nan, dtype=z.dtype)  # (B,)
+        if rows:
+            prev = torch.stack([last[tick.ids[i]] for i in rows])  # (Bp, D)
+            rep[rows] = prediction_loss(prev, z[rows], model.cfg.loss).cpu()
+        for i, (subject, image, fix_index) in enumerate(tick.meta):
+            last[tick.ids[i]] = z[i]
+            err = float(out.error[i])
+            records.append(
+                {
+                    "stream": tick.ids[i],
+                    "subject": subject,
+                    "image": image,
+                    "fix_index": fix_index,
+                    "step": int(out.step[i]),
+                    "error": None if math.isnan(err) else err,
+                    "repeat_error": float(rep[i]) if has_prev[i] else None,
+                    "z": z[i].double().cpu().numpy(),
+                }
+            )
+    return records
+
+
 def repeat_baseline(learner: StreamLearner, ticks: Sequence[Tick]) -> float:
     """Error of predicting the next embedding as this one, D(z_t, z_{t+1}), with the learner's weights."""
-    model, errors, last = learner.model, [], {}
-    h_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for tick in ticks:
-        for i, sid in enumerate(tick.ids):
-            if tick.reset[i] or sid not in h_state:
-                zero = model.zero_state(1)
-                h_state[sid] = (zero, zero)
-                last.pop(sid, None)
-            h, c, _ = model.rgc.step(model.normalize(tick.u[i : i + 1], update=False), *h_state[sid])
-            h_state[sid] = (h, c)
-            z = model.embed(h)
-            if sid in last:
-                errors.append(float(prediction_loss(last[sid], z, model.cfg.loss)))
-            last[sid] = z
-    return float(np.mean(errors))
+    vals = [r["repeat_error"] for r in replay(learner, ticks) if r["repeat_error"] is not None]
+    return float(np.mean(vals)) if vals else math.nan
 
 
 def embedding_dimensionality(learner: StreamLearner, ticks: Sequence[Tick], *, window: int = 2000) -> float:
     """Participation ratio of the embedding covariance over held-out fixations (states replayed)."""
-    zs = []
-    probe = _clone_frozen(learner)
-    for tick in ticks:
-        probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
-        slots = probe.states.slots(tick.ids)
-        zs.append(probe.model.embed(probe.states.h[slots]).detach())
-    z = torch.cat(zs)[-window:]
+    z = torch.as_tensor(np.stack([r["z"] for r in replay(learner, ticks)]))[-window:]  # (W, D)
     return participation_ratio(covariance_spectrum(z))
 
 
@@ -155,6 +200,25 @@ def _clone_frozen(learner: StreamLearner) -> RFPLearner:
     probe = RFPLearner(learner.cfg, device=learner.device, dtype=learner.dtype)
     probe.model.load_state_dict(learner.model.state_dict())
     return probe
+
+
+def untrained_reference(
+    cfg: ModelConfig, ticks: Sequence[Tick], epochs: int, device: str
+) -> tuple[StreamLearner, float]:
+    """The model at its seeded initialisation, with the running statistics it gathers from the ticks.
+
+    The input whitening (and, with ``cfg.context_norm``, the whitening of the state, which depends on
+    the weights) are statistics, not learning: the untrained model gets its own, by the learners'
+    own code path with learning rate 0. BPTT with a window of 1 is the cheapest learner to run.
+    """
+    t0 = time.perf_counter()
+    ref = BPTTLearner(cfg.replace(lr=0.0), device=device, window=1)
+    weights = {k: v.clone() for k, v in ref.model.named_parameters() if not k.startswith("trunk.")}
+    for _ in range(epochs):
+        stream(ref, ticks, learn=True)
+    moved = [k for k, v in ref.model.named_parameters() if k in weights and not torch.equal(v, weights[k])]
+    assert not moved, f"learning rate 0 changed the weights {moved}"
+    return ref, time.perf_counter() - t0
 
 
 def run(
@@ -177,7 +241,6 @@ def run(
         ds.images[n_train : n_train + test_images] if isinstance(test_images, int) else list(test_images)
     )
     learner = RFPLearner(cfg, device=device)
-    untrained = _clone_frozen(learner)
     t0 = time.perf_counter()
     train = feature_ticks(learner, ds, images=train_list, subjects=subjects, patch_px=patch_px)
     test = feature_ticks(learner, ds, images=test_list, subjects=test_subjects or subjects, patch_px=patch_px)
@@ -187,9 +250,7 @@ def run(
     for _ in range(epochs):
         train_records = stream(learner, train, learn=True)
     t_learn = time.perf_counter() - t0
-    # the untrained model gets the same input whitening: it is preprocessing, not gradient learning
-    if learner.model.input_norm is not None and untrained.model.input_norm is not None:
-        untrained.model.input_norm.load_state_dict(learner.model.input_norm.state_dict())
+    untrained, _ = untrained_reference(cfg, train, epochs, device)
     untrained_train = stream(_clone_frozen(untrained), train, learn=False)
     before_test = stream(_clone_frozen(untrained), test, learn=False)
     after_test = stream(_clone_frozen(learner), test, learn=False)

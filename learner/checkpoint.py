@@ -126,8 +126,10 @@ def load_checkpoint(path: str | os.PathLike[str], learner: StreamLearner) -> dic
         learner.load_state_dict(payload["state"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is malformed: {exc}") from exc
-    for group in learner.optimizer.param_groups:  # learning settings follow the configuration
-        group["lr"] = ours.lr
+    # learning settings follow the configuration: groups are (everything else, the RGC's gains)
+    lrs = (ours.lr, ours.lr * ours.gain_lr_scale)
+    for group, lr in zip(learner.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
         group["weight_decay"] = ours.weight_decay
     log.info(
         "checkpoint restored: %s (%d streams, %d updates)", path, len(learner.states), learner.updates_applied

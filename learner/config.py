@@ -27,6 +27,7 @@ ARCHITECTURE_FIELDS = (
     "phi",
     "gate_bias",
     "input_norm",
+    "context_norm",
 )
 
 
@@ -53,19 +54,32 @@ class ModelConfig:
     embed_dim
         D, embedding size (the paper's 120).
     predictor
-        ``mlp`` (two layers, ReLU) or ``linear`` (for Theorem 1 diagnostics).
+        ``residual`` (``z`` plus a two-layer ReLU MLP whose output layer starts at zero, so the
+        untrained model predicts the current embedding again), ``mlp`` (two layers, ReLU, the
+        spec's form), or ``linear`` (for Theorem 1 diagnostics).
     pred_hidden
         H, hidden width of the MLP predictor.
     phi
         Outer nonlinearity of the RGC: ``identity`` (exact passthrough) or ``tanh``.
     gate_bias
-        Learn gate biases beta (zero-initialised). Off by default, as the spec recommends.
+        Learn gate biases beta (zero-initialised, so passthrough is exact at start). On by default:
+        without them ``tau * h = tanh(w h) h >= 0`` for any gain, so the RGC cannot hold signed memory;
+        on OSIE they are what lets the error fall along a scanpath.
     input_norm
-        Whiten the trunk features with running statistics of the inputs (``model.InputNorm``).
+        Whiten the trunk features with running statistics of the inputs (``model.RunningWhitening``).
+    context_norm
+        Whiten the recurrent state h before the embedding E, with running statistics of h (the
+        paper's normalised context covariance; keeps the embedding from collapsing once the RGC holds
+        memory). The statistics are constants of each step, so RFP stays exact.
     loss
         ``cosine`` (default) or ``mse`` (half squared error, summed over dimensions).
     lr, optimizer, weight_decay
         Learning rule for every trainable group: ``sgd`` or ``adam``.
+    gain_lr_scale
+        The RGC's element-wise gains (and gate biases), which set its memory, learn at
+        ``lr * gain_lr_scale``. They are a few thousand numbers against hundreds of thousands in
+        ``W``, ``E`` and ``G``; at ``lr`` (scale 1) they barely move within a session (|w| < 0.04
+        after 300 updates on OSIE) and the error does not fall along a scanpath.
     update_mode
         ``every_fixation``: one optimizer step per tick (the service's mode; online RTRL).
         ``segment``: accumulate, step every ``segment_len`` ticks or at ``end_segment()``;
@@ -86,15 +100,17 @@ class ModelConfig:
     input_size: int = 64
     n_units: int = 512
     embed_dim: int = 120
-    predictor: str = "mlp"
+    predictor: str = "residual"
     pred_hidden: int = 512
     phi: str = "identity"
-    gate_bias: bool = False
+    gate_bias: bool = True
     input_norm: bool = True
+    context_norm: bool = True
     loss: str = "cosine"
     lr: float = 1e-4
     optimizer: str = "adam"
     weight_decay: float = 0.0
+    gain_lr_scale: float = 100.0
     update_mode: str = "every_fixation"
     segment_len: int = 100
     init_scale: float = 0.0
@@ -112,7 +128,7 @@ class ModelConfig:
         elif self.in_features != expected:
             raise ConfigError(f"{self.trunk} gives {expected} features, not in_features={self.in_features}")
         choices = {
-            "predictor": ("mlp", "linear"),
+            "predictor": ("residual", "mlp", "linear"),
             "phi": ("identity", "tanh"),
             "loss": ("cosine", "mse"),
             "optimizer": ("sgd", "adam"),
@@ -126,8 +142,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.input_size < 16 and self.trunk != "none":
             raise ConfigError(f"input_size must be at least 16 px for a ResNet trunk, got {self.input_size}")
-        if self.lr < 0 or self.weight_decay < 0 or self.init_scale < 0:
-            raise ConfigError("lr, weight_decay and init_scale must be >= 0")
+        if self.lr < 0 or self.weight_decay < 0 or self.init_scale < 0 or self.gain_lr_scale < 0:
+            raise ConfigError("lr, gain_lr_scale, weight_decay and init_scale must be >= 0")
         if self.segment_len < 0:
             raise ConfigError(f"segment_len must be >= 0 (0 = never), got {self.segment_len}")
 

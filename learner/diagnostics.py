@@ -71,7 +71,9 @@ class Diagnostics:
     def __init__(self, embed_dim: int, *, window: int = 512, max_step: int = 20, ema: float = 0.02) -> None:
         self.window, self.max_step, self.ema = window, max_step, ema
         self._z = torch.zeros(window, embed_dim, dtype=torch.float64)  # (W, D) ring buffer
-        self._n = 0
+        self._n = 0  # finite embeddings stored so far (the ring buffer's write position)
+        self._seen = 0  # embeddings observed, finite or not
+        self.nonfinite_embeddings = 0
         self._sum = torch.zeros(max_step + 1, dtype=torch.float64)  # index = step (last: >= max_step)
         self._count = torch.zeros(max_step + 1, dtype=torch.long)
         self._ema = torch.full((max_step + 1,), math.nan, dtype=torch.float64)
@@ -98,7 +100,11 @@ class Diagnostics:
             for si, ei in zip(s.tolist(), e.tolist(), strict=True):
                 old = self._ema[si]
                 self._ema[si] = ei if math.isnan(old) else (1 - self.ema) * old + self.ema * ei
-        zc = z.detach().double().cpu()[-self.window :]  # (B', D)
+        zc = z.detach().double().cpu()
+        finite = torch.isfinite(zc).all(1)
+        self.nonfinite_embeddings += int((~finite).sum())  # a diverged stream must not break the spectrum
+        self._seen += zc.shape[0]
+        zc = zc[finite][-self.window :]  # (B', D)
         self._z[(self._n + torch.arange(zc.shape[0])) % self.window] = zc
         self._n += zc.shape[0]
         self.h_norm = float(h.detach().norm(dim=-1).mean())
@@ -137,7 +143,8 @@ class Diagnostics:
             "max_retention_gain": self.max_retention_gain,
             "error_by_step": self.error_by_step(),
             "error_by_step_recent": self.error_by_step(recent=True),
-            "embeddings_seen": self._n,
+            "embeddings_seen": self._seen,
+            "nonfinite_embeddings": self.nonfinite_embeddings,
         }
         if model is not None and self._n >= 2:
             z = self.embeddings()

@@ -26,52 +26,85 @@ from learner.trunk import build_trunk
 log = logging.getLogger(__name__)
 
 
-class InputNorm(nn.Module):
-    """Whitens trunk features (ZCA) with running statistics of the inputs seen so far.
+class RunningWhitening(nn.Module):
+    """ZCA whitening with running statistics of the vectors it has observed.
 
-    ResNet features, random or pretrained, share a large common component and are strongly
-    correlated (on OSIE patches a random resnet18's embedding has an effective dimensionality of
-    about 4 of 120 before any learning). The cosine loss is then met by predicting the common
-    direction. Whitening spreads the inputs (about 63 of 120 on the same data). The statistics depend
-    on the inputs only, never on learned weights, so RFP stays exact: the whitened features are
-    simply the inputs u_t of the recursion. The whitening matrix is recomputed after 1, 2, 4, ...
-    updates, then every ``every`` updates, so its cost is amortised and the inputs drift slowly.
+    Used twice in R-JEPA. On the trunk features (``cfg.input_norm``): ResNet features, random or
+    pretrained, share a large common component and are strongly correlated (on OSIE patches a random
+    resnet18's embedding has an effective dimensionality of about 4 of 120 without it), and the cosine
+    loss is then met by predicting the common direction. On the recurrent state before the embedding
+    (``cfg.context_norm``): the paper's Theorem 1 assumes a normalised context covariance
+    (``<s s^T>`` proportional to I, spec 1.5); without it, once the RGC has learned to hold memory, the
+    state is dominated by the few directions shared along a scanpath and the embedding collapses (about
+    10 of 120 effective dimensions on OSIE after one pass, against about 55 with it).
+
+    The statistics are not learned: they are constants of each step, so RFP stays exact (the
+    gradient flows through the whitening as through a fixed linear map). They are updated only by
+    ``observe`` (the learners call it once per learning tick), and the whitening matrix is recomputed
+    after 1, 2, 4, ... observations, then every ``every``, so its cost is amortised.
     """
 
     def __init__(self, features: int, *, window: int = 10_000, every: int = 256, eps: float = 1e-5) -> None:
         super().__init__()
         self.window, self.every, self.eps = window, every, eps
-        self.register_buffer("mean", torch.zeros(features))  # (M,)
-        self.register_buffer("cov", torch.eye(features))  # (M, M)
-        self.register_buffer("whiten", torch.eye(features))  # (M, M) applied as (u - mean) @ whiten
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # inputs seen
+        self.register_buffer("mean", torch.zeros(features))  # (F,)
+        self.register_buffer("cov", torch.eye(features))  # (F, F)
+        self.register_buffer("whiten", torch.eye(features))  # (F, F) applied as (x - mean) @ whiten
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # vectors seen
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # batches seen
 
     @torch.no_grad()
-    def forward(self, u: torch.Tensor, *, update: bool) -> torch.Tensor:
-        """(B, M) -> (B, M). With ``update``, the batch joins the statistics before it is whitened."""
-        if update:
-            n = int(self.count) + u.shape[0]
-            w = max(u.shape[0] / n, u.shape[0] / self.window)  # running average, then a moving one
-            self.mean.lerp_(u.mean(0), w)
-            d = u - self.mean  # (B, M)
-            self.cov.lerp_(d.T @ d / u.shape[0], w)
-            self.count.fill_(n)
-            self.updates += 1
-            k = int(self.updates)
-            if (k & (k - 1) == 0 and k < self.every) or k % self.every == 0:
-                self._recompute(n)
-        return (u - self.mean) @ self.whiten
+    def observe(self, x: torch.Tensor) -> None:
+        """Add a batch (B, F) to the statistics (a running average, then a moving one)."""
+        n = int(self.count) + x.shape[0]
+        w = max(x.shape[0] / n, x.shape[0] / self.window)
+        self.mean.lerp_(x.mean(0), w)
+        d = x - self.mean  # (B, F)
+        self.cov.addmm_(d.T, d, beta=1 - w, alpha=w / x.shape[0])  # lerp towards d^T d / B, in one call
+        self.count.fill_(n)
+        self.updates += 1
+        k = int(self.updates)
+        if (k & (k - 1) == 0 and k < self.every) or k % self.every == 0:
+            self._recompute(n)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B, F) whitened; differentiable with respect to x (the statistics are constants)."""
+        return (x - self.mean) @ self.whiten
+
+    def forward(self, x: torch.Tensor, *, update: bool) -> torch.Tensor:
+        """Inputs: with ``update``, the batch joins the statistics before it is whitened; no gradient."""
+        with torch.no_grad():
+            if update:
+                self.observe(x)
+            return self.apply(x)
 
     def _recompute(self, n: int) -> None:
         m = self.cov.shape[0]
-        # shrink towards a scaled identity while there are few samples (n < M makes cov singular)
+        # shrink towards a scaled identity while there are few samples (n < F makes cov singular)
         shrink = max(0.01, m / (n + 1)) * float(self.cov.diagonal().mean().clamp(min=self.eps))
         evals, evecs = torch.linalg.eigh(
             self.cov.double() + shrink * torch.eye(m, dtype=torch.float64, device=self.cov.device)
         )
         w = evecs @ torch.diag(evals.clamp(min=self.eps).rsqrt()) @ evecs.T
         self.whiten.copy_(w.to(self.whiten.dtype))
+
+
+class ResidualPredictor(nn.Module):
+    """G(z) = z + G2 relu(G1 z + g1) + g2, with G2 and g2 zero at start.
+
+    At initialisation the model predicts that the next embedding is the current one (the paper's
+    "predict the current embedding again" baseline), and learning can only improve on it; a plain MLP
+    starts from a random map and, at the service's learning rates, stays worse than that baseline for
+    thousands of fixations.
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.lin2(torch.relu(self.lin1(z)))
 
 
 def prediction_loss(p: torch.Tensor, z: torch.Tensor, kind: str) -> torch.Tensor:
@@ -98,7 +131,10 @@ class RJEPA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = build_trunk(cfg.trunk, cfg.trunk_weights, seed=cfg.seed, in_features=cfg.in_features)
-        self.input_norm = InputNorm(cfg.M) if cfg.input_norm else None
+        self.input_norm = RunningWhitening(cfg.M) if cfg.input_norm else None
+        # the state's statistics drift as the RGC learns to hold memory: a shorter window, recomputed
+        # more often (every 64 learning ticks: an N x N eigendecomposition, ~0.1 s on one CPU core)
+        self.context_norm = RunningWhitening(cfg.n_units, window=2000, every=64) if cfg.context_norm else None
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # trunk keeps seed; the rest its own stream
         self.rgc = RGC(
             cfg.M,
@@ -115,18 +151,27 @@ class RJEPA(nn.Module):
                 nn.ReLU(),
                 nn.Linear(cfg.pred_hidden, cfg.embed_dim),
             )
+        elif cfg.predictor == "residual":
+            self.G = ResidualPredictor(cfg.embed_dim, cfg.pred_hidden)
         else:
             self.G = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         with torch.no_grad():
             for layer in [self.E, *self.G.modules()]:
                 if isinstance(layer, nn.Linear):
                     _seeded_like_default(layer, gen)
+            if isinstance(self.G, ResidualPredictor):
+                self.G.lin2.weight.zero_()
+                self.G.lin2.bias.zero_()
         self.trunk_dtype = torch.float32
 
     # --- parameter groups -------------------------------------------------------------------
     def rfp_parameters(self) -> list[nn.Parameter]:
         """Area 6: trained by RFP (or BPTT)."""
         return [p for p in self.rgc.parameters()]
+
+    def gain_parameters(self) -> list[nn.Parameter]:
+        """The RGC's element-wise gains and gate biases (a subset of ``rfp_parameters``)."""
+        return [self.rgc.gains] + ([self.rgc.biases] if self.rgc.biases is not None else [])
 
     def head_parameters(self) -> list[nn.Parameter]:
         """E and G: trained by per-step backprop."""
@@ -157,15 +202,22 @@ class RJEPA(nn.Module):
         return self.rgc.W.new_zeros(batch, self.cfg.n_units)  # (B, N)
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
-        return self.E(h)  # (B, N) -> (B, D)
+        """z = E h, or E applied to the whitened state with ``cfg.context_norm``: (B, N) -> (B, D)."""
+        return self.E(self.context_norm.apply(h) if self.context_norm is not None else h)
+
+    def observe_context(self, h: torch.Tensor) -> None:
+        """Let the context whitening see this tick's new states (B, N); the learners call it once per
+        learning tick, after the tick's gradient, so a tick's loss uses the statistics before it."""
+        if self.context_norm is not None:
+            self.context_norm.observe(h)
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
-        """Predicted embedding of the next fixation, G(E h): (B, N) -> (B, D)."""
-        return self.G(self.E(h))
+        """Predicted embedding of the next fixation, G(z(h)): (B, N) -> (B, D)."""
+        return self.G(self.embed(h))
 
     def loss(self, h_prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Per-stream loss of predicting from ``h_prev`` the embedding of ``h`` (target detached): (B,)."""
-        target = self.E(h).detach()  # sg(z_t)
+        target = self.embed(h).detach()  # sg(z_t)
         return prediction_loss(self.predict(h_prev), target, self.cfg.loss)
 
     def parameter_counts(self) -> dict[str, int]:

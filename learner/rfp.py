@@ -19,14 +19,21 @@ whatever the stream's length.
 
 Two trace slabs per stream: ``W`` for ``[W | b]`` (b is the weight of a constant input 1), and
 ``v`` for the element-wise gains (and gate biases). On the CPU the large W slab is updated in place,
-one stream at a time, so each stream's traces are read once and written once; on CUDA all streams of
-the tick are updated in one batched pass.
+one stream at a time (four passes over its traces, the gradient read just before); on CUDA all
+streams of the tick are updated in one batched pass. The head (context whitening, E, and the MLP
+or residual predictor G) is differentiated by hand in a few matrix products: at B = 1 autograd's
+graph cost as much as the arithmetic. A head of any other shape falls back to autograd.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import cast
 
+import torch
+from torch import nn
+
+from learner.model import RJEPA, ResidualPredictor, RunningWhitening
 from learner.rgc import Jacobian
 from learner.streaming import StreamLearner
 
@@ -62,8 +69,8 @@ class RFPLearner(StreamLearner):
         super().__init__(*args, **kwargs)
         self.batched_traces = self.device.type == "cuda" if batched_traces is None else batched_traces
         cfg = self.cfg
-        self._g_w = self.model.rgc.W.new_zeros(cfg.n_units, cfg.M + 1)  # (N, M+1) scratch gradient
-        self._scratch = self.model.rgc.W.new_zeros(cfg.n_units, cfg.M + 1)  # (N, M+1)
+        self._scratch = self.model.rgc.W.new_zeros(2, cfg.n_units, cfg.M + 1)  # (2, N, M+1)
+        self._head = _hand_head(self.model)
 
     def _trace_shapes(self) -> dict[str, tuple[int, ...]]:
         n, m = self.cfg.n_units, self.cfg.M
@@ -77,64 +84,177 @@ class RFPLearner(StreamLearner):
         with torch.no_grad():
             h, c, cache = model.rgc.step(u, h_prev, c_prev)  # (B, N)
         error = self.nan_errors(len(slots), h)
-        idx = scored.nonzero().squeeze(1)
+        idx = scored.nonzero().squeeze(1)  # (Bs,) rows of the tick that are scored
+        delta = None
         if idx.numel():
-            hp = h_prev[idx].requires_grad_(True)  # (Bs, N)
-            per_stream = model.loss(hp, h[idx])  # (Bs,)
-            head = model.head_parameters()
-            grads = torch.autograd.grad(per_stream.mean(), [hp, *head])
-            for p, g in zip(head, grads[1:], strict=True):
-                p.grad.add_(g)
-            self._accumulate_rgc_grads(slots[idx], grads[0])  # uses the traces of step t-1
-            error[idx] = per_stream.detach()
-        self._advance_traces(slots, model.rgc.jacobian(cache), u)
+            rows = slice(None) if idx.numel() == len(slots) else idx
+            per_stream, delta = self._head_backward(h_prev[rows], h[rows])  # (Bs,), (Bs, N)
+            error[rows] = per_stream
+        self._rgc_grads_and_traces(slots, idx, delta, model.rgc.jacobian(cache), u)
         st.h[slots], st.c[slots] = h, c
         return error
 
-    @torch.no_grad()
-    def _accumulate_rgc_grads(self, slots: torch.Tensor, delta: torch.Tensor) -> None:
-        """theta.grad += sum_b delta_b * P^h_b(theta); delta (Bs, N) already carries the 1/Bs of the mean."""
-        rgc, st = self.model.rgc, self.states
-        m = self.cfg.M
-        g_w = self._g_w
-        if self.batched_traces:
-            g_w.copy_(torch.einsum("bn,bnm->nm", delta, st.trace["W"][slots, 0]))  # (N, M+1)
-        else:
-            g_w.zero_()
-            for i, s in enumerate(slots.tolist()):
-                g_w.addcmul_(delta[i, :, None], st.trace["W"][s, 0])  # (N, M+1)
-        g_v = torch.einsum("bn,bng->gn", delta, st.trace["v"][slots, 0])  # (G, N)
-        rgc.W.grad.add_(g_w[:, :m])
-        rgc.b.grad.add_(g_w[:, m])
-        rgc.gains.grad.add_(g_v[:4])
-        if rgc.biases is not None:
-            rgc.biases.grad.add_(g_v[4:])
+    def _head_backward(self, h_prev: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scored streams' losses (Bs,) and delta = d(mean loss)/d h_prev (Bs, N); E's and G's
+        gradients of the mean loss are added to their ``.grad``."""
+        if self._head is not None:
+            return _head_backward_by_hand(self._head, self.cfg.loss, h_prev, h)
+        hp = h_prev.detach().requires_grad_(True)
+        per_stream = self.model.loss(hp, h)  # (Bs,)
+        head = self.model.head_parameters()
+        grads = torch.autograd.grad(per_stream.mean(), [hp, *head])
+        for p, g in zip(head, grads[1:], strict=True):
+            _grad(p).add_(g)
+        return per_stream.detach(), grads[0]
 
     @torch.no_grad()
-    def _advance_traces(self, slots: torch.Tensor, jac: Jacobian, u: torch.Tensor) -> None:
-        """P_t = a P_{t-1} + b_t for both slabs (spec 2.3), in place in the stream slots."""
-        st = self.states
+    def _rgc_grads_and_traces(
+        self,
+        slots: torch.Tensor,
+        idx: torch.Tensor,
+        delta: torch.Tensor | None,
+        jac: Jacobian,
+        u: torch.Tensor,
+    ) -> None:
+        """theta.grad += sum_b delta_b * P^h_b(theta) over the scored rows ``idx`` (delta (Bs, N)
+        already carries the 1/Bs of the mean), with the traces of step t-1; then
+        P_t = a P_{t-1} + b_t for both slabs of every stream (spec 2.3), in place in the stream slots."""
+        rgc, st, m = self.model.rgc, self.states, self.cfg.M
+        sel = slice(None) if idx.numel() == len(slots) else idx
         a = jac.a  # (B, N, 2, 2)
         u1 = torch.cat([u, u.new_ones(u.shape[0], 1)], 1)  # (B, M+1): [u, 1] drives [W | b]
-        st.trace["v"][slots] = _mix(st.trace["v"][slots], a, jac.imm)  # (B, 2, N, G)
+        p_v = st.trace["v"][slots]  # (B, 2, N, G), a copy
+        if delta is not None:
+            g_v = torch.einsum("bn,bng->gn", delta, p_v[sel, 0])  # (G, N)
+            _grad(rgc.gains).add_(g_v[:4])
+            if rgc.biases is not None:
+                _grad(rgc.biases).add_(g_v[4:])
+        st.trace["v"][slots] = _mix(p_v, a).add_(jac.imm)
+        trace_w, w_grad, b_grad = st.trace["W"], _grad(rgc.W), _grad(rgc.b)
         if self.batched_traces:
-            imm_w = jac.k[..., None] * u1[:, None, None, :]  # (B, 2, N, M+1)
-            st.trace["W"][slots] = _mix(st.trace["W"][slots], a, imm_w)
+            p_w = trace_w[slots]  # (B, 2, N, M+1), a copy
+            if delta is not None:
+                g_w = torch.einsum("bn,bnm->nm", delta, p_w[sel, 0])  # (N, M+1)
+                w_grad.add_(g_w[:, :m])
+                b_grad.add_(g_w[:, m])
+            trace_w[slots] = _mix(p_w, a).addcmul_(jac.k[..., None], u1[:, None, None, :])
             return
-        buf = self._scratch
+        deltas = {} if delta is None else dict(zip(idx.tolist(), delta.unbind(0), strict=True))  # row -> (N,)
+        col_h = a[..., 0].transpose(1, 2).unsqueeze(-1)  # (B, 2, N, 1): [a_hh; a_ch], the weights of P^h
+        col_c = a[..., 1].unsqueeze(-1)  # (B, N, 2, 1): [a_hc, a_cc], the weights of P^c
+        k = jac.k.unsqueeze(-1)  # (B, 2, N, 1)
+        buf = self._scratch  # (2, N, M+1)
         for i, s in enumerate(slots.tolist()):
-            p_h, p_c = st.trace["W"][s]  # (N, M+1) views into the slab
-            a_i = a[i, :, :, :, None]  # (N, 2, 2, 1)
-            torch.mul(p_h, a_i[:, 0, 0], out=buf)
-            buf.addcmul_(p_c, a_i[:, 0, 1]).addr_(jac.k[i, 0], u1[i])  # new P^h
-            p_c.mul_(a_i[:, 1, 1]).addcmul_(p_h, a_i[:, 1, 0]).addr_(jac.k[i, 1], u1[i])  # new P^c
-            p_h.copy_(buf)
+            p_h, p_c = trace_w[s]  # (N, M+1) views into the slab
+            d = deltas.get(i)
+            if d is not None:  # straight into .grad, while this stream's P^h is still that of t-1
+                w_grad.addcmul_(p_h[:, :m], d[:, None])
+                b_grad.addcmul_(p_h[:, m], d)
+            torch.mul(col_h[i], p_h, out=buf)  # (2, N, M+1): [a_hh; a_ch] P^h
+            buf.addcmul_(k[i], u1[i])  # + [k_h; k_c] u1^T, the outer product by broadcasting
+            torch.addcmul(buf[0], col_c[i, :, 0], p_c, out=p_h)  # P^h_t = ... + a_hc P^c
+            torch.addcmul(buf[1], col_c[i, :, 1], p_c, out=p_c)  # P^c_t = ... + a_cc P^c, in place
 
 
-def _mix(p: torch.Tensor, a: torch.Tensor, imm: torch.Tensor) -> torch.Tensor:
-    """Batched per-unit 2x2 recursion: p (B, 2, N, X), a (B, N, 2, 2), imm (B, 2, N, X) -> (B, 2, N, X)."""
-    p_h, p_c = p[:, 0], p[:, 1]  # (B, N, X)
-    a = a[..., None]  # (B, N, 2, 2, 1)
-    new_h = a[:, :, 0, 0] * p_h + a[:, :, 0, 1] * p_c + imm[:, 0]
-    new_c = a[:, :, 1, 0] * p_h + a[:, :, 1, 1] * p_c + imm[:, 1]
-    return torch.stack((new_h, new_c), 1)
+def _mix(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Per-unit 2x2 blocks times the trace pairs: p (B, 2, N, X), a (B, N, 2, 2) -> a new (B, 2, N, X)."""
+    col_h = a[..., 0].transpose(1, 2).unsqueeze(-1)  # (B, 2, N, 1): [a_hh; a_ch]
+    col_c = a[..., 1].transpose(1, 2).unsqueeze(-1)  # (B, 2, N, 1): [a_hc; a_cc]
+    return (col_h * p[:, :1]).addcmul_(col_c, p[:, 1:])
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The head as ``_head_backward_by_hand`` differentiates it: p = [z +] lin2(relu(lin1(z))),
+    z = E s, s = the state h, whitened by ``norm`` when there is one."""
+
+    e: nn.Linear
+    lin1: nn.Linear
+    lin2: nn.Linear
+    residual: bool
+    norm: RunningWhitening | None
+
+
+def _hand_head(model: RJEPA) -> _Head | None:
+    """The head's layers when it is exactly one ``_head_backward_by_hand`` knows (E linear without
+    bias after the optional context whitening, G = [z +] Linear-ReLU-Linear with biases, the loss
+    of ``model.prediction_loss``); None for anything else, which then goes through autograd."""
+    cls, g, norm = type(model), model.G, model.context_norm
+    known = (
+        cls.embed is RJEPA.embed
+        and cls.predict is RJEPA.predict
+        and cls.loss is RJEPA.loss
+        and model.cfg.loss in ("cosine", "mse")
+        and (norm is None or type(norm).apply is RunningWhitening.apply)
+    )
+    e_bias: torch.Tensor | None = model.E.bias
+    if not known or e_bias is not None:
+        return None
+    layers: tuple[nn.Module, nn.Module]
+    if type(g) is ResidualPredictor:
+        layers, residual = (g.lin1, g.lin2), True
+    elif type(g) is nn.Sequential and len(g) == 3 and type(g[1]) is nn.ReLU:
+        layers, residual = (g[0], g[2]), False
+    else:
+        return None
+    lin1, lin2 = layers
+    if not (type(model.E) is type(lin1) is type(lin2) is nn.Linear):
+        return None
+    assert isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
+    biases: tuple[torch.Tensor | None, ...] = (lin1.bias, lin2.bias)
+    return _Head(model.E, lin1, lin2, residual, norm) if None not in biases else None
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``: StreamLearner gives every trainable parameter a zeroed gradient at the start."""
+    g = p.grad
+    assert g is not None
+    return g
+
+
+@torch.no_grad()
+def _head_backward_by_hand(
+    head: _Head, loss: str, h_prev: torch.Tensor, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss D(G(z(h_prev)), sg(z(h))) per stream (Bs,) and its mean's gradient, by hand.
+
+    Adds the gradients of E and of G's two layers to their ``.grad`` and returns d(mean)/d h_prev
+    (Bs, N). Same values as autograd through ``model.loss`` up to rounding (the exactness tests
+    compare RFP with an autograd BPTT reference in float64). The context whitening, when there is
+    one, is a constant linear map of each step: s = (h - mean) @ whiten.
+    """
+    e, lin1, lin2, norm = head.e.weight, head.lin1, head.lin2, head.norm  # e: (D, N)
+    w1, b1, w2, b2 = lin1.weight, lin1.bias, lin2.weight, lin2.bias  # (H, D), (H,), (D, H), (D,)
+    bs = h_prev.shape[0]
+    both = torch.cat([h_prev, h])  # (2 Bs, N): the context and the target's state, in one pass
+    s_both = norm.apply(both) if norm is not None else both
+    z_both = s_both @ e.t()  # (2 Bs, D)
+    s_prev, z, target = s_both[:bs], z_both[:bs], z_both[bs:]  # target: sg(z_t)
+    pre = torch.addmm(b1, z, w1.t())  # (Bs, H)
+    hidden = pre.relu()
+    p = torch.addmm(b2, hidden, w2.t())  # (Bs, D) the prediction
+    if head.residual:
+        p.add_(z)
+    if loss == "cosine":
+        eps = 1e-12  # as in model.prediction_loss (F.cosine_similarity clamps each norm at eps)
+        p_len = p.norm(dim=1, keepdim=True).clamp_min_(eps)  # (Bs, 1)
+        p_hat = p / p_len
+        t_hat = target / target.norm(dim=1, keepdim=True).clamp_min_(eps)
+        cos = (p_hat * t_hat).sum(1, keepdim=True)  # (Bs, 1)
+        per_stream = 1 - cos[:, 0]
+        g_p = (p_hat * cos - t_hat).div_(p_len).mul_(1.0 / bs)  # d(1 - cos)/dp = (cos p^ - t^) / |p|
+    else:
+        diff = p - target
+        per_stream = 0.5 * diff.pow(2).sum(1)
+        g_p = diff.mul_(1.0 / bs)
+    _grad(w2).addmm_(g_p.t(), hidden)  # (D, H)
+    _grad(b2).add_(g_p.sum(0))
+    g_pre = (g_p @ w2).mul_(pre > 0)  # (Bs, H), through the ReLU
+    _grad(w1).addmm_(g_pre.t(), z)  # (H, D)
+    _grad(b1).add_(g_pre.sum(0))
+    g_z = g_pre @ w1  # (Bs, D)
+    if head.residual:
+        g_z.add_(g_p)
+    _grad(e).addmm_(g_z.t(), s_prev)  # (D, N)
+    delta = g_z @ e  # (Bs, N)
+    return per_stream, (delta @ cast(torch.Tensor, norm.whiten).t() if norm is not None else delta)

@@ -38,10 +38,12 @@ _MODEL_FIELDS = (
     "phi",
     "gate_bias",
     "input_norm",
+    "context_norm",
     "loss",
     "lr",
     "optimizer",
     "weight_decay",
+    "gain_lr_scale",
     "update_mode",
     "segment_len",
     "init_scale",
@@ -59,12 +61,16 @@ class Settings(BaseSettings):
     Parameters
     ----------
     trunk, trunk_weights, input_size, n_units, embed_dim, predictor, pred_hidden, phi, gate_bias, input_norm,
-    loss, lr, optimizer, weight_decay, update_mode, segment_len, init_scale, seed
+    context_norm, loss, lr, optimizer, weight_decay, gain_lr_scale, update_mode, segment_len, init_scale, seed
         The model, passed to :class:`learner.config.ModelConfig` (see its docstring).
     learner
         ``rfp`` (the service's learning rule) or ``bptt`` (truncated BPTT baseline, window ``bptt_window``).
     device
         ``auto`` takes CUDA when torch sees a GPU, the CPU otherwise.
+    torch_threads
+        CPU threads of the learner (``torch.set_num_threads``); 0: all cores but one in the embedded
+        mode, where the API's event loop shares the machine (on 2 cores, two torch threads against the
+        API thread halved the learner's throughput in bench.service_speed), torch's default otherwise.
     max_batch, max_wait_ms
         A worker tick takes up to ``max_batch`` fixations (one per stream), waiting at most
         ``max_wait_ms`` after the first one for more.
@@ -93,10 +99,12 @@ class Settings(BaseSettings):
     phi: str = ModelConfig.phi
     gate_bias: bool = ModelConfig.gate_bias
     input_norm: bool = ModelConfig.input_norm
+    context_norm: bool = ModelConfig.context_norm
     loss: str = ModelConfig.loss
     lr: float = ModelConfig.lr
     optimizer: str = ModelConfig.optimizer
     weight_decay: float = ModelConfig.weight_decay
+    gain_lr_scale: float = ModelConfig.gain_lr_scale
     update_mode: str = ModelConfig.update_mode
     segment_len: int = ModelConfig.segment_len
     init_scale: float = ModelConfig.init_scale
@@ -108,6 +116,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(default=64, ge=1, le=4096)
     max_wait_ms: float = Field(default=5.0, ge=0.0)
+    torch_threads: int = Field(default=0, ge=0)
     diagnostics_interval_s: float = Field(default=5.0, gt=0.0)
 
     # --- HTTP ---

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -104,6 +105,11 @@ class Worker:
     def start(self, *, thread: bool = True) -> None:
         """Restore the checkpoint if there is one, start receiving, and (``thread``) run in a thread."""
         self.restore()
+        threads = self.settings.torch_threads
+        if not threads and self.settings.redis_url is None and self.learner.device.type == "cpu":
+            threads = max(1, (os.cpu_count() or 2) - 1)
+        if threads:
+            torch.set_num_threads(threads)
         self.broker.start_worker(self._decode)
         metrics.WORKER_UP.set(1)
         dev = self.learner.device.type

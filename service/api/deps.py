@@ -12,12 +12,13 @@ from service.errors import error_from_payload
 from service.messages import Control
 
 
-def get_settings(request: Request) -> Settings:
+# async: a plain def would be run in FastAPI's thread pool, one thread hop per request each
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_broker(request: Request) -> Broker:
+async def get_broker(request: Request) -> Broker:
     broker: Broker = request.app.state.broker
     return broker
 

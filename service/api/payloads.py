@@ -131,8 +131,15 @@ async def read_fixation(request: Request, stream_id: str, settings: Settings) ->
     fix = Fixation(
         stream_id=stream_id, seq=meta.seq, t=meta.t, duration_ms=meta.duration_ms, reset=meta.reset
     )
-    fix.patch = await anyio.to_thread.run_sync(_decode, source, settings)
+    if source.kind == "raw" and len(source.data) <= _INLINE_RAW_BYTES:
+        fix.patch = _decode(source, settings)  # a small copy: cheaper than a hop to a thread
+    else:
+        fix.patch = await anyio.to_thread.run_sync(_decode, source, settings)  # PNG/JPEG, frames
     return fix
+
+
+#: Raw patches up to this size (a 256 x 256 RGB patch) are decoded on the event loop.
+_INLINE_RAW_BYTES = 256 * 256 * 3
 
 
 def _decode(source: PatchSource, settings: Settings) -> Any:

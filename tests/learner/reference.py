@@ -35,10 +35,18 @@ def rgc_forward(
     return h_new, c_new
 
 
+def embed(model: RJEPA, h: torch.Tensor) -> torch.Tensor:
+    """z = E h, with the context whitening (h - mean) W written out again when the model has one."""
+    norm = model.context_norm
+    if norm is not None:
+        h = (h - norm.mean) @ norm.whiten
+    return h @ model.E.weight.T
+
+
 def step_loss(model: RJEPA, h_prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Mean over streams of D(G(E h_{t-1}), sg(E h_t))."""
-    p = model.G(model.E(h_prev))
-    z = model.E(h).detach()
+    """Mean over streams of D(G(z(h_{t-1})), sg(z(h_t)))."""
+    p = model.G(embed(model, h_prev))
+    z = embed(model, h).detach()
     if model.cfg.loss == "cosine":
         per = 1 - F.cosine_similarity(p, z, dim=-1, eps=1e-12)
     else:

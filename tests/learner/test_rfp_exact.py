@@ -7,14 +7,27 @@ import torch
 
 from learner import ModelConfig, RFPLearner
 from learner.rgc import RGC
-from tests.learner.reference import bptt_grads, rel_errors, rgc_forward, split_groups
+from tests.learner.reference import bptt_grads, embed, rel_errors, rgc_forward, split_groups
 
 M, N, D, H, T, B = 12, 10, 6, 9, 24, 3
 TOL = 1e-9
 
 
-def make_learner(*, loss: str, phi: str, weights: str, seed: int = 0, batched: bool = False) -> RFPLearner:
+def make_learner(
+    *,
+    loss: str,
+    phi: str,
+    weights: str,
+    seed: int = 0,
+    batched: bool = False,
+    head: str = "mlp",
+) -> RFPLearner:
+    """``head``: ``mlp`` (the spec's predictor, no context whitening), or ``default`` (the residual
+    predictor and the context whitening of ModelConfig's defaults, with random non-trivial weights and
+    statistics held fixed, since RFP treats them as constants of each step)."""
     cfg = ModelConfig(
+        predictor="mlp" if head == "mlp" else "residual",
+        context_norm=head != "mlp",
         trunk="none",
         in_features=M,
         n_units=N,
@@ -36,6 +49,16 @@ def make_learner(*, loss: str, phi: str, weights: str, seed: int = 0, batched: b
         with torch.no_grad():
             learner.model.rgc.gains.copy_(torch.randn(4, N, generator=gen, dtype=torch.float64) * 0.7)
             learner.model.rgc.biases.copy_(torch.randn(4, N, generator=gen, dtype=torch.float64) * 0.3)
+    if head != "mlp":
+        model = learner.model
+        gen = torch.Generator().manual_seed(200 + seed)
+        with torch.no_grad():  # the zero-initialised output layer would hide G1's gradient
+            model.G.lin2.weight.copy_(torch.randn(D, H, generator=gen, dtype=torch.float64) * 0.3)
+            model.G.lin2.bias.copy_(torch.randn(D, generator=gen, dtype=torch.float64) * 0.1)
+            model.context_norm.mean.copy_(torch.randn(N, generator=gen, dtype=torch.float64) * 0.5)
+            q = torch.randn(N, N, generator=gen, dtype=torch.float64)
+            model.context_norm.whiten.copy_(torch.eye(N, dtype=torch.float64) + 0.2 * (q + q.T))
+        model.observe_context = lambda h: None  # type: ignore[method-assign]
     return learner
 
 
@@ -57,22 +80,24 @@ def run_rfp(learner: RFPLearner, u: torch.Tensor) -> tuple[dict, list[dict]]:
 
 
 CASES = [
-    (loss, phi, weights)
+    (loss, phi, weights, "mlp")
     for loss in ("cosine", "mse")
     for phi in ("identity", "tanh")
     for weights in ("zero", "random")
-]
+] + [(loss, "identity", "random", "default") for loss in ("cosine", "mse")]
 
 
-@pytest.mark.parametrize("loss,phi,weights", CASES)
-def test_rfp_equals_bptt_for_every_group(loss: str, phi: str, weights: str) -> None:
-    learner = make_learner(loss=loss, phi=phi, weights=weights)
+@pytest.mark.parametrize("loss,phi,weights,head", CASES)
+def test_rfp_equals_bptt_for_every_group(loss: str, phi: str, weights: str, head: str) -> None:
+    learner = make_learner(loss=loss, phi=phi, weights=weights, head=head)
     u = inputs(1)
     ref_sum, ref_steps = bptt_grads(learner.model, u)
     got_sum, got_steps = run_rfp(learner, u)
     errors = rel_errors(split_groups(got_sum), split_groups(ref_sum))
     groups = set(errors)
     assert {"rgc.W", "rgc.b", "w_hh", "w_ch", "w_hc", "w_cc", "E.weight"} <= groups
+    if head != "mlp":
+        assert {"G.lin1.weight", "G.lin1.bias", "G.lin2.weight", "G.lin2.bias"} <= groups
     if weights == "random":
         assert {"beta_hh", "beta_ch", "beta_hc", "beta_cc"} <= groups
     worst = max(max(e) for e in errors.values())
@@ -142,7 +167,7 @@ def test_finite_differences_agree_with_rfp() -> None:
             hs.append(h)
         total = 0.0
         for t in range(1, len(hs)):
-            p = model.G(model.E(hs[t - 1]))
+            p = model.G(embed(model, hs[t - 1]))
             z = targets[t]
             total += float(1 - torch.nn.functional.cosine_similarity(p, z, dim=-1).mean())
         return total
@@ -152,7 +177,7 @@ def test_finite_differences_agree_with_rfp() -> None:
         targets = []
         for t in range(u.shape[1]):
             h, c = rgc_forward(model, u[:, t], h, c)
-            targets.append(model.E(h).clone())
+            targets.append(embed(model, h).clone())
         eps = 1e-5
         params = dict(model.named_parameters())
         for name, index in [
