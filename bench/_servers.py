@@ -34,6 +34,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 
 
+def terminate(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:  # type: ignore[type-arg]
+    """Send ``sig`` to a running process, SIGKILL it if it has not exited after ``timeout``; its exit code."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    return int(process.returncode)
+
+
 def find_binary(name: str) -> str | None:
     """``name`` on PATH, else in the repository's ``.tools/bin`` (where the test installer puts it)."""
     found = shutil.which(name)
@@ -128,13 +140,7 @@ class _Process:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (a foveate process checkpoints if configured to), then SIGKILL after ``timeout``."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        terminate(self.process, timeout=timeout)
         self._log_file.close()
 
     def __enter__(self) -> Self:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from bench._servers import find_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -61,11 +62,7 @@ def find_free_port() -> int:
 
 def find_server_binary(name: str) -> str | None:
     """Find a server binary on PATH or in the repository's ``.tools/bin`` (where the installer puts them)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    local = REPO_ROOT / ".tools" / "bin" / name
-    return str(local) if local.is_file() and os.access(local, os.X_OK) else None
+    return find_binary(name)
 
 
 def require_server_binary(name: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import redis
+
+from bench._servers import terminate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,15 +76,9 @@ class FoveateProcess:
         return self.process.poll() is None
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        code = terminate(self.process, timeout=timeout)
         self._log_file.close()
-        return int(self.process.returncode)
+        return code
 
 
 def serve_on(

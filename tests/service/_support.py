@@ -26,6 +26,8 @@ import cv2
 import httpx
 import numpy as np
 
+from bench._servers import terminate
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = {
@@ -137,15 +139,9 @@ class ServiceProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """Send ``sig`` and wait; SIGKILL after ``timeout``. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        code = terminate(self.process, sig, timeout)
         self._log_file.close()
-        return int(self.process.returncode)
+        return code
 
 
 def post_patch(client: httpx.Client, stream: str, patch: np.ndarray, **fields: Any) -> dict[str, Any]:
