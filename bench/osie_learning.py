@@ -38,6 +38,7 @@ from learner import BPTTLearner, ModelConfig, RFPLearner, StreamLearner
 from learner.diagnostics import covariance_spectrum, participation_ratio
 from learner.model import prediction_loss
 from learner.patches import cut_patch, preprocess
+from learner.streaming import TickOutput
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +109,7 @@ def stream(learner: StreamLearner, ticks: Sequence[Tick], *, learn: bool) -> lis
     records = []
     for tick in ticks:
         out = learner.tick_features(tick.ids, tick.u, tick.reset, learn=learn)
-        for i, (subject, image, fix_index) in enumerate(tick.meta):
-            err = float(out.error[i])
-            records.append(
-                {
-                    "stream": tick.ids[i],
-                    "subject": subject,
-                    "image": image,
-                    "fix_index": fix_index,
-                    "step": int(out.step[i]),
-                    "error": None if math.isnan(err) else err,
-                }
-            )
+        records.extend(_record(tick, out, i) for i in range(len(tick.ids)))
     return records
 
 
@@ -166,22 +156,27 @@ def replay(learner: StreamLearner, ticks: Sequence[Tick]) -> list[dict[str, Any]
         if rows:
             prev = torch.stack([last[tick.ids[i]] for i in rows])  # (Bp, D)
             rep[rows] = prediction_loss(prev, z[rows], model.cfg.loss).cpu()
-        for i, (subject, image, fix_index) in enumerate(tick.meta):
-            last[tick.ids[i]] = z[i]
-            err = float(out.error[i])
-            records.append(
-                {
-                    "stream": tick.ids[i],
-                    "subject": subject,
-                    "image": image,
-                    "fix_index": fix_index,
-                    "step": int(out.step[i]),
-                    "error": None if math.isnan(err) else err,
-                    "repeat_error": float(rep[i]) if has_prev[i] else None,
-                    "z": z[i].double().cpu().numpy(),
-                }
-            )
+        for i, sid in enumerate(tick.ids):
+            last[sid] = z[i]
+            rec = _record(tick, out, i)
+            rec["repeat_error"] = float(rep[i]) if has_prev[i] else None
+            rec["z"] = z[i].double().cpu().numpy()
+            records.append(rec)
     return records
+
+
+def _record(tick: Tick, out: TickOutput, i: int) -> dict[str, Any]:
+    """The record of fixation i of a tick: who, where, its step and error (None if unscored)."""
+    subject, image, fix_index = tick.meta[i]
+    err = float(out.error[i])
+    return {
+        "stream": tick.ids[i],
+        "subject": subject,
+        "image": image,
+        "fix_index": fix_index,
+        "step": int(out.step[i]),
+        "error": None if math.isnan(err) else err,
+    }
 
 
 def repeat_baseline(learner: StreamLearner, ticks: Sequence[Tick]) -> float:
