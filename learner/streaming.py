@@ -66,6 +66,7 @@ class StreamLearner:
         params = self.model.rfp_parameters() + self.model.head_parameters()
         for p in params:
             p.grad = torch.zeros_like(p)
+        self._params = params  # every trainable parameter, for the per-tick foreach calls
         gains = self.model.gain_parameters()
         gain_ids = {id(p) for p in gains}
         groups: list[dict[str, Any]] = [
@@ -196,8 +197,7 @@ class StreamLearner:
             return False
         # one foreach kernel over every gradient: Optimizer.zero_grad's per-parameter Python loop cost
         # as much as the zeroing itself at B = 1
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in self._params if p.grad is not None]
         if self._scored_ticks > 1:
             torch._foreach_div_(grads, float(self._scored_ticks))
         self.optimizer.step()

@@ -113,8 +113,13 @@ async def _from_form(request: Request) -> tuple[FixationMeta, PatchSource]:
     return meta, build_source(kind, data, meta)  # type: ignore[arg-type]
 
 
+#: Raw patches up to this size (a 256 x 256 RGB patch) are decoded on the event loop.
+_INLINE_RAW_BYTES = 256 * 256 * 3
+
+
 async def read_fixation(request: Request, stream_id: str, settings: Settings) -> Fixation:
-    """Parse the body of ``POST /v1/streams/{id}/fixations`` and decode its image (in a thread).
+    """Parse the body of ``POST /v1/streams/{id}/fixations`` and decode its image (small raw patches
+    on the event loop, anything else in a thread).
 
     JSON (any content type but multipart) or ``multipart/form-data`` with a file part.
     """
@@ -136,10 +141,6 @@ async def read_fixation(request: Request, stream_id: str, settings: Settings) ->
     else:
         fix.patch = await anyio.to_thread.run_sync(_decode, source, settings)  # PNG/JPEG, frames
     return fix
-
-
-#: Raw patches up to this size (a 256 x 256 RGB patch) are decoded on the event loop.
-_INLINE_RAW_BYTES = 256 * 256 * 3
 
 
 def _decode(source: PatchSource, settings: Settings) -> Any:
