@@ -42,32 +42,94 @@ class RunningWhitening(nn.Module):
     gradient flows through the whitening as through a fixed linear map). They are updated only by
     ``observe`` (the learners call it once per learning tick), and the whitening matrix is recomputed
     after 1, 2, 4, ... observations, then every ``every``, so its cost is amortised.
+
+    The mean is updated at every observation (``transform`` uses it). The covariance, which only the
+    recomputes read, is updated lazily: the centred rows wait in a small buffer with their weights and
+    join ``cov`` in one matrix product when the buffer is full, before a recompute, and before
+    ``state_dict`` (so a checkpoint holds the whole covariance). At one stream per tick this turns a
+    rank-1 update of an F x F matrix per tick (memory-bound: the whole matrix read and written) into
+    one rank-64 product every 64 ticks; the result is the same up to rounding.
     """
+
+    #: rows the covariance update waits for before it is applied
+    PENDING_ROWS = 64
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    whiten: torch.Tensor
+    count: torch.Tensor
+    updates: torch.Tensor
 
     def __init__(self, features: int, *, window: int = 10_000, every: int = 256, eps: float = 1e-5) -> None:
         super().__init__()
         self.window, self.every, self.eps = window, every, eps
         self.register_buffer("mean", torch.zeros(features))  # (F,)
-        self.register_buffer("cov", torch.eye(features))  # (F, F)
+        self.register_buffer("cov", torch.eye(features))  # (F, F), without the pending rows
         self.register_buffer("whiten", torch.eye(features))  # (F, F) applied as (x - mean) @ whiten
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # vectors seen
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # batches seen
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # n_seen, written by state_dict
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # n_batches, likewise
+        # the lazy covariance update: the whole covariance is decay * cov + rows^T diag(weights) rows
+        self._rows = torch.zeros(self.PENDING_ROWS, features)  # (R, F) centred vectors
+        self._pending = 0
+        self._decay = 1.0
+        self._coef: list[float] = []  # row weight / decay at its arrival: weight = coef * decay now
+        # the counters as Python ints (a tensor op costs microseconds at every tick); the buffers
+        # above hold them for state_dict
+        self.n_seen = 0  # vectors observed
+        self.n_batches = 0  # observe calls
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # nn.Module.to/double/cuda: move the pending rows (plain attributes, not state) with the buffers
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._rows = fn(self._rows)
+        return self
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Add a batch (B, F) to the statistics (a running average, then a moving one)."""
-        n = int(self.count) + x.shape[0]
-        w = max(x.shape[0] / n, x.shape[0] / self.window)
-        self.mean.lerp_(x.mean(0), w)
-        d = x - self.mean  # (B, F)
-        self.cov.addmm_(d.T, d, beta=1 - w, alpha=w / x.shape[0])  # lerp towards d^T d / B, in one call
-        self.count.fill_(n)
-        self.updates += 1
-        k = int(self.updates)
+        b = x.shape[0]
+        n = self.n_seen + b
+        w = max(b / n, b / self.window)
+        self.mean.lerp_(x[0] if b == 1 else x.mean(0), w)
+        if self._pending + b > self.PENDING_ROWS:
+            self.flush()
+        if b > self.PENDING_ROWS or w > 0.5:  # a large batch, or the first ones: one product now
+            d = x - self.mean  # (B, F)
+            self.cov.addmm_(d.T, d, beta=1 - w, alpha=w / b)  # lerp towards d^T d / B
+        else:
+            k = self._pending
+            torch.sub(x, self.mean, out=self._rows[k : k + b])  # (B, F) centred with the new mean
+            self._decay *= 1 - w
+            self._coef += [w / b / self._decay] * b
+            self._pending = k + b
+        self.n_seen, self.n_batches = n, self.n_batches + 1
+        k = self.n_batches
         if (k & (k - 1) == 0 and k < self.every) or k % self.every == 0:
             self._recompute(n)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Fold the pending rows into ``cov``."""
+        k = self._pending
+        if not k:
+            return
+        rows = self._rows[:k]
+        weights = torch.tensor(self._coef, dtype=rows.dtype, device=rows.device).mul_(self._decay)  # (k,)
+        self.cov.addmm_((rows * weights[:, None]).T, rows, beta=self._decay)
+        self._pending, self._decay, self._coef = 0, 1.0, []
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        self.flush()
+        self.count.fill_(self.n_seen)
+        self.updates.fill_(self.n_batches)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pending, self._decay, self._coef = 0, 1.0, []  # the loaded cov is the whole covariance
+        self.n_seen, self.n_batches = int(self.count), int(self.updates)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) -> (B, F) whitened; differentiable with respect to x (the statistics are constants)."""
         return (x - self.mean) @ self.whiten
 
@@ -76,17 +138,18 @@ class RunningWhitening(nn.Module):
         with torch.no_grad():
             if update:
                 self.observe(x)
-            return self.apply(x)
+            return self.transform(x)
 
     def _recompute(self, n: int) -> None:
+        self.flush()
         m = self.cov.shape[0]
         # shrink towards a scaled identity while there are few samples (n < F makes cov singular)
         shrink = max(0.01, m / (n + 1)) * float(self.cov.diagonal().mean().clamp(min=self.eps))
-        evals, evecs = torch.linalg.eigh(
-            self.cov.double() + shrink * torch.eye(m, dtype=torch.float64, device=self.cov.device)
-        )
-        w = evecs @ torch.diag(evals.clamp(min=self.eps).rsqrt()) @ evecs.T
-        self.whiten.copy_(w.to(self.whiten.dtype))
+        # in the statistics' own dtype: float32 halves the eigendecomposition's time, and the shrinkage
+        # keeps the matrix far better conditioned than float32's precision needs
+        cov = self.cov + shrink * torch.eye(m, dtype=self.cov.dtype, device=self.cov.device)
+        evals, evecs = torch.linalg.eigh(cov)
+        self.whiten.copy_((evecs * evals.clamp(min=self.eps).rsqrt()) @ evecs.T)
 
 
 class ResidualPredictor(nn.Module):
@@ -203,7 +266,7 @@ class RJEPA(nn.Module):
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         """z = E h, or E applied to the whitened state with ``cfg.context_norm``: (B, N) -> (B, D)."""
-        return self.E(self.context_norm.apply(h) if self.context_norm is not None else h)
+        return self.E(self.context_norm.transform(h) if self.context_norm is not None else h)
 
     def observe_context(self, h: torch.Tensor) -> None:
         """Let the context whitening see this tick's new states (B, N); the learners call it once per

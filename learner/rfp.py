@@ -19,7 +19,8 @@ whatever the stream's length.
 
 Two trace slabs per stream: ``W`` for ``[W | b]`` (b is the weight of a constant input 1), and
 ``v`` for the element-wise gains (and gate biases). On the CPU the large W slab is updated in place,
-one stream at a time (four passes over its traces, the gradient read just before); on CUDA all
+one stream at a time (a batched product of the N 2x2 blocks into a scratch slab, written back with
+the input's outer product: two passes, the gradient read just before); on CUDA all
 streams of the tick are updated in one batched pass. The head (context whitening, E, and the MLP
 or residual predictor G) is differentiated by hand in a few matrix products: at B = 1 autograd's
 graph cost as much as the arithmetic. A head of any other shape falls back to autograd.
@@ -28,7 +29,6 @@ graph cost as much as the arithmetic. A head of any other shape falls back to au
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ class RFPLearner(StreamLearner):
         super().__init__(*args, **kwargs)
         self.batched_traces = self.device.type == "cuda" if batched_traces is None else batched_traces
         cfg = self.cfg
-        self._scratch = self.model.rgc.W.new_zeros(2, cfg.n_units, cfg.M + 1)  # (2, N, M+1)
+        self._scratch = self.model.rgc.W.new_zeros(cfg.n_units, 2, cfg.M + 1)  # (N, 2, M+1)
         self._head = _hand_head(self.model)
 
     def _trace_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -140,20 +140,19 @@ class RFPLearner(StreamLearner):
             trace_w[slots] = _mix(p_w, a).addcmul_(jac.k[..., None], u1[:, None, None, :])
             return
         deltas = {} if delta is None else dict(zip(idx.tolist(), delta.unbind(0), strict=True))  # row -> (N,)
-        col_h = a[..., 0].transpose(1, 2).unsqueeze(-1)  # (B, 2, N, 1): [a_hh; a_ch], the weights of P^h
-        col_c = a[..., 1].unsqueeze(-1)  # (B, N, 2, 1): [a_hc, a_cc], the weights of P^c
-        k = jac.k.unsqueeze(-1)  # (B, 2, N, 1)
-        buf = self._scratch  # (2, N, M+1)
+        k = jac.k.transpose(1, 2).unsqueeze(-1)  # (B, N, 2, 1): [k_h, k_c] of each unit
+        buf = self._scratch  # (N, 2, M+1)
         for i, s in enumerate(slots.tolist()):
-            p_h, p_c = trace_w[s]  # (N, M+1) views into the slab
+            p = trace_w[s]  # (2, N, M+1), a view into the slab
             d = deltas.get(i)
             if d is not None:  # straight into .grad, while this stream's P^h is still that of t-1
-                w_grad.addcmul_(p_h[:, :m], d[:, None])
-                b_grad.addcmul_(p_h[:, m], d)
-            torch.mul(col_h[i], p_h, out=buf)  # (2, N, M+1): [a_hh; a_ch] P^h
-            buf.addcmul_(k[i], u1[i])  # + [k_h; k_c] u1^T, the outer product by broadcasting
-            torch.addcmul(buf[0], col_c[i, :, 0], p_c, out=p_h)  # P^h_t = ... + a_hc P^c
-            torch.addcmul(buf[1], col_c[i, :, 1], p_c, out=p_c)  # P^c_t = ... + a_cc P^c, in place
+                w_grad.addcmul_(p[0, :, :m], d[:, None])
+                b_grad.addcmul_(p[0, :, m], d)
+            # per unit n: [P^h; P^c]_n <- a_n [P^h; P^c]_n + [k_h; k_c]_n u1^T, as one batched product
+            # of N 2x2 blocks (one pass over the traces), then the outer product on the way back
+            units = p.permute(1, 0, 2)  # (N, 2, M+1) view
+            torch.bmm(a[i], units, out=buf)
+            torch.addcmul(buf, k[i], u1[i], out=units)
 
 
 def _mix(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -185,7 +184,7 @@ def _hand_head(model: RJEPA) -> _Head | None:
         and cls.predict is RJEPA.predict
         and cls.loss is RJEPA.loss
         and model.cfg.loss in ("cosine", "mse")
-        and (norm is None or type(norm).apply is RunningWhitening.apply)
+        and (norm is None or type(norm).transform is RunningWhitening.transform)
     )
     e_bias: torch.Tensor | None = model.E.bias
     if not known or e_bias is not None:
@@ -227,7 +226,7 @@ def _head_backward_by_hand(
     w1, b1, w2, b2 = lin1.weight, lin1.bias, lin2.weight, lin2.bias  # (H, D), (H,), (D, H), (D,)
     bs = h_prev.shape[0]
     both = torch.cat([h_prev, h])  # (2 Bs, N): the context and the target's state, in one pass
-    s_both = norm.apply(both) if norm is not None else both
+    s_both = norm.transform(both) if norm is not None else both
     z_both = s_both @ e.t()  # (2 Bs, D)
     s_prev, z, target = s_both[:bs], z_both[:bs], z_both[bs:]  # target: sg(z_t)
     pre = torch.addmm(b1, z, w1.t())  # (Bs, H)
@@ -257,4 +256,4 @@ def _head_backward_by_hand(
         g_z.add_(g_p)
     _grad(e).addmm_(g_z.t(), s_prev)  # (D, N)
     delta = g_z @ e  # (Bs, N)
-    return per_stream, (delta @ cast(torch.Tensor, norm.whiten).t() if norm is not None else delta)
+    return per_stream, (delta @ norm.whiten.t() if norm is not None else delta)

@@ -32,17 +32,12 @@ GATES = ("hh", "ch", "hc", "cc")
 
 @dataclass
 class StepCache:
-    """What one forward step leaves for the trace recursion (all (B, N) unless noted)."""
+    """What one forward step leaves for the trace recursion."""
 
     x: torch.Tensor  # (B, N) feed-forward drive
-    h_prev: torch.Tensor  # (B, N)
-    c_prev: torch.Tensor  # (B, N)
-    tau_h: torch.Tensor
-    gam_h: torch.Tensor
-    gam_c: torch.Tensor
-    tau_c: torch.Tensor
-    d_h: torch.Tensor | None  # (B, N) phi'(h~), None for the identity
-    d_c: torch.Tensor | None
+    src: torch.Tensor  # (4, B, N) each gate's input, in GATES order: (h, c, h, c) of step t-1
+    gates: torch.Tensor  # (4, B, N) tanh of each gate, in GATES order: tau_h, gam_h, gam_c, tau_c
+    d_hc: torch.Tensor | None  # (2, B, N) phi' of (h~, c~), None for the identity
 
 
 @dataclass
@@ -84,6 +79,9 @@ class RGC(nn.Module):
     True
     """
 
+    _diag: torch.Tensor
+    _rows_of: torch.Tensor
+
     def __init__(
         self,
         in_features: int,
@@ -103,6 +101,11 @@ class RGC(nn.Module):
         self.b = nn.Parameter(torch.empty(n_units).uniform_(-bound, bound, generator=generator))
         self.gains = nn.Parameter(torch.randn(4, n_units, generator=generator) * init_scale)  # rows: GATES
         self.biases = nn.Parameter(torch.zeros(4, n_units)) if gate_bias else None
+        # constants of the Jacobian: which gates' tanh sits on the block diagonal (tau_h, tau_c), and
+        # which state row (h~ or c~) each gate's parameters move, per parameter row (gains, biases)
+        self.register_buffer("_diag", torch.tensor([1.0, 0.0, 0.0, 1.0]), persistent=False)
+        rows_of = torch.tensor([[1.0, 1, 0, 0] * 2, [0.0, 0, 1, 1] * 2])[:, None, :]  # (2, 1, 8)
+        self.register_buffer("_rows_of", rows_of, persistent=False)
 
     @property
     def n_vector_groups(self) -> int:
@@ -116,49 +119,51 @@ class RGC(nn.Module):
     def step(
         self, u: torch.Tensor, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, StepCache]:
-        """One step of form R. Differentiable by autograd (the BPTT learner uses it that way)."""
+        """One step of form R. Differentiable by autograd (the BPTT learner uses it that way).
+
+        The four gates are computed as one stacked (4, B, N) tensor: a step is a few dozen small
+        operations at one stream per tick, where each one's fixed cost is what counts.
+        """
         x = self.drive(u)  # (B, N)
-        w = self.gains
-        pre = torch.stack((w[0] * h, w[1] * c, w[2] * h, w[3] * c))  # (4, B, N)
+        src = torch.stack((h, c, h, c))  # (4, B, N) in GATES order
+        pre = src * self.gains[:, None, :]
         if self.biases is not None:
             pre = pre + self.biases[:, None, :]
-        tau_h, gam_h, gam_c, tau_c = torch.tanh(pre).unbind(0)  # each (B, N)
-        h_pre = (1 - gam_h) * x + tau_h * h
-        c_pre = (1 - gam_c) * x + tau_c * c
+        gates = torch.tanh(pre)  # (4, B, N): tau_h, gam_h, gam_c, tau_c
+        # (h~, c~) = (1 - (gam_h, gam_c)) * x + (tau_h, tau_c) * (h, c)
+        hc_pre = torch.addcmul((1 - gates[1:3]) * x, gates[0::3], src[0::3])  # (2, B, N)
         if self.phi == "tanh":
-            h_new, c_new = torch.tanh(h_pre), torch.tanh(c_pre)
-            d_h, d_c = 1 - h_new * h_new, 1 - c_new * c_new
+            hc = torch.tanh(hc_pre)
+            d_hc: torch.Tensor | None = 1 - hc * hc
         else:
-            h_new, c_new, d_h, d_c = h_pre, c_pre, None, None
-        return h_new, c_new, StepCache(x, h, c, tau_h, gam_h, gam_c, tau_c, d_h, d_c)
+            hc, d_hc = hc_pre, None
+        return hc[0], hc[1], StepCache(x, src, gates, d_hc)
 
     @torch.no_grad()
     def jacobian(self, s: StepCache) -> Jacobian:
-        """Per-unit 2x2 Jacobian and immediate derivatives of one step (spec section 2.3)."""
-        w_hh, w_ch, w_hc, w_cc = self.gains.unbind(0)  # each (N,)
-        tb_h, gb_h = 1 - s.tau_h * s.tau_h, 1 - s.gam_h * s.gam_h  # tanh' of the gates
-        gb_c, tb_c = 1 - s.gam_c * s.gam_c, 1 - s.tau_c * s.tau_c
-        a_hh = s.tau_h + tb_h * w_hh * s.h_prev
-        a_hc = -gb_h * w_ch * s.x
-        a_ch = -gb_c * w_hc * s.x
-        a_cc = s.tau_c + tb_c * w_cc * s.c_prev
-        zero = torch.zeros_like(s.x)
-        # immediate d(h~, c~)/d(gain row), rows in GATES order; then the biases
-        imm_h = [tb_h * s.h_prev * s.h_prev, -gb_h * s.c_prev * s.x, zero, zero]
-        imm_c = [zero, zero, -gb_c * s.h_prev * s.x, tb_c * s.c_prev * s.c_prev]
-        if self.biases is not None:
-            imm_h += [tb_h * s.h_prev, -gb_h * s.x, zero, zero]
-            imm_c += [zero, zero, -gb_c * s.x, tb_c * s.c_prev]
-        k_h, k_c = 1 - s.gam_h, 1 - s.gam_c
-        if s.d_h is not None and s.d_c is not None:  # chain through phi'
-            a_hh, a_hc, k_h = s.d_h * a_hh, s.d_h * a_hc, s.d_h * k_h
-            a_ch, a_cc, k_c = s.d_c * a_ch, s.d_c * a_cc, s.d_c * k_c
-            imm_h = [s.d_h * v for v in imm_h]
-            imm_c = [s.d_c * v for v in imm_c]
-        a = torch.stack((torch.stack((a_hh, a_hc), -1), torch.stack((a_ch, a_cc), -1)), -2)  # (B, N, 2, 2)
-        k = torch.stack((k_h, k_c), 1)  # (B, 2, N)
-        imm = torch.stack((torch.stack(imm_h, -1), torch.stack(imm_c, -1)), 1)  # (B, 2, N, G)
-        return Jacobian(a, k, imm)
+        """Per-unit 2x2 Jacobian and immediate derivatives of one step (spec section 2.3).
+
+        With q_g = d(state~)/d(pre_g) = tanh'(pre_g) * m_g, where m = (h, -x, -x, c) is what each
+        gate multiplies, the gates in GATES order (hh, ch, hc, cc) give the block entries in the
+        order (a_hh, a_hc, a_ch, a_cc): a = q * w (+ tau on the diagonal), the immediate derivative
+        with respect to gain g is q_g * src_g and with respect to bias g is q_g.
+        """
+        x, gates, src = s.x, s.gates, s.src
+        gp = 1 - gates * gates  # (4, B, N) tanh'
+        m = torch.stack((src[0], -x, -x, src[3]))  # (4, B, N)
+        q = gp.mul_(m)  # (4, B, N), in place: gp is not needed again
+        a = torch.addcmul(q * self.gains[:, None, :], gates, self._diag[:, None, None])
+        k = (1 - gates[1:3]).transpose(0, 1)  # (B, 2, N): 1 - (gam_h, gam_c)
+        imm = q * src if self.biases is None else torch.cat((q * src, q))  # (G, B, N)
+        if s.d_hc is not None:  # chain through phi': rows of h~ by phi'(h~), rows of c~ by phi'(c~)
+            d_h, d_c = s.d_hc[0], s.d_hc[1]
+            a = a * torch.stack((d_h, d_h, d_c, d_c))
+            k = k * s.d_hc.transpose(0, 1)
+            imm = imm * torch.stack((d_h, d_h, d_c, d_c) * (imm.shape[0] // 4))
+        a_blocks = a.permute(1, 2, 0).contiguous().view(*x.shape, 2, 2)  # (B, N, 2, 2), contiguous for bmm
+        # gate g's parameters move h~ (gates hh, ch) or c~ (gates hc, cc) only
+        imm_rows = imm.permute(1, 2, 0).unsqueeze(1) * self._rows_of[..., : imm.shape[0]]  # (B, 2, N, G)
+        return Jacobian(a_blocks, k, imm_rows)
 
     def retention_gains(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """|tau| of both retention gates at states (h, c): (B, 2, N). Values near 1 mean long memory."""

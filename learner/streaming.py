@@ -46,6 +46,69 @@ def _fused_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type in ("cpu", "cuda") and dtype in (torch.float32, torch.float64)
 
 
+class _FusedAdamStep:
+    """``optimizer.step()`` of a fused Adam, as the two kernel calls it comes down to.
+
+    At one stream per tick ``torch.optim.Adam.step`` spent about as long in its Python bookkeeping
+    (grouping the tensors again, hooks, checks) as the fused kernel spent updating every parameter.
+    This keeps each group's tensor lists and calls the same kernels with the group's current
+    hyperparameters (an ``lr`` set on ``param_groups`` applies); ``tests/learner/test_streaming.py``
+    checks that it is bit-identical to ``optimizer.step()``. Only for the configuration it replicates:
+    ``for_optimizer`` returns None for any other, and the learner keeps calling ``step()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.groups = []
+        for group in optimizer.param_groups:
+            params = list(group["params"])
+            state = [optimizer.state[p] for p in params]
+            tensors = [
+                params,
+                [s["exp_avg"] for s in state],
+                [s["exp_avg_sq"] for s in state],
+                [s["step"] for s in state],
+            ]
+            self.groups.append((group, tensors))
+
+    @classmethod
+    def for_optimizer(cls, optimizer: torch.optim.Optimizer) -> _FusedAdamStep | None:
+        """The direct step, after ``optimizer`` has taken its first step; None where it does not apply."""
+        if type(optimizer) is not torch.optim.Adam or not hasattr(torch, "_fused_adam_"):
+            return None
+        for group in optimizer.param_groups:
+            flags = (group["amsgrad"], group["maximize"], group["capturable"], group["differentiable"])
+            decoupled = group.get("decoupled_weight_decay", False)
+            if not group["fused"] or any(flags) or decoupled or torch.is_tensor(group["lr"]):
+                return None
+            first = group["params"][0]
+            for p in group["params"]:
+                state = optimizer.state[p]
+                if p.grad is None or "step" not in state or p.device.type != "cpu" or p.dtype != first.dtype:
+                    return None
+        return cls(optimizer)
+
+    def __call__(self) -> None:
+        for group, (params, exp_avgs, exp_avg_sqs, steps) in self.groups:
+            grads = [p.grad for p in params]  # read each time: a .grad may have been replaced
+            beta1, beta2 = group["betas"]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` picks CUDA when there is one."""
     if str(device) == "auto":
@@ -87,6 +150,7 @@ class StreamLearner:
         self.states = StreamStates(
             cfg.n_units, cfg.embed_dim, self._trace_shapes(), device=self.device, dtype=dtype
         )
+        self._direct_step: _FusedAdamStep | None = None  # built after the first step (see _apply_step)
         self.updates_applied = 0
         self.ticks = 0
         self._scored_ticks = 0  # ticks with gradients accumulated since the last step (segment mode)
@@ -200,7 +264,11 @@ class StreamLearner:
         grads = [p.grad for p in self._params if p.grad is not None]
         if self._scored_ticks > 1:
             torch._foreach_div_(grads, float(self._scored_ticks))
-        self.optimizer.step()
+        if self._direct_step is not None:
+            self._direct_step()
+        else:
+            self.optimizer.step()  # also creates the optimizer's state at the first step
+            self._direct_step = _FusedAdamStep.for_optimizer(self.optimizer)
         torch._foreach_zero_(grads)
         self._scored_ticks = 0
         self.updates_applied += 1
@@ -267,6 +335,7 @@ class StreamLearner:
                 f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         self.optimizer.load_state_dict(sd["optimizer"])
+        self._direct_step = None  # the loaded state is new tensors: rebuilt at the next step
         for group in self.optimizer.param_groups:  # the saved groups carry the writer's kernel choice
             group.update(fused=self._fused, foreach=None)
         counters = sd["counters"]
@@ -276,7 +345,9 @@ class StreamLearner:
         self.states.load_state_dict(sd["streams"])
         params = dict(self.model.named_parameters())
         for name, g in sd["grads"].items():
-            params[name].grad.copy_(g)
+            grad = params[name].grad
+            assert grad is not None  # every trainable parameter has one from the start
+            grad.copy_(g)
 
     def memory_per_stream(self) -> int:
         """Bytes of state each stream holds (independent of the stream's length for RFP)."""

@@ -1,0 +1,158 @@
+"""The learners' fast paths against the plain computations they replace: bit for bit, or to rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learner import ModelConfig, RFPLearner
+from learner.model import RunningWhitening
+from learner.rgc import RGC
+from learner.streaming import _FusedAdamStep
+
+F64 = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_direct_fused_adam_step_is_bit_identical_to_optimizer_step(dtype: torch.dtype) -> None:
+    shapes = [(6, 5), (6,), (4, 6)]
+
+    def make() -> tuple[list[torch.nn.Parameter], torch.optim.Adam]:
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen(i), dtype=dtype)) for i, s in enumerate(shapes)]
+        groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}]
+        return ps, torch.optim.Adam(groups, lr=1e-2, weight_decay=1e-3, fused=True)
+
+    ref_params, ref_opt = make()
+    params, opt = make()
+    direct = None
+    for t in range(6):
+        for ps in (ref_params, params):
+            for i, p in enumerate(ps):
+                p.grad = torch.randn(p.shape, generator=gen(100 * t + i), dtype=dtype)
+        if t == 3:  # a learning rate set on the groups (as checkpoint loading does) applies
+            for o in (ref_opt, opt):
+                o.param_groups[0]["lr"] = 3e-3
+        ref_opt.step()
+        if direct is None:
+            opt.step()
+            direct = _FusedAdamStep.for_optimizer(opt)
+            assert direct is not None
+        else:
+            direct()
+        for p, q in zip(ref_params, params, strict=True):
+            assert torch.equal(p, q)
+    for p, q in zip(ref_params, params, strict=True):
+        assert torch.equal(ref_opt.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
+        assert torch.equal(ref_opt.state[p]["step"], opt.state[q]["step"])
+
+
+def test_direct_step_declines_what_it_does_not_replicate() -> None:
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    for opt in (
+        torch.optim.Adam([p], amsgrad=True, fused=True),
+        torch.optim.Adam([p], fused=False),
+        torch.optim.SGD([p], lr=0.1),
+    ):
+        opt.step()
+        assert _FusedAdamStep.for_optimizer(opt) is None
+    assert _FusedAdamStep.for_optimizer(torch.optim.Adam([p], fused=True)) is None  # no state yet
+
+
+def test_learner_with_the_direct_step_matches_one_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = ModelConfig(trunk="none", in_features=12, n_units=10, embed_dim=6, pred_hidden=9, lr=1e-2)
+    fast = RFPLearner(cfg)
+    with monkeypatch.context() as m:
+        m.setattr(_FusedAdamStep, "for_optimizer", classmethod(lambda cls, opt: None))
+        slow = RFPLearner(cfg)
+        feats = torch.randn(20, 3, 12, generator=gen(1))
+        for x in feats:
+            slow.tick_features(["a", "b", "c"], x)
+    assert slow._direct_step is None
+    for x in feats:
+        fast.tick_features(["a", "b", "c"], x)
+    assert fast._direct_step is not None
+    for (name, p), q in zip(fast.model.named_parameters(), slow.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def _immediate(xs: list[torch.Tensor], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running statistics updated at every batch, as written in RunningWhitening's docstring."""
+    f = xs[0].shape[1]
+    mean, cov, n = torch.zeros(f, dtype=F64), torch.eye(f, dtype=F64), 0
+    for x in xs:
+        n += x.shape[0]
+        w = max(x.shape[0] / n, x.shape[0] / window)
+        mean = mean + w * (x.mean(0) - mean)
+        d = x - mean
+        cov = (1 - w) * cov + w / x.shape[0] * d.T @ d
+    return mean, cov
+
+
+def test_lazy_covariance_equals_the_immediate_update() -> None:
+    sizes = [1, 3, 1, 70, 1, 1, 5, 64, 2] * 3 + [1] * 150  # first batch, large batches, buffer wraps
+    xs = [torch.randn(b, 16, generator=gen(i), dtype=F64) * 2 + 1 for i, b in enumerate(sizes)]
+    norm = RunningWhitening(16, window=50, every=1000).double()  # no recompute: cov is only flushed
+    for x in xs:
+        norm.observe(x)
+    mean, cov = _immediate(xs, window=50)
+    assert torch.allclose(norm.mean, mean, rtol=0, atol=1e-12)
+    sd = norm.state_dict()  # folds the pending rows in
+    assert torch.allclose(sd["cov"], cov, rtol=0, atol=1e-12)
+    assert sd["count"].item() == sum(sizes) and sd["updates"].item() == len(sizes)
+
+
+def test_whitening_whitens_and_state_dict_resumes_bit_identically() -> None:
+    mix = torch.eye(8) + 0.3 * torch.randn(8, 8, generator=gen(2))  # well conditioned: shrinkage is small
+    xs = list((torch.randn(3000, 8, generator=gen(10)) @ mix + 3).split(1))
+    a = RunningWhitening(8, window=2000, every=64)
+    for x in xs[:333]:
+        a.observe(x)
+    b = RunningWhitening(8, window=2000, every=64)
+    b.load_state_dict(a.state_dict())
+    for x in xs[333:]:
+        a.observe(x)
+        b.observe(x)
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
+    s = a.transform(torch.cat(xs))
+    # whitened by its own statistics: eigenvalues lam / (lam + shrink), the shrinkage (1% of the mean
+    # variance) pulls the smallest below 1
+    evals = torch.linalg.eigvalsh(torch.cov(s.T))
+    assert evals.min() > 0.6 and evals.max() < 1.05, evals  # the smallest variance is about 0.04 here
+    assert torch.linalg.eigvalsh(torch.cov(torch.cat(xs).T)).max() > 2  # it was far from white
+
+
+@pytest.mark.parametrize("phi", ["identity", "tanh"])
+@pytest.mark.parametrize("gate_bias", [False, True])
+def test_stacked_jacobian_matches_autograd(phi: str, gate_bias: bool) -> None:
+    n, m, b = 5, 4, 3
+    rgc = RGC(m, n, phi=phi, gate_bias=gate_bias, init_scale=0.8, generator=gen(4)).double()
+    if rgc.biases is not None:
+        with torch.no_grad():
+            rgc.biases.normal_(0, 0.5, generator=gen(5))
+    u, h, c = (torch.randn(b, k, generator=gen(6 + i), dtype=F64) for i, k in enumerate((m, n, n)))
+    _, _, cache = rgc.step(u, h, c)
+    jac = rgc.jacobian(cache)
+    vec = [rgc.gains] + ([rgc.biases] if rgc.biases is not None else [])
+    for i in range(b):  # autograd, one stream at a time: d(h_t, c_t) / d(h_{t-1}, c_{t-1}, b, gains, biases)
+        hp, cp = h[i : i + 1].clone().requires_grad_(), c[i : i + 1].clone().requires_grad_()
+        hn, cn, _ = rgc.step(u[i : i + 1], hp, cp)
+        rows = []
+        for out in (hn[0], cn[0]):  # (N,) each
+            per_unit = []
+            for j in range(n):
+                g = torch.autograd.grad(out[j], [hp, cp, rgc.b, *vec], retain_graph=True, allow_unused=True)
+                per_unit.append([x[..., j] if x is not None else torch.zeros(()) for x in g])
+            rows.append(per_unit)
+        for j in range(n):  # a[j] = [[dh/dh, dh/dc], [dc/dh, dc/dc]] of unit j
+            a_ref = torch.tensor([[float(rows[r][j][s][0]) for s in (0, 1)] for r in (0, 1)], dtype=F64)
+            assert torch.allclose(jac.a[i, j], a_ref, atol=1e-12)
+            k_ref = torch.tensor([float(rows[r][j][2]) for r in (0, 1)], dtype=F64)
+            assert torch.allclose(jac.k[i, :, j], k_ref, atol=1e-12)
+            imm_ref = torch.stack([torch.cat([g.reshape(-1) for g in rows[r][j][3:]]) for r in (0, 1)])
+            assert torch.allclose(jac.imm[i, :, j], imm_ref, atol=1e-12)
