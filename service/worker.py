@@ -311,7 +311,6 @@ class Worker:
                 rec.resets += 1
                 metrics.RESETS.inc()
             rec.observe(step=steps[i], error=errors[i], seq=fix.seq, t=fix.t, entry_id=fix.entry_id)
-            metrics.observe_error(steps[i], errors[i])
             payload: dict[str, Any] = {
                 "ok": True,
                 "stream_id": fix.stream_id,
@@ -325,6 +324,7 @@ class Worker:
             if i in pred_of:
                 payload["prediction"] = pred_of[i]
             replies.append((fix, payload))
+        metrics.observe_errors(steps, errors)
         metrics.FIXATIONS.inc(len(fixes))
         metrics.BATCH_SIZE.observe(len(fixes))
         if out.updated:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import anyio
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from learner.errors import FoveateError
 from service.api.deps import BrokerDep, SettingsDep, StreamId
+from service.api.lean import NOT_LEAN, lean_route
 from service.api.payloads import decode_item, read_fixation
 from service.api.schemas import (
     Accepted,
@@ -22,6 +24,8 @@ from service.api.schemas import (
     FixationMeta,
     FixationResult,
 )
+from service.broker import Broker
+from service.config import STREAM_ID_PATTERN, Settings
 from service.errors import PayloadTooLarge, error_from_payload, error_payload
 from service.messages import Fixation
 
@@ -72,14 +76,62 @@ def _result(payload: dict[str, Any], with_prediction: bool) -> FixationResult:
     return FixationResult(**fields)
 
 
-@router.post(
-    "/streams/{stream_id}/fixations",
-    response_model=FixationResult,
-    response_model_exclude_unset=True,
-    responses={202: {"model": Accepted, "description": "Queued (wait=false)"}, **_ERRORS},
-    openapi_extra=_BODY,
-    summary="Learn from one fixation",
-)
+async def _post_one(
+    request: Request,
+    stream_id: str,
+    broker: Broker,
+    settings: Settings,
+    wait: bool,
+    return_prediction: bool,
+) -> Any:
+    fix = await read_fixation(request, stream_id, settings)
+    fix.return_prediction = return_prediction
+    await broker.submit([fix], wait=wait)
+    assert fix.request_id is not None
+    if not wait:
+        accepted = Accepted(stream_id=stream_id, seq=fix.seq, request_id=fix.request_id, status="queued")
+        return JSONResponse(accepted.model_dump(), status_code=202)
+    payload = await broker.result(fix.request_id, settings.sync_timeout_s)
+    return _result(payload, return_prediction)
+
+
+_STREAM_ID = re.compile(STREAM_ID_PATTERN.removeprefix("^").removesuffix("$"))
+_BOOLS = {b"true": True, b"false": False, b"1": True, b"0": False}
+_FLAGS = (b"wait", b"return_prediction")
+
+
+def plain_flags(query: bytes) -> tuple[bool, bool] | None:
+    """(wait, return_prediction) of a plain query string; ``None`` when FastAPI should parse it.
+
+    Plain: each flag at most once, spelt ``true``/``false``/``1``/``0``, nothing percent-encoded.
+    Other parameters are ignored, as FastAPI ignores them.
+    """
+    flags = {b"wait": True, b"return_prediction": False}
+    seen: set[bytes] = set()
+    for part in query.split(b"&") if query else ():
+        name, _, value = part.partition(b"=")
+        if b"%" in part or b"+" in part or (name in _FLAGS and (name in seen or value not in _BOOLS)):
+            return None
+        if name in _FLAGS:
+            seen.add(name)
+            flags[name] = _BOOLS[value]
+    return flags[b"wait"], flags[b"return_prediction"]
+
+
+async def lean_post_fixation(request: Request) -> Any:
+    """``post_fixation`` for plain requests without FastAPI's per-request work (service.api.lean).
+
+    A stream id off the pattern or an unusual query string goes to FastAPI (``NOT_LEAN``), so that
+    its errors stay FastAPI's; the body is read and checked by the same code on both paths.
+    """
+    stream_id = request.scope["path_params"].get("stream_id", "")
+    flags = plain_flags(request.scope["query_string"])
+    if flags is None or not _STREAM_ID.fullmatch(stream_id):
+        return NOT_LEAN
+    state = request.app.state
+    return await _post_one(request, stream_id, state.broker, state.settings, *flags)
+
+
 async def post_fixation(
     stream_id: StreamId,
     request: Request,
@@ -93,15 +145,21 @@ async def post_fixation(
     and the same fields as form fields. Returns the stream's step, this fixation's prediction error
     (against the prediction made at the previous fixation; null at step 1), the running error and
     the number of updates applied."""
-    fix = await read_fixation(request, stream_id, settings)
-    fix.return_prediction = return_prediction
-    await broker.submit([fix], wait=wait)
-    assert fix.request_id is not None
-    if not wait:
-        accepted = Accepted(stream_id=stream_id, seq=fix.seq, request_id=fix.request_id, status="queued")
-        return JSONResponse(accepted.model_dump(), status_code=202)
-    payload = await broker.result(fix.request_id, settings.sync_timeout_s)
-    return _result(payload, return_prediction)
+    # Plain requests are answered by lean_post_fixation; this serves the rest (and documents the route).
+    return await _post_one(request, stream_id, broker, settings, wait, return_prediction)
+
+
+router.add_api_route(
+    "/streams/{stream_id}/fixations",
+    post_fixation,
+    methods=["POST"],
+    response_model=FixationResult,
+    response_model_exclude_unset=True,
+    responses={202: {"model": Accepted, "description": "Queued (wait=false)"}, **_ERRORS},
+    openapi_extra=_BODY,
+    summary="Learn from one fixation",
+    route_class_override=lean_route(lean_post_fixation),  # the decorators take no route class
+)
 
 
 async def _answer(broker: BrokerDep, fix: Fixation, timeout: float, with_prediction: bool) -> BatchItem:
