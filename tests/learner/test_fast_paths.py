@@ -156,3 +156,20 @@ def test_stacked_jacobian_matches_autograd(phi: str, gate_bias: bool) -> None:
             assert torch.allclose(jac.k[i, :, j], k_ref, atol=1e-12)
             imm_ref = torch.stack([torch.cat([g.reshape(-1) for g in rows[r][j][3:]]) for r in (0, 1)])
             assert torch.allclose(jac.imm[i, :, j], imm_ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("sample_shrink", [True, False])
+def test_whitening_shrinks_by_the_documented_amount(sample_shrink: bool) -> None:
+    """Whitened covariance = C (C + s I)^-1 in C's eigenbasis, s = ratio * mean variance, where the
+    ratio is ``shrink`` alone, or at least F / (n + 1) with ``sample_shrink``."""
+    f, n = 6, 40
+    x = torch.randn(n, f, generator=gen(3), dtype=F64) * torch.tensor([3.0, 1, 1, 0.5, 0.1, 0.01], dtype=F64)
+    norm = RunningWhitening(f, window=10_000, every=n, shrink=0.02, sample_shrink=sample_shrink).double()
+    norm.observe(x)  # one batch: the statistics are its mean and biased covariance; recomputed (n_batches 1)
+    d = x - x.mean(0)
+    cov = d.T @ d / n
+    evals = torch.linalg.eigvalsh(cov)
+    ratio = max(0.02, f / (n + 1)) if sample_shrink else 0.02
+    expected = evals / (evals + ratio * cov.diagonal().mean())
+    got = torch.linalg.eigvalsh(norm.whiten @ cov @ norm.whiten)
+    assert torch.allclose(got, expected, atol=1e-10)
