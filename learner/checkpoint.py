@@ -34,13 +34,20 @@ VERSION = 1
 
 
 def trunk_fingerprint(learner: StreamLearner) -> str:
-    """SHA-256 of the frozen trunk's weights (cached: they never change)."""
+    """SHA-256 of the frozen trunk's weights (cached: they never change).
+
+    Taken at bfloat16 precision, the trunk's dtype on CUDA, so that the same weights give the same
+    fingerprint on every device and a checkpoint written on a GPU loads on a CPU and back.
+    """
     cached = getattr(learner, "_trunk_fingerprint", None)
     if cached is None:
         digest = hashlib.sha256()
         for name, tensor in sorted(learner.model.trunk.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            rounded = tensor.detach().to("cpu")
+            if rounded.is_floating_point():
+                rounded = rounded.to(torch.bfloat16).to(torch.float32)
+            digest.update(rounded.contiguous().numpy().tobytes())
         cached = digest.hexdigest()
         learner._trunk_fingerprint = cached  # type: ignore[attr-defined]
     return cached

@@ -261,14 +261,20 @@ class RJEPA(nn.Module):
         """E and G: trained by per-step backprop."""
         return list(self.E.parameters()) + list(self.G.parameters())
 
-    def to_device(self, device: torch.device, dtype: torch.dtype = torch.float32) -> RJEPA:
-        """Move the model; on CUDA the frozen trunk runs in bfloat16, everything else in ``dtype``."""
+    def to_device(
+        self,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        *,
+        trunk_dtype: torch.dtype | None = None,
+    ) -> RJEPA:
+        """Move the model; everything but the frozen trunk in ``dtype``. The trunk runs in
+        ``trunk_dtype``: by default bfloat16 on CUDA and ``dtype`` elsewhere."""
         self.to(device=device, dtype=dtype)
-        if device.type == "cuda" and self.cfg.trunk != "none":
-            self.trunk.to(dtype=torch.bfloat16)
-            self.trunk_dtype = torch.bfloat16
-        else:
-            self.trunk_dtype = dtype
+        if trunk_dtype is None:
+            trunk_dtype = torch.bfloat16 if device.type == "cuda" and self.cfg.trunk != "none" else dtype
+        self.trunk.to(dtype=trunk_dtype)
+        self.trunk_dtype = trunk_dtype
         return self
 
     # --- computation -------------------------------------------------------------------------
