@@ -109,6 +109,11 @@ class _FusedAdamStep:
             )
 
 
+def _cloned(state: dict[str, Any]) -> dict[str, Any]:
+    """One parameter's optimizer state with its tensors copied."""
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` picks CUDA when there is one."""
     if str(device) == "auto":
@@ -334,7 +339,11 @@ class StreamLearner:
             raise ValueError(
                 f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        self.optimizer.load_state_dict(sd["optimizer"])
+        # torch keeps the given tensors when dtype and device already match: copied, so that loading a
+        # live learner's state_dict() leaves the two learners' Adam moments apart
+        optim = sd["optimizer"]
+        optim = {**optim, "state": {k: _cloned(v) for k, v in optim["state"].items()}}
+        self.optimizer.load_state_dict(optim)
         self._direct_step = None  # the loaded state is new tensors: rebuilt at the next step
         for group in self.optimizer.param_groups:  # the saved groups carry the writer's kernel choice
             group.update(fused=self._fused, foreach=None)

@@ -173,3 +173,19 @@ def test_whitening_shrinks_by_the_documented_amount(sample_shrink: bool) -> None
     expected = evals / (evals + ratio * cov.diagonal().mean())
     got = torch.linalg.eigvalsh(norm.whiten @ cov @ norm.whiten)
     assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_loading_a_live_learners_state_leaves_the_two_apart() -> None:
+    cfg = ModelConfig(trunk="none", in_features=12, n_units=10, embed_dim=6, pred_hidden=9, lr=1e-2)
+    a, b = RFPLearner(cfg), RFPLearner(cfg)
+    feats = torch.randn(6, 2, 12, generator=gen(7))
+    for x in feats[:3]:
+        a.tick_features(["s", "t"], x)
+    b.load_state_dict(a.state_dict())
+    before = {k: v.clone() for k, v in a.optimizer.state_dict()["state"][0].items()}
+    for x in feats[3:]:
+        b.tick_features(["s", "t"], x)
+    after = a.optimizer.state_dict()["state"][0]
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k  # b's steps did not move a's moments
+    assert not torch.equal(b.optimizer.state_dict()["state"][0]["exp_avg"], before["exp_avg"])
