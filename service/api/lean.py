@@ -43,6 +43,9 @@ class LeanRoute(APIRoute):
         lean = type(self).lean
         field = self.response_field
         status = self.status_code or 200
+        if field is not None and not hasattr(field, "serialize_json"):
+            # a FastAPI without the serialisation this copies (before 0.130): FastAPI answers everything
+            return full
 
         async def handler(request: Request) -> Response:
             out = await lean(request)

@@ -199,3 +199,13 @@ def test_lean_route_serialises_byte_for_byte_like_fastapi(tiny: str, n: int) -> 
 def test_lean_route_falls_back_to_fastapi_validation(tiny: str) -> None:
     r = httpx.get(f"{tiny}/v1/points/abc")  # the int path parameter: only FastAPI validates it
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "n"]
+
+
+def test_without_fastapis_serialiser_the_route_is_fastapis_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FastAPI older than the serialisation lean.py copies: the lean path is not used at all."""
+    route_class = lean_route(lean_point)
+    route = route_class("/points/{n}", get_point, methods=["GET"], response_model=Point)
+    lean_handler = route.get_route_handler()
+    assert "LeanRoute.get_route_handler" in lean_handler.__qualname__
+    monkeypatch.setattr(route, "response_field", object())  # a field without serialize_json
+    assert "LeanRoute.get_route_handler" not in route.get_route_handler().__qualname__
