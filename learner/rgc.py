@@ -150,7 +150,8 @@ class RGC(nn.Module):
         """
         x, gates, src = s.x, s.gates, s.src
         gp = 1 - gates * gates  # (4, B, N) tanh'
-        m = torch.stack((src[0], -x, -x, src[3]))  # (4, B, N)
+        neg_x = -x
+        m = torch.stack((src[0], neg_x, neg_x, src[3]))  # (4, B, N)
         q = gp.mul_(m)  # (4, B, N), in place: gp is not needed again
         a = torch.addcmul(q * self.gains[:, None, :], gates, self._diag[:, None, None])
         k = (1 - gates[1:3]).transpose(0, 1)  # (B, 2, N): 1 - (gam_h, gam_c)

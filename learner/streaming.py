@@ -52,7 +52,7 @@ class _FusedAdamStep:
     At one stream per tick ``torch.optim.Adam.step`` spent about as long in its Python bookkeeping
     (grouping the tensors again, hooks, checks) as the fused kernel spent updating every parameter.
     This keeps each group's tensor lists and calls the same kernels with the group's current
-    hyperparameters (an ``lr`` set on ``param_groups`` applies); ``tests/learner/test_streaming.py``
+    hyperparameters (an ``lr`` set on ``param_groups`` applies); ``tests/learner/test_fast_paths.py``
     checks that it is bit-identical to ``optimizer.step()``. Only for the configuration it replicates:
     ``for_optimizer`` returns None for any other, and the learner keeps calling ``step()``.
     """
@@ -156,6 +156,7 @@ class StreamLearner:
             cfg.n_units, cfg.embed_dim, self._trace_shapes(), device=self.device, dtype=dtype
         )
         self._direct_step: _FusedAdamStep | None = None  # built after the first step (see _apply_step)
+        self._direct_checked = False  # whether the first step has decided on _direct_step
         self.updates_applied = 0
         self.ticks = 0
         self._scored_ticks = 0  # ticks with gradients accumulated since the last step (segment mode)
@@ -273,7 +274,9 @@ class StreamLearner:
             self._direct_step()
         else:
             self.optimizer.step()  # also creates the optimizer's state at the first step
-            self._direct_step = _FusedAdamStep.for_optimizer(self.optimizer)
+            if not self._direct_checked:  # decided once: where it does not apply, step() stays
+                self._direct_step = _FusedAdamStep.for_optimizer(self.optimizer)
+                self._direct_checked = True
         torch._foreach_zero_(grads)
         self._scored_ticks = 0
         self.updates_applied += 1
@@ -344,7 +347,7 @@ class StreamLearner:
         optim = sd["optimizer"]
         optim = {**optim, "state": {k: _cloned(v) for k, v in optim["state"].items()}}
         self.optimizer.load_state_dict(optim)
-        self._direct_step = None  # the loaded state is new tensors: rebuilt at the next step
+        self._direct_step, self._direct_checked = None, False  # new state tensors: decided at the next step
         for group in self.optimizer.param_groups:  # the saved groups carry the writer's kernel choice
             group.update(fused=self._fused, foreach=None)
         counters = sd["counters"]

@@ -81,9 +81,15 @@ class Control:
     entry_id: str | None = None
 
 
+def is_stream_id(stream_id: str) -> bool:
+    """Whether ``stream_id`` is 1-128 characters from ``A-Z a-z 0-9 _ . : -``, nothing else (the
+    whole string: a trailing newline does not pass, as it does not in the API's path validation)."""
+    return _STREAM_ID.fullmatch(stream_id) is not None
+
+
 def check_stream_id(stream_id: str) -> str:
-    """Return ``stream_id`` if it matches ``^[A-Za-z0-9_.:-]{1,128}$``, else raise ``InputError``."""
-    if not _STREAM_ID.match(stream_id):
+    """Return ``stream_id`` if ``is_stream_id``, else raise ``InputError``."""
+    if not is_stream_id(stream_id):
         raise InputError(
             f"stream_id {stream_id[:140]!r} is invalid: use 1-128 characters from A-Z a-z 0-9 _ . : -"
         )

@@ -194,12 +194,7 @@ _STEP_MEANS = _StepMeans()
 
 def observe_error(step: int, error: float) -> None:
     """Record one scored fixation's prediction error at its step since reset (NaN is skipped)."""
-    if math.isnan(error):
-        return
-    label = step_label(step)
-    PREDICTION_ERROR.observe(error)
-    STEP_ERROR.labels(step=label).observe(error)
-    ERROR_BY_STEP.labels(step=label).set(_STEP_MEANS.add(label, error))
+    observe_errors((step,), (error,))
 
 
 def observe_errors(steps: Sequence[int], errors: Sequence[float]) -> None:

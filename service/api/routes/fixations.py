@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 import anyio
@@ -25,9 +24,9 @@ from service.api.schemas import (
     FixationResult,
 )
 from service.broker import Broker
-from service.config import STREAM_ID_PATTERN, Settings
+from service.config import Settings
 from service.errors import PayloadTooLarge, error_from_payload, error_payload
-from service.messages import Fixation
+from service.messages import Fixation, is_stream_id
 
 router = APIRouter(tags=["fixations"])
 
@@ -95,7 +94,6 @@ async def _post_one(
     return _result(payload, return_prediction)
 
 
-_STREAM_ID = re.compile(STREAM_ID_PATTERN.removeprefix("^").removesuffix("$"))
 _BOOLS = {b"true": True, b"false": False, b"1": True, b"0": False}
 _FLAGS = (b"wait", b"return_prediction")
 
@@ -126,7 +124,7 @@ async def lean_post_fixation(request: Request) -> Any:
     """
     stream_id = request.scope["path_params"].get("stream_id", "")
     flags = plain_flags(request.scope["query_string"])
-    if flags is None or not _STREAM_ID.fullmatch(stream_id):
+    if flags is None or not is_stream_id(stream_id):
         return NOT_LEAN
     state = request.app.state
     return await _post_one(request, stream_id, state.broker, state.settings, *flags)
