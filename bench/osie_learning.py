@@ -36,7 +36,6 @@ import torch
 from clients.recorded import Fixation, RecordedDataset, default_dataset_path
 from learner import BPTTLearner, ModelConfig, RFPLearner, StreamLearner
 from learner.diagnostics import covariance_spectrum, participation_ratio
-from learner.model import prediction_loss
 from learner.patches import cut_patch, preprocess
 from learner.streaming import TickOutput
 
@@ -139,27 +138,21 @@ def mean_error(records: Sequence[dict[str, Any]]) -> float:
 def replay(learner: StreamLearner, ticks: Sequence[Tick]) -> list[dict[str, Any]]:
     """Replay the ticks through a frozen copy of the learner: one record per fixation, in order.
 
-    Each record holds what ``stream`` gives, plus the fixation's embedding ``z`` = E h_t (a numpy
+    Each record holds what ``stream`` gives, plus the fixation's embedding ``z`` = E kappa_t (a numpy
     array (D,)) and ``repeat_error`` = D(z_{t-1}, z_t), the error of predicting the next embedding
     as the current one ("repeat" baseline; None at the first fixation after a reset). The learner
     itself is left untouched: weights, input statistics and streams.
     """
     probe = _clone_frozen(learner)
     model, records = probe.model, []
-    last: dict[str, torch.Tensor] = {}  # stream -> z of its previous fixation
     for tick in ticks:
         out = probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
-        z = model.embed(probe.states.h[probe.states.slots(tick.ids)])  # (B, D)
-        has_prev = [int(out.step[i]) > 1 and sid in last for i, sid in enumerate(tick.ids)]
-        rows = [i for i, ok in enumerate(has_prev) if ok]
-        rep = torch.full((len(tick.ids),), math.nan, dtype=z.dtype)  # (B,)
-        if rows:
-            prev = torch.stack([last[tick.ids[i]] for i in rows])  # (Bp, D)
-            rep[rows] = prediction_loss(prev, z[rows], model.cfg.loss).cpu()
-        for i, sid in enumerate(tick.ids):
-            last[sid] = z[i]
+        slots = probe.states.slots(tick.ids)
+        z = model.embed(probe.states.u[slots], probe.states.h[slots])  # (B, D)
+        for i in range(len(tick.ids)):
             rec = _record(tick, out, i)
-            rec["repeat_error"] = float(rep[i]) if has_prev[i] else None
+            rep = float(out.repeat_error[i])
+            rec["repeat_error"] = None if math.isnan(rep) else rep
             rec["z"] = z[i].double().cpu().numpy()
             records.append(rec)
     return records

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from learner.model import Scores
 from learner.streaming import StreamLearner
 
 
@@ -44,8 +45,9 @@ class BPTTLearner(StreamLearner):
             raise ValueError(f"window must be >= 1 or None, got {window}")
         self.window = window
         self._inputs: dict[int, list[torch.Tensor]] = defaultdict(list)  # slot -> [(M,)] since window start
-        self._start: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (h, c) at window start
-        self._weights: dict[int, list[float]] = defaultdict(list)  # segment mode: 1/Bs of each scored step
+        # slot -> (h, c) at the window start and the input u before it (what its first loss reads)
+        self._start: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._weights: dict[int, list[float]] = defaultdict(list)  # segment mode: each scored step's weight
 
     def _on_reset(self, slots: torch.Tensor) -> None:
         for s in slots.tolist():
@@ -53,42 +55,51 @@ class BPTTLearner(StreamLearner):
             self._start.pop(s, None)
             self._weights.pop(s, None)
 
-    def _start_state(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _start_state(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         zero = self.model.zero_state(1)[0]
-        return self._start.get(slot, (zero, zero))
+        return self._start.get(slot, (zero, zero, zero.new_zeros(self.model.context_features)))
 
-    def _learn(self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    def _learn(
+        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor
+    ) -> tuple[Scores, torch.Tensor]:
         model, st = self.model, self.states
-        error = self.nan_errors(len(slots), u)
-        n_scored = int(scored.sum())
+        out = self.scored_rows(len(slots), u)
         segment = self.cfg.update_mode == "segment"
         h_prev, c_prev = st.h[slots], st.c[slots]  # (B, N): the stored states (segment mode: exact)
-        if n_scored and not segment:
+        u_prev = st.u[slots]  # (B, M) the inputs the previous fixations were embedded with
+        idx = scored.nonzero().squeeze(1)
+        if idx.numel() and not segment:
             h_prev, c_prev = h_prev.clone(), c_prev.clone()
             groups: dict[int, list[int]] = defaultdict(list)  # history length -> rows of this tick
-            for i in scored.nonzero().squeeze(1).tolist():
+            for i in idx.tolist():
                 groups[len(self._inputs[int(slots[i])])].append(i)
+            unrolled = []
             for rows in groups.values():
                 hp, cp = self._unroll([int(slots[i]) for i in rows])  # (Bg, N) with graph
                 with torch.no_grad():
                     h_t, _, _ = model.rgc.step(u[rows], hp.detach(), cp.detach())
-                per_stream = model.loss(hp, h_t)  # (Bg,)
-                (per_stream.sum() / n_scored).backward()
-                error[rows] = per_stream.detach()
+                got = model.scores(u_prev[rows], hp.detach(), u[rows], h_t)
+                out.error[rows], out.repeat[rows], out.ok[rows] = got.error, got.repeat, got.ok
+                unrolled.append((rows, hp, h_t))
                 h_prev[rows], c_prev[rows] = hp.detach(), cp.detach()
+            n_ok = max(int(out.ok.sum()), 1)
+            for rows, hp, h_t in unrolled:  # the mean over the well-conditioned rows of the tick
+                per_stream = model.loss(u_prev[rows], hp, u[rows], h_t)  # (Bg,)
+                (per_stream * out.ok[rows]).sum().div(n_ok).backward()
         with torch.no_grad():
-            h, c, _ = model.rgc.step(u, h_prev, c_prev)
-            if segment and n_scored:
-                idx = scored.nonzero().squeeze(1)
-                error[idx] = model.loss(h_prev[idx], h[idx])
+            h, c, cache = model.rgc.step(u, h_prev, c_prev)
+            if segment and idx.numel():
+                got = model.scores(u_prev[idx], h_prev[idx], u[idx], h[idx])
+                out.error[idx], out.repeat[idx], out.ok[idx] = got.error, got.repeat, got.ok
+        n_ok = max(int(out.ok.sum()), 1)
         for i, s in enumerate(slots.tolist()):
             self._inputs[s].append(u[i].detach())
             if segment and bool(scored[i]):
-                self._weights[s].append(1.0 / n_scored)
+                self._weights[s].append(float(out.ok[i]) / n_ok)
             if self.window is not None and not segment and len(self._inputs[s]) > self.window:
                 self._advance_start(s)
         st.h[slots], st.c[slots] = h, c
-        return error
+        return out, model.rgc.jacobian(cache).a
 
     def _unroll(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Re-run each stream's window from its start state with autograd: (Bg, N), (Bg, N)."""
@@ -103,32 +114,35 @@ class BPTTLearner(StreamLearner):
     @torch.no_grad()
     def _advance_start(self, slot: int) -> None:
         """Slide the window: fold its oldest input into the start state."""
-        h, c = self._start_state(slot)
+        h, c, _ = self._start_state(slot)
         u0 = self._inputs[slot].pop(0)
         h, c, _ = self.model.rgc.step(u0[None], h[None], c[None])
-        self._start[slot] = (h[0], c[0])
+        self._start[slot] = (h[0], c[0], u0[: self.model.context_features])
 
     def end_segment(self) -> bool:
         """Segment mode: full BPTT over every stream's stored segment, then one step."""
         if self.cfg.update_mode == "segment" and self._scored_ticks:
+            model = self.model
             for s, inputs in self._inputs.items():
                 weights = self._weights.get(s, [])
                 if not weights:
                     continue
-                h, c = (t[None] for t in self._start_state(s))
+                h0, c0, u0 = self._start_state(s)
+                h, c = h0[None], c0[None]
                 hs = [h]
                 for u_t in inputs:
-                    h, c, _ = self.model.rgc.step(u_t[None], h, c)
+                    h, c, _ = model.rgc.step(u_t[None], h, c)
                     hs.append(h)
                 traj = torch.cat(hs)  # (T+1, N): the start state, then h_1..h_T of this window
+                us = torch.cat([u0[None], torch.stack(inputs)[:, : model.context_features]])  # (T+1, M)
                 # the scored steps are the last len(weights) (after a reset the first is not scored)
-                per_step = self.model.loss(traj[:-1], traj[1:])[-len(weights) :]  # (Ts,)
+                per_step = model.loss(us[:-1], traj[:-1], us[1:], traj[1:])[-len(weights) :]  # (Ts,)
                 w = torch.tensor(weights, dtype=per_step.dtype, device=per_step.device)
                 (per_step * w).sum().backward()
             stepped = self._apply_step()
             for s in list(self._inputs):  # the next segment starts from the current states
-                slot = torch.tensor([s])
-                self._start[s] = (self.states.h[slot][0].clone(), self.states.c[slot][0].clone())
+                st = self.states
+                self._start[s] = (st.h[s].clone(), st.c[s].clone(), st.u[s].clone())
                 self._inputs[s].clear()
                 self._weights.pop(s, None)
             return stepped
@@ -145,7 +159,7 @@ class BPTTLearner(StreamLearner):
                 "weights": list(self._weights.get(s, [])),
             }
             if s in self._start:
-                entry["start"] = [t.cpu() for t in self._start[s]]
+                entry["start"] = [t.cpu() for t in self._start[s]]  # h, c, u before the window
             windows[sid] = entry
         sd["windows"] = windows
         return sd
@@ -161,5 +175,5 @@ class BPTTLearner(StreamLearner):
             if entry["weights"]:
                 self._weights[s] = list(entry["weights"])
             if "start" in entry:
-                h, c = (t.to(self.device, self.dtype) for t in entry["start"])
-                self._start[s] = (h, c)
+                h, c, u = (t.to(self.device, self.dtype) for t in entry["start"])
+                self._start[s] = (h, c, u)

@@ -133,9 +133,8 @@ def load_checkpoint(path: str | os.PathLike[str], learner: StreamLearner) -> dic
         learner.load_state_dict(payload["state"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is malformed: {exc}") from exc
-    # learning settings follow the configuration: groups are (everything else, the RGC's gains)
-    lrs = (ours.lr, ours.lr * ours.gain_lr_scale)
-    for group, lr in zip(learner.optimizer.param_groups, lrs, strict=True):
+    # learning settings follow the configuration
+    for group, lr in zip(learner.optimizer.param_groups, learner.group_lrs(), strict=True):
         group["lr"] = lr
         group["weight_decay"] = ours.weight_decay
     log.info(

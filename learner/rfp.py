@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from learner.model import RJEPA, ResidualPredictor, RunningWhitening
+from learner.config import ModelConfig
+from learner.model import (
+    RJEPA,
+    ResidualPredictor,
+    RunningWhitening,
+    Scores,
+    prediction_loss,
+    well_conditioned,
+)
 from learner.rgc import Jacobian
 from learner.streaming import StreamLearner
 
@@ -78,34 +86,43 @@ class RFPLearner(StreamLearner):
         return {"W": (2, n, m + 1), "v": (2, n, groups)}  # row 0: dh/dtheta, row 1: dc/dtheta
 
     # --- one tick -----------------------------------------------------------------------------
-    def _learn(self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    def _learn(
+        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor
+    ) -> tuple[Scores, torch.Tensor]:
         model, st = self.model, self.states
         h_prev, c_prev = st.h[slots], st.c[slots]  # (B, N) each, copies
         with torch.no_grad():
             h, c, cache = model.rgc.step(u, h_prev, c_prev)  # (B, N)
-        error = self.nan_errors(len(slots), h)
+        out = self.scored_rows(len(slots), h)
         idx = scored.nonzero().squeeze(1)  # (Bs,) rows of the tick that are scored
         delta = None
         if idx.numel():
             rows = slice(None) if idx.numel() == len(slots) else idx
-            per_stream, delta = self._head_backward(h_prev[rows], h[rows])  # (Bs,), (Bs, N)
-            error[rows] = per_stream
-        self._rgc_grads_and_traces(slots, idx, delta, model.rgc.jacobian(cache), u)
+            got, delta = self._head_backward(st.u[slots][rows], h_prev[rows], u[rows], h[rows])
+            out.error[rows], out.repeat[rows], out.ok[rows] = got.error, got.repeat, got.ok
+        jac = model.rgc.jacobian(cache)
+        self._rgc_grads_and_traces(slots, idx, delta, jac, u)
         st.h[slots], st.c[slots] = h, c
-        return error
+        return out, jac.a
 
-    def _head_backward(self, h_prev: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scored streams' losses (Bs,) and delta = d(mean loss)/d h_prev (Bs, N); E's and G's
-        gradients of the mean loss are added to their ``.grad``."""
+    def _head_backward(
+        self, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor
+    ) -> tuple[Scores, torch.Tensor]:
+        """Scored streams' scores and delta = d(mean loss)/d h_prev (Bs, N), the mean taken over the
+        well-conditioned rows (the others get delta 0); E's and G's gradients of that mean are added
+        to their ``.grad``."""
         if self._head is not None:
-            return _head_backward_by_hand(self._head, self.cfg.loss, h_prev, h)
+            return _head_backward_by_hand(self._head, self.cfg, u_prev, h_prev, u, h)
+        model = self.model
+        got = model.scores(u_prev, h_prev, u, h)
         hp = h_prev.detach().requires_grad_(True)
-        per_stream = self.model.loss(hp, h)  # (Bs,)
-        head = self.model.head_parameters()
-        grads = torch.autograd.grad(per_stream.mean(), [hp, *head])
+        weight = got.ok.to(h_prev.dtype).div_(max(int(got.ok.sum()), 1))  # (Bs,)
+        per_stream = model.loss(u_prev, hp, u, h)  # (Bs,)
+        head = model.head_parameters()
+        grads = torch.autograd.grad((per_stream * weight).sum(), [hp, *head])
         for p, g in zip(head, grads[1:], strict=True):
             _grad(p).add_(g)
-        return per_stream.detach(), grads[0]
+        return got, grads[0]
 
     @torch.no_grad()
     def _rgc_grads_and_traces(
@@ -165,13 +182,15 @@ def _mix(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class _Head:
     """The head as ``_head_backward_by_hand`` differentiates it: p = [z +] lin2(relu(lin1(z))),
-    z = E s, s = the state h, whitened by ``norm`` when there is one."""
+    z = E kappa, kappa = [u; s] (or s alone when ``context`` is 0), s = the state h, whitened by
+    ``norm`` when there is one."""
 
     e: nn.Linear
     lin1: nn.Linear
     lin2: nn.Linear
     residual: bool
     norm: RunningWhitening | None
+    context: int  # M, the width of u in kappa (0: the embedding reads the state alone)
 
 
 def _hand_head(model: RJEPA) -> _Head | None:
@@ -181,8 +200,10 @@ def _hand_head(model: RJEPA) -> _Head | None:
     cls, g, norm = type(model), model.G, model.context_norm
     known = (
         cls.embed is RJEPA.embed
+        and cls.context is RJEPA.context
         and cls.predict is RJEPA.predict
         and cls.loss is RJEPA.loss
+        and cls.scores is RJEPA.scores
         and model.cfg.loss in ("cosine", "mse")
         and (norm is None or type(norm).transform is RunningWhitening.transform)
     )
@@ -201,7 +222,8 @@ def _hand_head(model: RJEPA) -> _Head | None:
         return None
     assert isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
     biases: tuple[torch.Tensor | None, ...] = (lin1.bias, lin2.bias)
-    return _Head(model.E, lin1, lin2, residual, norm) if None not in biases else None
+    head = _Head(model.E, lin1, lin2, residual, norm, model.context_features)
+    return head if None not in biases else None
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:
@@ -213,39 +235,50 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _head_backward_by_hand(
-    head: _Head, loss: str, h_prev: torch.Tensor, h: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss D(G(z(h_prev)), sg(z(h))) per stream (Bs,) and its mean's gradient, by hand.
+    head: _Head,
+    cfg: ModelConfig,
+    u_prev: torch.Tensor,
+    h_prev: torch.Tensor,
+    u: torch.Tensor,
+    h: torch.Tensor,
+) -> tuple[Scores, torch.Tensor]:
+    """Scores of D(G(z(u_prev, h_prev)), sg(z(u, h))) per stream, and the gradient of their mean, by hand.
 
-    Adds the gradients of E and of G's two layers to their ``.grad`` and returns d(mean)/d h_prev
-    (Bs, N). Same values as autograd through ``model.loss`` up to rounding (the exactness tests
-    compare RFP with an autograd BPTT reference in float64). The context whitening, when there is
-    one, is a constant linear map of each step: s = (h - mean) @ whiten.
+    The mean is taken over the well-conditioned rows (``model.well_conditioned``); the others give
+    no gradient. Adds the gradients of E and of G's two layers to their ``.grad`` and returns
+    d(mean)/d h_prev (Bs, N). Same values as autograd through ``model.loss`` up to rounding (the
+    exactness tests compare RFP with an autograd BPTT reference in float64). The context whitening,
+    when there is one, is a constant linear map of each step: s = (h - mean) @ whiten.
     """
-    e, lin1, lin2, norm = head.e.weight, head.lin1, head.lin2, head.norm  # e: (D, N)
+    e, lin1, lin2, norm = head.e.weight, head.lin1, head.lin2, head.norm  # e: (D, M + N) or (D, N)
     w1, b1, w2, b2 = lin1.weight, lin1.bias, lin2.weight, lin2.bias  # (H, D), (H,), (D, H), (D,)
     bs = h_prev.shape[0]
-    both = torch.cat([h_prev, h])  # (2 Bs, N): the context and the target's state, in one pass
+    both = torch.cat([h_prev, h])  # (2 Bs, N): the context's state and the target's, in one pass
     s_both = norm.transform(both) if norm is not None else both
+    if head.context:
+        s_both = torch.cat([torch.cat([u_prev, u]), s_both], 1)  # (2 Bs, M + N): kappa = [u; s]
     z_both = s_both @ e.t()  # (2 Bs, D)
-    s_prev, z, target = s_both[:bs], z_both[:bs], z_both[bs:]  # target: sg(z_t)
+    k_prev, z, target = s_both[:bs], z_both[:bs], z_both[bs:]  # target: sg(z_t)
     pre = torch.addmm(b1, z, w1.t())  # (Bs, H)
     hidden = pre.relu()
     p = torch.addmm(b2, hidden, w2.t())  # (Bs, D) the prediction
     if head.residual:
         p.add_(z)
-    if loss == "cosine":
+    ok = well_conditioned(p, target, cfg.min_norm)  # (Bs,)
+    weight = ok.to(p.dtype).div_(max(int(ok.sum()), 1))[:, None]  # (Bs, 1): the mean over ok rows
+    repeat = prediction_loss(z, target, cfg.loss)
+    if cfg.loss == "cosine":
         eps = 1e-12  # as in model.prediction_loss (F.cosine_similarity clamps each norm at eps)
         p_len = p.norm(dim=1, keepdim=True).clamp_min_(eps)  # (Bs, 1)
         p_hat = p / p_len
         t_hat = target / target.norm(dim=1, keepdim=True).clamp_min_(eps)
         cos = (p_hat * t_hat).sum(1, keepdim=True)  # (Bs, 1)
         per_stream = 1 - cos[:, 0]
-        g_p = (p_hat * cos - t_hat).div_(p_len).mul_(1.0 / bs)  # d(1 - cos)/dp = (cos p^ - t^) / |p|
+        g_p = (p_hat * cos - t_hat).div_(p_len).mul_(weight)  # d(1 - cos)/dp = (cos p^ - t^) / |p|
     else:
         diff = p - target
         per_stream = 0.5 * diff.pow(2).sum(1)
-        g_p = diff.mul_(1.0 / bs)
+        g_p = diff.mul_(weight)
     _grad(w2).addmm_(g_p.t(), hidden)  # (D, H)
     _grad(b2).add_(g_p.sum(0))
     g_pre = (g_p @ w2).mul_(pre > 0)  # (Bs, H), through the ReLU
@@ -254,6 +287,7 @@ def _head_backward_by_hand(
     g_z = g_pre @ w1  # (Bs, D)
     if head.residual:
         g_z.add_(g_p)
-    _grad(e).addmm_(g_z.t(), s_prev)  # (D, N)
-    delta = g_z @ e  # (Bs, N)
-    return per_stream, (delta @ norm.whiten.t() if norm is not None else delta)
+    _grad(e).addmm_(g_z.t(), k_prev)  # (D, M + N)
+    delta = g_z @ e[:, head.context :]  # (Bs, N): only the state part of kappa reaches the RGC
+    delta = delta @ norm.whiten.t() if norm is not None else delta
+    return Scores(per_stream, repeat, ok), delta

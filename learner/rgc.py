@@ -166,10 +166,16 @@ class RGC(nn.Module):
         imm_rows = imm.permute(1, 2, 0).unsqueeze(1) * self._rows_of[..., : imm.shape[0]]  # (B, 2, N, G)
         return Jacobian(a_blocks, k, imm_rows)
 
-    def retention_gains(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """|tau| of both retention gates at states (h, c): (B, 2, N). Values near 1 mean long memory."""
-        w = self.gains
-        pre_h, pre_c = w[0] * h, w[3] * c
-        if self.biases is not None:
-            pre_h, pre_c = pre_h + self.biases[0], pre_c + self.biases[3]
-        return torch.stack((torch.tanh(pre_h), torch.tanh(pre_c)), 1).abs()
+
+def spectral_radius(a: torch.Tensor) -> torch.Tensor:
+    """Spectral radius of each unit's 2x2 Jacobian block: (..., 2, 2) -> (...).
+
+    The block is the factor by which the unit's state perturbations, and its RFP traces, are
+    multiplied at each step (P_t = a_t P_{t-1} + b_t): a radius persistently above 1 means they grow.
+    (|tau| alone cannot reach 1 unless a gate saturates, and ignores the reciprocal gates.)
+    """
+    p, q, r, s = a[..., 0, 0], a[..., 0, 1], a[..., 1, 0], a[..., 1, 1]
+    half_trace, det = (p + s) / 2, p * s - q * r
+    disc = half_trace * half_trace - det
+    real = half_trace.abs() + disc.clamp(min=0).sqrt()  # two real eigenvalues: the larger |lambda|
+    return torch.where(disc >= 0, real, det.clamp(min=0).sqrt())  # complex pair: |lambda|^2 = det

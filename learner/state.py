@@ -22,7 +22,9 @@ class StreamStates:
     """Slot-indexed state of many streams.
 
     ``traces`` maps a trace name to its per-slot shape (e.g. ``{"W": (2, N, M + 1)}``); the learner
-    that owns the states decides which traces exist (none for BPTT).
+    that owns the states decides which traces exist (none for BPTT). ``inputs`` (M) keeps each
+    stream's last normalised trunk features in ``u``, which the context-list embedding reads when
+    it scores the next fixation (0: none kept).
 
     Examples
     --------
@@ -40,11 +42,12 @@ class StreamStates:
         embed_dim: int,
         traces: dict[str, tuple[int, ...]] | None = None,
         *,
+        inputs: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         capacity: int = 8,
     ) -> None:
-        self.n_units, self.embed_dim = n_units, embed_dim
+        self.n_units, self.embed_dim, self.inputs = n_units, embed_dim, inputs
         self.trace_shapes = dict(traces or {})
         self.device, self.dtype = torch.device(device), dtype
         self._allocate(capacity)
@@ -58,6 +61,8 @@ class StreamStates:
         self.h = torch.empty(0, n, device=dev, dtype=dt)  # (S, N)
         self.c = torch.empty(0, n, device=dev, dtype=dt)  # (S, N)
         self.pred = torch.empty(0, self.embed_dim, device=dev, dtype=dt)  # (S, D)
+        # the last fixation's normalised trunk features, read by the context-list embedding (S, M)
+        self.u = torch.empty(0, self.inputs, device=dev, dtype=dt)
         self.step = torch.empty(0, dtype=torch.long, device=dev)  # (S,) fixations since reset
         self.total = torch.empty(0, dtype=torch.long, device=dev)  # (S,) fixations ever
         self.trace: dict[str, torch.Tensor] = {
@@ -75,7 +80,7 @@ class StreamStates:
             fresh = t.new_zeros(capacity - old, *t.shape[1:])
             return torch.cat([t, fresh]) if old else fresh
 
-        self.h, self.c, self.pred = extend(self.h), extend(self.c), extend(self.pred)
+        self.h, self.c, self.pred, self.u = extend(self.h), extend(self.c), extend(self.pred), extend(self.u)
         self.step, self.total = extend(self.step), extend(self.total)
         self.trace = {k: extend(v) for k, v in self.trace.items()}
         self._free.extend(range(capacity - 1, old - 1, -1))  # pop() hands out the lowest first
@@ -117,6 +122,7 @@ class StreamStates:
         self.h[slots] = 0
         self.c[slots] = 0
         self.pred[slots] = 0
+        self.u[slots] = 0
         self.step[slots] = 0
         for t in self.trace.values():
             t[slots] = 0
@@ -134,7 +140,7 @@ class StreamStates:
         self._free.append(slot)
 
     def nbytes_per_stream(self) -> int:
-        per = [self.h, self.c, self.pred, self.step, self.total, *self.trace.values()]
+        per = [self.h, self.c, self.pred, self.u, self.step, self.total, *self.trace.values()]
         return sum(t[0].numel() * t.element_size() for t in per)
 
     # --- persistence ---------------------------------------------------------------------------
@@ -163,5 +169,7 @@ class StreamStates:
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
         named = {"h": self.h, "c": self.c, "pred": self.pred, "step": self.step, "total": self.total}
+        if self.inputs:  # checkpoints of a state-only embedding keep their old keys
+            named["u"] = self.u
         named.update({f"trace.{k}": v for k, v in self.trace.items()})
         return named

@@ -25,8 +25,9 @@ import torch
 from learner.config import ModelConfig
 from learner.diagnostics import Diagnostics
 from learner.errors import InputError
-from learner.model import RJEPA
+from learner.model import RJEPA, Scores
 from learner.patches import preprocess
+from learner.rgc import spectral_radius
 from learner.state import StreamStates
 
 
@@ -39,6 +40,11 @@ class TickOutput:
     error: torch.Tensor  # (B,) this fixation's prediction error; NaN where nothing was predicted
     prediction: torch.Tensor  # (B, D) predicted embedding of each stream's next fixation
     updated: bool  # an optimizer step was applied in this tick
+    repeat_error: (
+        torch.Tensor
+    )  # (B,) error of "repeat the current embedding" on the same fixation; NaN likewise
+    skipped: torch.Tensor  # (B,) bool: scored, but too ill-conditioned to learn from (model.well_conditioned)
+    trace_radius: float  # largest spectral radius of a unit's 2x2 Jacobian block in this tick (>1: growth)
 
 
 def _fused_ok(device: torch.device, dtype: torch.dtype) -> bool:
@@ -136,10 +142,11 @@ class StreamLearner:
             p.grad = torch.zeros_like(p)
         self._params = params  # every trainable parameter, for the per-tick foreach calls
         gains = self.model.gain_parameters()
-        gain_ids = {id(p) for p in gains}
+        embedding = [self.model.E.weight]
+        special = {id(p) for p in gains + embedding}
+        members = ([p for p in params if id(p) not in special], gains, embedding)
         groups: list[dict[str, Any]] = [
-            {"params": [p for p in params if id(p) not in gain_ids]},
-            {"params": gains, "lr": cfg.lr * cfg.gain_lr_scale},
+            {"params": ps, "lr": lr} for ps, lr in zip(members, self.group_lrs(), strict=True)
         ]
         # The fused implementation updates every parameter of a group in one kernel: at B = 1 the
         # multi-kernel Adam step was the largest fixed cost of a tick (about 3x slower, cache-cold).
@@ -153,7 +160,12 @@ class StreamLearner:
                 groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self._fused
             )
         self.states = StreamStates(
-            cfg.n_units, cfg.embed_dim, self._trace_shapes(), device=self.device, dtype=dtype
+            cfg.n_units,
+            cfg.embed_dim,
+            self._trace_shapes(),
+            inputs=self.model.context_features,
+            device=self.device,
+            dtype=dtype,
         )
         self._direct_step: _FusedAdamStep | None = None  # built after the first step (see _apply_step)
         self._direct_checked = False  # whether the first step has decided on _direct_step
@@ -162,26 +174,43 @@ class StreamLearner:
         self._scored_ticks = 0  # ticks with gradients accumulated since the last step (segment mode)
         self.diagnostics = Diagnostics(cfg.embed_dim)
 
+    def group_lrs(self) -> tuple[float, float, float]:
+        """Learning rates of the optimizer's groups: everything else, the RGC's gains, the embedding E."""
+        cfg = self.cfg
+        return cfg.lr, cfg.lr * cfg.gain_lr_scale, cfg.lr * cfg.embed_lr_scale
+
     # --- subclass interface ---------------------------------------------------------------------
     def _trace_shapes(self) -> dict[str, tuple[int, ...]]:
         return {}
 
-    def _learn(self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-        """Advance ``slots`` by one step on inputs u (B, M); accumulate gradients; return errors (B,)."""
+    def _learn(
+        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor
+    ) -> tuple[Scores, torch.Tensor]:
+        """Advance ``slots`` by one step on inputs u (B, M); accumulate the gradients of the mean loss
+        over the well-conditioned scored rows; return the tick's scores (``scored_rows``) and each
+        unit's 2x2 Jacobian blocks (B, N, 2, 2)."""
         raise NotImplementedError
 
+    def scored_rows(self, batch: int, like: torch.Tensor) -> Scores:
+        """Scores of a tick before any row is scored: NaN errors, nothing well-conditioned."""
+        nan = self.nan_errors(batch, like)
+        return Scores(nan, nan.clone(), torch.zeros(batch, dtype=torch.bool, device=like.device))
+
     @torch.no_grad()
-    def _infer(self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    def _infer(
+        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor
+    ) -> tuple[Scores, torch.Tensor]:
         """Forward only: advance h and c, score the predictions; no gradients, traces untouched."""
-        st = self.states
+        st, model = self.states, self.model
         h_prev, c_prev = st.h[slots], st.c[slots]
-        h, c, _ = self.model.rgc.step(u, h_prev, c_prev)
-        error = self.nan_errors(len(slots), h)
+        h, c, cache = model.rgc.step(u, h_prev, c_prev)
+        out = self.scored_rows(len(slots), h)
         idx = scored.nonzero().squeeze(1)
         if idx.numel():
-            error[idx] = self.model.loss(h_prev[idx], h[idx])
+            got = model.scores(st.u[slots][idx], h_prev[idx], u[idx], h[idx])
+            out.error[idx], out.repeat[idx], out.ok[idx] = got.error, got.repeat, got.ok
         st.h[slots], st.c[slots] = h, c
-        return error
+        return out, model.rgc.jacobian(cache).a
 
     def _on_reset(self, slots: torch.Tensor) -> None:
         """Hook for learners that keep per-stream state outside ``self.states``."""
@@ -233,15 +262,17 @@ class StreamLearner:
             starts |= self.states.step[slots] >= cfg.segment_len
         self._reset_slots(slots[starts])
         scored = ~starts  # (B,) this fixation scores the prediction made at the previous one
-        u = self.model.normalize(u.to(self.dtype), update=learn)
-        error = self._learn(slots, u, scored) if learn else self._infer(slots, u, scored)
+        u = self.model.normalize(u.to(self.dtype), update=learn)  # (B, M)
+        scores, blocks = self._learn(slots, u, scored) if learn else self._infer(slots, u, scored)
         st = self.states
+        if st.inputs:
+            st.u[slots] = u  # what the next fixation's loss reads as u_{t-1}
         st.step[slots] += 1
         st.total[slots] += 1
         self.ticks += 1
         updated = False
         if learn:
-            self._scored_ticks += int(bool(scored.any()))
+            self._scored_ticks += int(bool(scores.ok.any()))
             if cfg.update_mode == "every_fixation":
                 updated = self._apply_step()
             elif cfg.segment_len and bool((st.step[slots] >= cfg.segment_len).any()):
@@ -251,12 +282,13 @@ class StreamLearner:
             h_now = st.h[slots]  # (B, N)
             if learn:
                 self.model.observe_context(h_now)
-            z = self.model.embed(h_now)  # (B, D)
+            z = self.model.embed(u, h_now)  # (B, D)
             pred = self.model.G(z)  # (B, D) with the weights after this tick's step
             st.pred[slots] = pred
-            retention = float(self.model.rgc.retention_gains(h_now, st.c[slots]).max())
-            self.diagnostics.observe(step, error, z, h_now, retention)
-        return TickOutput(list(stream_ids), step, error, pred, updated)
+            radius = float(spectral_radius(blocks).max()) if blocks.numel() else 0.0
+            self.diagnostics.observe(step, scores.error, z, h_now, radius, scores.repeat)
+        skipped = scored & ~scores.ok
+        return TickOutput(list(stream_ids), step, scores.error, pred, updated, scores.repeat, skipped, radius)
 
     def end_segment(self) -> bool:
         """Segment mode: apply the accumulated gradient (mean over scored ticks). True if stepped."""

@@ -35,18 +35,24 @@ def rgc_forward(
     return h_new, c_new
 
 
-def embed(model: RJEPA, h: torch.Tensor) -> torch.Tensor:
-    """z = E h, with the context whitening (h - mean) W written out again when the model has one."""
+def embed(model: RJEPA, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """z = E [u; s(h)] (spec v2's context list), or E s(h) with ``embed_from='state'``; s(h) is the
+    context whitening (h - mean) W written out again when the model has one, else h."""
     norm = model.context_norm
     if norm is not None:
         h = (h - norm.mean) @ norm.whiten
+    if model.cfg.embed_from == "context":
+        e_u, e_h = model.E.weight[:, : u.shape[1]], model.E.weight[:, u.shape[1] :]
+        return u @ e_u.T + h @ e_h.T
     return h @ model.E.weight.T
 
 
-def step_loss(model: RJEPA, h_prev: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Mean over streams of D(G(z(h_{t-1})), sg(z(h_t)))."""
-    p = model.G(embed(model, h_prev))
-    z = embed(model, h).detach()
+def step_loss(
+    model: RJEPA, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """Mean over streams of D(G(z(u_{t-1}, h_{t-1})), sg(z(u_t, h_t)))."""
+    p = model.G(embed(model, u_prev, h_prev))
+    z = embed(model, u, h).detach()
     if model.cfg.loss == "cosine":
         per = 1 - F.cosine_similarity(p, z, dim=-1, eps=1e-12)
     else:
@@ -68,7 +74,7 @@ def bptt_grads(
         hs.append(h)
     per_step = []
     for t in range(1, T):
-        loss_t = step_loss(model, hs[t - 1], hs[t])
+        loss_t = step_loss(model, u[:, t - 1], hs[t - 1], u[:, t], hs[t])
         g = torch.autograd.grad(loss_t, [params[n] for n in names], retain_graph=True, allow_unused=True)
         per_step.append(
             {

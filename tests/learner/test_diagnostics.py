@@ -22,6 +22,7 @@ from learner.diagnostics import (
     theorem1,
 )
 from learner.model import RJEPA
+from tests.learner.reference import rgc_forward
 
 F64 = torch.float64
 
@@ -241,10 +242,10 @@ def test_error_by_step_recent_is_an_exponential_moving_average() -> None:
 
 
 # --- Diagnostics: window, spectrum, h, retention -----------------------------------------------------
-def feed(d: Diagnostics, z: torch.Tensor, h: torch.Tensor | None = None, retention: float = 0.0) -> None:
+def feed(d: Diagnostics, z: torch.Tensor, h: torch.Tensor | None = None, radius: float = 0.0) -> None:
     b = z.shape[0]
     h = torch.zeros(b, 3) if h is None else h
-    d.observe(torch.full((b,), 2), torch.full((b,), 0.1), z, h, retention)
+    d.observe(torch.full((b,), 2), torch.full((b,), 0.1), z, h, radius)
 
 
 def test_window_keeps_the_last_embeddings_oldest_first() -> None:
@@ -291,14 +292,32 @@ def test_spectrum_with_fewer_than_two_embeddings_is_zero(seen: int) -> None:
     assert "theorem1_cosine" not in summary  # needs a covariance, i.e. two embeddings
 
 
-def test_h_norm_and_retention_are_from_the_last_tick() -> None:
+def test_h_norm_and_radius_are_from_the_last_tick() -> None:
     d = Diagnostics(embed_dim=2, window=8)
-    feed(d, torch.zeros(2, 2), h=torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 4.0]]), retention=0.9)
-    feed(d, torch.zeros(2, 2), h=torch.tensor([[1.0, 2.0, 2.0], [0.0, 6.0, 8.0]]), retention=0.25)
+    feed(d, torch.zeros(2, 2), h=torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 4.0]]), radius=0.9)
+    feed(d, torch.zeros(2, 2), h=torch.tensor([[1.0, 2.0, 2.0], [0.0, 6.0, 8.0]]), radius=0.25)
     assert d.h_norm == pytest.approx(6.5)  # mean of 3 and 10
-    assert d.max_retention_gain == 0.25
+    assert d.max_trace_radius == 0.25
     summary = d.summary()
-    assert summary["h_norm"] == pytest.approx(6.5) and summary["max_retention_gain"] == 0.25
+    assert summary["h_norm"] == pytest.approx(6.5) and summary["max_trace_radius"] == 0.25
+
+
+def test_repeat_errors_are_averaged_by_step() -> None:
+    d = Diagnostics(embed_dim=2, window=8, max_step=3)
+    z = torch.zeros(3, 2)
+    d.observe(
+        torch.tensor([1, 2, 5]),
+        torch.tensor([math.nan, 0.2, 0.4]),
+        z,
+        z,
+        0.0,
+        torch.tensor([math.nan, 0.5, 0.7]),
+    )
+    d.observe(
+        torch.tensor([2, 3, 6]), torch.tensor([0.1, 0.3, 0.6]), z, z, 0.0, torch.tensor([0.3, 0.6, 0.9])
+    )
+    assert d.repeat_error_by_step() == {2: pytest.approx(0.4), 3: pytest.approx((0.7 + 0.6 + 0.9) / 3)}
+    assert d.summary()["repeat_error_by_step"] == d.repeat_error_by_step()
 
 
 # --- Diagnostics.summary with a model: Theorem 1 -----------------------------------------------------
@@ -346,14 +365,14 @@ def test_summary_theorem1_linearises_an_mlp_predictor_at_the_mean() -> None:
 
 
 # --- a tiny learner with hand-set gains --------------------------------------------------------------
-def test_learner_reports_h_norm_and_largest_retention_gain() -> None:
-    cfg = tiny_cfg(input_norm=False, optimizer="sgd", lr=0.0)
+def test_learner_reports_h_norm_and_largest_trace_radius() -> None:
+    cfg = tiny_cfg(input_norm=False, optimizer="sgd", lr=0.0, embed_from="state")
     learner = RFPLearner(cfg, dtype=F64)
     rgc = learner.model.rgc
     b = torch.tensor([0.5, -1.0, 2.0, 0.1, -0.3, 1.5], dtype=F64)
     w = torch.tensor(
         [
-            [0.1, 2.5, 0.2, 0.0, 0.3, 0.1],  # hh: unit 1 gives |tanh(-2.5)|, the largest at step 1
+            [0.1, 2.5, 0.2, 0.0, 0.3, 0.1],  # hh
             [0.2, 0.1, -0.1, 0.4, 0.0, 0.2],  # ch
             [0.3, -0.2, 0.1, 0.1, 0.5, 0.0],  # hc
             [0.2, 0.1, 0.4, 0.3, 0.1, 0.5],  # cc
@@ -367,22 +386,34 @@ def test_learner_reports_h_norm_and_largest_retention_gain() -> None:
     u = torch.randn(2, 8, generator=gen(20), dtype=F64)
     diag = learner.diagnostics
 
+    def largest_radius(h: torch.Tensor, c: torch.Tensor) -> float:
+        """Reference: each unit's 2x2 block of the autograd Jacobian of one step, its eigenvalues."""
+
+        def step(hc: torch.Tensor) -> torch.Tensor:
+            h1, c1 = rgc_forward(learner.model, u[:1], hc[None, 0], hc[None, 1])
+            return torch.stack([h1[0], c1[0]])
+
+        jac = torch.autograd.functional.jacobian(step, torch.stack([h, c]))  # (2, N, 2, N)
+        n = h.shape[0]
+        blocks = torch.stack([jac[:, i, :, i] for i in range(n)])  # (N, 2, 2)
+        return float(torch.linalg.eigvals(blocks).abs().max())
+
+    zero = torch.zeros(6, dtype=F64)
     learner.tick_features(["a", "b"], u)  # h0 = c0 = 0, so h1 = c1 = x = b
     assert diag.h_norm == pytest.approx(float(b.norm()), rel=1e-12)
-    step1 = max(float(torch.tanh(w[0] * b).abs().max()), float(torch.tanh(w[3] * b).abs().max()))
-    assert step1 == pytest.approx(math.tanh(2.5))
-    assert diag.max_retention_gain == pytest.approx(step1, rel=1e-12)
+    step1 = largest_radius(zero, zero)
+    # at h0 = c0 = 0 each block is [[0, -b w_ch], [-b w_hc, 0]]: radius |b| sqrt(|w_ch w_hc|)
+    assert step1 == pytest.approx(float((b.abs() * (w[1] * w[2]).abs().sqrt()).max()), rel=1e-9)
+    assert diag.max_trace_radius == pytest.approx(step1, rel=1e-9)
     assert diag.error_by_step() == {}  # nothing scored at the first fixation
 
     out = learner.tick_features(["a", "b"], u)
     h2 = (1 - torch.tanh(w[1] * b)) * b + torch.tanh(w[0] * b) * b  # form R with h1 = c1 = b
-    c2 = (1 - torch.tanh(w[2] * b)) * b + torch.tanh(w[3] * b) * b
     assert diag.h_norm == pytest.approx(float(h2.norm()), rel=1e-12)
-    step2 = max(float(torch.tanh(w[0] * h2).abs().max()), float(torch.tanh(w[3] * c2).abs().max()))
-    assert diag.max_retention_gain == pytest.approx(step2, rel=1e-12)
+    assert diag.max_trace_radius == pytest.approx(largest_radius(b, b), rel=1e-9)
     assert diag.error_by_step() == {2: pytest.approx(float(out.error.mean()), rel=1e-12)}
     with torch.no_grad():
-        z2 = learner.model.embed(h2.expand(2, -1))  # (2, D)
+        z2 = learner.model.embed(u, h2.expand(2, -1))  # (2, D)
     torch.testing.assert_close(diag.embeddings()[-2:], z2, rtol=1e-12, atol=1e-12)
     summary = diag.summary(learner.model)
     assert summary["embeddings_seen"] == 4 and -1.0 <= summary["theorem1_cosine"] <= 1.0

@@ -21,13 +21,16 @@ def make_learner(
     seed: int = 0,
     batched: bool = False,
     head: str = "mlp",
+    embed_from: str = "context",
 ) -> RFPLearner:
     """``head``: ``mlp`` (the spec's predictor, no context whitening), or ``default`` (the residual
     predictor and the context whitening of ModelConfig's defaults, with random non-trivial weights and
-    statistics held fixed, since RFP treats them as constants of each step)."""
+    statistics held fixed, since RFP treats them as constants of each step). ``embed_from``: the
+    embedding reads the context list [u; s(h)] (the default) or the state alone."""
     cfg = ModelConfig(
         predictor="mlp" if head == "mlp" else "residual",
         context_norm=head != "mlp",
+        embed_from=embed_from,
         trunk="none",
         in_features=M,
         n_units=N,
@@ -79,17 +82,23 @@ def run_rfp(learner: RFPLearner, u: torch.Tensor) -> tuple[dict, list[dict]]:
     return learner.grads(), per_step
 
 
-CASES = [
-    (loss, phi, weights, "mlp")
-    for loss in ("cosine", "mse")
-    for phi in ("identity", "tanh")
-    for weights in ("zero", "random")
-] + [(loss, "identity", "random", "default") for loss in ("cosine", "mse")]
+CASES = (
+    [
+        (loss, phi, weights, "mlp", "context")
+        for loss in ("cosine", "mse")
+        for phi in ("identity", "tanh")
+        for weights in ("zero", "random")
+    ]
+    + [(loss, "identity", "random", "default", "context") for loss in ("cosine", "mse")]
+    + [("cosine", "tanh", "random", head, "state") for head in ("mlp", "default")]
+)
 
 
-@pytest.mark.parametrize("loss,phi,weights,head", CASES)
-def test_rfp_equals_bptt_for_every_group(loss: str, phi: str, weights: str, head: str) -> None:
-    learner = make_learner(loss=loss, phi=phi, weights=weights, head=head)
+@pytest.mark.parametrize("loss,phi,weights,head,embed_from", CASES)
+def test_rfp_equals_bptt_for_every_group(
+    loss: str, phi: str, weights: str, head: str, embed_from: str
+) -> None:
+    learner = make_learner(loss=loss, phi=phi, weights=weights, head=head, embed_from=embed_from)
     u = inputs(1)
     ref_sum, ref_steps = bptt_grads(learner.model, u)
     got_sum, got_steps = run_rfp(learner, u)
@@ -167,7 +176,7 @@ def test_finite_differences_agree_with_rfp() -> None:
             hs.append(h)
         total = 0.0
         for t in range(1, len(hs)):
-            p = model.G(embed(model, hs[t - 1]))
+            p = model.G(embed(model, u[:, t - 1], hs[t - 1]))
             z = targets[t]
             total += float(1 - torch.nn.functional.cosine_similarity(p, z, dim=-1).mean())
         return total
@@ -177,7 +186,7 @@ def test_finite_differences_agree_with_rfp() -> None:
         targets = []
         for t in range(u.shape[1]):
             h, c = rgc_forward(model, u[:, t], h, c)
-            targets.append(embed(model, h).clone())
+            targets.append(embed(model, u[:, t], h).clone())
         eps = 1e-5
         params = dict(model.named_parameters())
         for name, index in [

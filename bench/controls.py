@@ -1,0 +1,556 @@
+"""Does foveate *predict* the next fixation? The controls of spec 1.6 on held-out people and images.
+
+One command trains a learner online on some OSIE participants and images and scores it, with the
+same weights on the same fixations, against the trivial explanations of a falling error:
+
+* **repeat**: predict the next embedding as the current one, ``D(z_{t-1}, z_t)``; skill is
+  ``1 - model error / repeat error``;
+* **shuffled**: each held-out scanpath's fixations in a random order (a scene's gist survives this);
+* **i.i.d.**: every patch taken from a random other held-out image (no scene to learn about: a
+  model that predicts content gains little from memory, so the error's fall with the step shrinks);
+* **retrieval**: rank the true next embedding among 10: the true patch's, and those the model would
+  reach had the eye landed on 9 other patches (``--same-image`` of them on the same image at least
+  one patch away, drawn uniformly, the rest fixated patches of other held-out images); top-1
+  accuracy, chance 10 %; for the model (its prediction), for repeat (the current embedding as the
+  prediction) and for the untrained model;
+* **untrained** (learning rate 0, same running statistics) and **transfer** (learn on the training
+  people and images, freeze, score the held-out ones), and **online** (keep learning on the held-out
+  people and images, prequentially: each fixation scored before it is learned from; the second half
+  of that run is reported);
+* effective dimensionality of the embedding on held-out fixations (participation ratio, of D).
+
+Standard errors are over images (each image's mean over its fixations, then the spread of those
+means). Every seed trains its own model; the table reports each seed. The trunk is frozen, so its
+features are computed once per patch and cached (``--cache``).
+
+Usage (the full run; ``tests/bench/test_controls.py`` runs a tiny one)::
+
+    python -m bench.controls --train-subjects 1-12 --train-images 1-350 \\
+        --test-subjects 13-15 --test-images 351-700 --seeds 0 1 --out-dir docs/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.osie_learning import Tick, _clone_frozen, feature_ticks, stream, untrained_reference
+from clients.recorded import RecordedDataset, default_dataset_path
+from learner import ModelConfig, RFPLearner, StreamLearner
+from learner.diagnostics import covariance_spectrum, participation_ratio
+from learner.model import prediction_loss
+from learner.patches import cut_patch, preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scanpath:
+    """One participant's fixations on one image, with their trunk features."""
+
+    subject: str
+    image: str
+    u: torch.Tensor  # (T, M) raw trunk features, in scanpath order
+
+
+def parse_range(text: str, names: Sequence[str]) -> list[str]:
+    """``"1-12"`` or ``"1,3,5"``: 1-based positions into ``names`` (natural order)."""
+    out: list[str] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if not 1 <= first <= last <= len(names):
+            raise SystemExit(f"range {part!r} is outside 1-{len(names)}")
+        out.extend(names[first - 1 : last])
+    return out
+
+
+def scanpaths_of(ticks: Sequence[Tick]) -> list[Scanpath]:
+    """Regroup interleaved ticks into scanpaths (subject, image), in order of first appearance."""
+    rows: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for tick in ticks:
+        for i, (subject, image, fix_index) in enumerate(tick.meta):
+            rows[(subject, image)].append((fix_index, tick.u[i]))
+    return [
+        Scanpath(s, im, torch.stack([u for _, u in sorted(fx, key=lambda r: r[0])]))
+        for (s, im), fx in rows.items()
+    ]
+
+
+def lockstep_ticks(paths: Sequence[Scanpath], width: int = 32) -> list[Tick]:
+    """Frozen evaluation: ``width`` scanpaths side by side as streams, each from a reset."""
+    ticks: list[Tick] = []
+    for start in range(0, len(paths), width):
+        group = paths[start : start + width]
+        for t in range(max(len(p.u) for p in group)):
+            live = [(k, p) for k, p in enumerate(group) if t < len(p.u)]
+            ticks.append(
+                Tick(
+                    ids=[f"lane-{k}" for k, _ in live],
+                    u=torch.stack([p.u[t] for _, p in live]),
+                    reset=[t == 0] * len(live),
+                    meta=[(p.subject, p.image, t) for _, p in live],
+                )
+            )
+    return ticks
+
+
+def shuffled(paths: Sequence[Scanpath], gen: torch.Generator) -> list[Scanpath]:
+    """Each scanpath's fixations in a random order."""
+    return [Scanpath(p.subject, p.image, p.u[torch.randperm(len(p.u), generator=gen)]) for p in paths]
+
+
+def iid_other_images(paths: Sequence[Scanpath], gen: torch.Generator) -> list[Scanpath]:
+    """Every patch replaced by a fixated patch of a random other image of the set."""
+    pool = torch.cat([p.u for p in paths])  # (F, M)
+    image_of = [p.image for p in paths for _ in range(len(p.u))]
+    out = []
+    for p in paths:
+        picks = []
+        for _ in range(len(p.u)):
+            while True:
+                j = int(torch.randint(len(pool), (1,), generator=gen))
+                if image_of[j] != p.image:
+                    break
+            picks.append(pool[j])
+        out.append(Scanpath(p.subject, p.image, torch.stack(picks)))
+    return out
+
+
+def score(learner: StreamLearner, paths: Sequence[Scanpath]) -> list[dict[str, Any]]:
+    """Frozen replay: one record per scored fixation (step >= 2) with its error and repeat error."""
+    probe = _clone_frozen(learner)
+    out = []
+    for tick in lockstep_ticks(paths):
+        res = probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
+        for i, (subject, image, _) in enumerate(tick.meta):
+            if not math.isnan(float(res.error[i])):
+                out.append(
+                    {
+                        "subject": subject,
+                        "image": image,
+                        "step": int(res.step[i]),
+                        "error": float(res.error[i]),
+                        "repeat": float(res.repeat_error[i]),
+                    }
+                )
+    return out
+
+
+def online(learner: StreamLearner, ticks: Sequence[Tick]) -> list[dict[str, Any]]:
+    """Prequential records of a learning run: each fixation scored before it is learned from."""
+    out = []
+    for tick in ticks:
+        res = learner.tick_features(tick.ids, tick.u, tick.reset, learn=True)
+        for i, (subject, image, _) in enumerate(tick.meta):
+            if not math.isnan(float(res.error[i])):
+                out.append(
+                    {
+                        "subject": subject,
+                        "image": image,
+                        "step": int(res.step[i]),
+                        "error": float(res.error[i]),
+                        "repeat": float(res.repeat_error[i]),
+                        "skipped": bool(res.skipped[i]),
+                    }
+                )
+    return out
+
+
+def by_image(records: Sequence[dict[str, Any]], value: Any) -> tuple[float, float, int]:
+    """Mean of ``value(record)`` and its standard error over images: (mean, sem, n images)."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        groups[r["image"]].append(value(r))
+    means = np.array([np.mean(v) for v in groups.values()])
+    sem = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else math.nan
+    return float(means.mean()), sem, len(means)
+
+
+def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Model and repeat errors, their difference and skill, with standard errors over images."""
+    err = by_image(records, lambda r: r["error"])
+    rep = by_image(records, lambda r: r["repeat"])
+    diff = by_image(records, lambda r: r["error"] - r["repeat"])
+    return {
+        "fixations": len(records),
+        "error": err[:2],
+        "repeat": rep[:2],
+        "model_minus_repeat": diff[:2],
+        "skill": 1 - err[0] / rep[0],
+        "images": err[2],
+    }
+
+
+def steps(records: Sequence[dict[str, Any]], key: str = "error", max_step: int = 10) -> dict[int, list[float]]:
+    """Mean and standard error over images of ``key`` at each step (the last bin: ``max_step`` or later)."""
+    out = {}
+    for s in range(2, max_step + 1):
+        rows = [r for r in records if min(r["step"], max_step) == s]
+        if rows:
+            out[s] = list(by_image(rows, lambda r: r[key])[:2])
+    return out
+
+
+def fall(by_step: dict[int, list[float]]) -> float:
+    """How much the error falls from the second fixation to the last bin."""
+    return by_step[2][0] - by_step[max(by_step)][0]
+
+
+# --- retrieval ------------------------------------------------------------------------------------
+@dataclass
+class RetrievalSet:
+    """Scored fixations with 9 counterfactual next patches each."""
+
+    path: list[int]  # (R,) index into the scanpaths
+    step: list[int]  # (R,) 0-based position t of the true next fixation (t >= 1)
+    distractors: torch.Tensor  # (R, 9, M) raw trunk features
+
+
+def retrieval_set(
+    learner: StreamLearner,
+    ds: RecordedDataset,
+    paths: Sequence[Scanpath],
+    *,
+    n: int,
+    same_image: int,
+    patch_px: int,
+    gen: torch.Generator,
+) -> RetrievalSet:
+    """Pick ``n`` scored fixations; cut ``same_image`` patches of each one's image at uniform positions
+    at least one patch from the true fixation, and take the rest from other images' fixations."""
+    fix = {(f.subject, f.image, f.fix_index): f for p in paths for f in ds.scanpath(p.image, p.subject)}
+    candidates = [(k, t) for k, p in enumerate(paths) for t in range(1, len(p.u))]
+    order = torch.randperm(len(candidates), generator=gen)[:n].tolist()
+    chosen = [candidates[i] for i in order]
+    pool = [(k, t) for k, p in enumerate(paths) for t in range(len(p.u))]
+    patches, others = [], []
+    for k, t in chosen:
+        p = paths[k]
+        true = fix[(p.subject, p.image, t)]
+        img = ds.load_image(p.image)
+        h, w = img.shape[:2]
+        drawn = 0
+        while drawn < same_image:
+            x, y = (torch.rand(2, generator=gen) * torch.tensor([w, h])).tolist()
+            if math.hypot(x - true.x, y - true.y) >= patch_px:
+                patches.append(cut_patch(img, x, y, patch_px))
+                drawn += 1
+        picks = []
+        while len(picks) < 9 - same_image:
+            kk, tt = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+            if paths[kk].image != p.image:
+                picks.append(paths[kk].u[tt])
+        others.append(torch.stack(picks) if picks else paths[k].u[:0])
+    with torch.no_grad():
+        feats = []
+        for start in range(0, len(patches), 64):
+            x = preprocess(patches[start : start + 64], learner.cfg.input_size, device=learner.device)
+            feats.append(learner.model.encode(x).cpu())
+        same = torch.cat(feats).view(len(chosen), same_image, -1) if patches else None
+    rows = [
+        torch.cat([same[i], others[i]]) if same is not None else others[i] for i in range(len(chosen))
+    ]
+    return RetrievalSet([k for k, _ in chosen], [t for _, t in chosen], torch.stack(rows))
+
+
+@torch.no_grad()
+def retrieval(learner: StreamLearner, paths: Sequence[Scanpath], rs: RetrievalSet) -> dict[str, float]:
+    """Top-1 accuracy of the true next embedding among 10, for the model's prediction and for repeat.
+
+    Candidates are ranked by the loss ``D(prediction, candidate)`` (lowest first). The model's state
+    before the true fixation is replayed from the scanpath's start with frozen weights.
+    """
+    model = learner.model
+    hits_model, hits_repeat = [], []
+    for k, t, dis in zip(rs.path, rs.step, rs.distractors, strict=True):
+        u = model.normalize(paths[k].u[: t + 1].to(learner.dtype), update=False)  # (t+1, M)
+        h = c = model.zero_state(1)
+        for i in range(t):
+            h, c, _ = model.rgc.step(u[i : i + 1], h, c)
+        z_prev = model.embed(u[t - 1 : t], h)  # (1, D)
+        cands = torch.cat([u[t : t + 1], model.normalize(dis.to(learner.dtype), update=False)])  # (10, M)
+        h_next, _, _ = model.rgc.step(cands, h.expand(10, -1), c.expand(10, -1))
+        z = model.embed(cands, h_next)  # (10, D): the true one first
+        for pred, hits in ((model.G(z_prev), hits_model), (z_prev, hits_repeat)):
+            losses = prediction_loss(pred.expand(10, -1), z, model.cfg.loss)
+            hits.append(float(int(losses.argmin()) == 0))
+    n = len(hits_model)
+    sem = lambda v: float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan  # noqa: E731
+    return {
+        "model": float(np.mean(hits_model)),
+        "model_sem": sem(hits_model),
+        "repeat": float(np.mean(hits_repeat)),
+        "repeat_sem": sem(hits_repeat),
+        "n": n,
+    }
+
+
+def dimensionality(learner: StreamLearner, paths: Sequence[Scanpath], window: int = 4000) -> float:
+    """Participation ratio of the embedding covariance over held-out fixations (frozen replay)."""
+    probe = _clone_frozen(learner)
+    zs = []
+    with torch.no_grad():
+        for tick in lockstep_ticks(paths):
+            probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
+            slots = probe.states.slots(tick.ids)
+            zs.append(probe.model.embed(probe.states.u[slots], probe.states.h[slots]).double())
+    return participation_ratio(covariance_spectrum(torch.cat(zs)[-window:]))
+
+
+# --- the run --------------------------------------------------------------------------------------
+def cached_features(
+    learner: StreamLearner,
+    ds: RecordedDataset,
+    images: Sequence[str],
+    subjects: Sequence[str],
+    patch_px: int,
+    cache: Path | None,
+) -> list[Tick]:
+    """``feature_ticks``, cached on disk by trunk, input size, images, subjects and patch size."""
+    cfg = learner.cfg
+    key = json.dumps([cfg.trunk, cfg.trunk_weights, cfg.input_size, list(images), list(subjects), patch_px])
+    path = cache / f"features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt" if cache else None
+    if path is not None and path.is_file():
+        return [Tick(**t) for t in torch.load(path, weights_only=False)]
+    ticks = feature_ticks(learner, ds, images=images, subjects=subjects, patch_px=patch_px)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([t.__dict__ for t in ticks], path)
+    return ticks
+
+
+def run_seed(
+    cfg: ModelConfig,
+    train: Sequence[Tick],
+    test: Sequence[Tick],
+    test_paths: Sequence[Scanpath],
+    rs: RetrievalSet,
+    seed: int,
+) -> dict[str, Any]:
+    """Every measure for one seed: train online, then the controls on the held-out split."""
+    cfg = cfg.replace(seed=seed)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    learner = RFPLearner(cfg)
+    t0 = time.perf_counter()
+    train_records = online(learner, train)
+    t_train = time.perf_counter() - t0
+    untrained, _ = untrained_reference(cfg, train, 1, "cpu")
+    frozen = _clone_frozen(learner)
+    transfer = score(frozen, test_paths)
+    res: dict[str, Any] = {
+        "seed": seed,
+        "seconds_training": t_train,
+        "train_fixations": len(train_records),
+        "train_skipped": sum(r["skipped"] for r in train_records),
+        "train_second_half": summary(train_records[len(train_records) // 2 :]),
+        "transfer": summary(transfer),
+        "transfer_by_step": steps(transfer),
+        "transfer_repeat_by_step": steps(transfer, "repeat"),
+        "untrained": summary(score(untrained, test_paths)),
+    }
+    shuffled_records = score(frozen, shuffled(test_paths, gen))
+    iid_records = score(frozen, iid_other_images(test_paths, gen))
+    res["shuffled"] = summary(shuffled_records)
+    res["shuffled_by_step"] = steps(shuffled_records)
+    res["iid"] = summary(iid_records)
+    res["iid_by_step"] = steps(iid_records)
+    res["fall"] = {
+        "model": fall(res["transfer_by_step"]),
+        "repeat": fall(res["transfer_repeat_by_step"]),
+        "shuffled": fall(res["shuffled_by_step"]),
+        "iid": fall(res["iid_by_step"]),
+    }
+    res["retrieval"] = retrieval(learner, test_paths, rs)
+    res["retrieval_untrained"] = retrieval(untrained, test_paths, rs)
+    res["effective_dim"] = dimensionality(learner, test_paths)
+    res["effective_dim_untrained"] = dimensionality(untrained, test_paths)
+    # keep learning on the held-out people and images (the service's mode); its second half
+    held_out = online(learner, test)
+    res["online_held_out_second_half"] = summary(held_out[len(held_out) // 2 :])
+    res["learner"] = learner
+    return res
+
+
+def run(
+    dataset: str | Path,
+    cfg: ModelConfig,
+    *,
+    train_subjects: str,
+    train_images: str,
+    test_subjects: str,
+    test_images: str,
+    seeds: Sequence[int] = (0, 1),
+    retrieval_n: int = 1000,
+    same_image: int = 5,
+    patch_px: int = 50,
+    cache: Path | None = None,
+) -> dict[str, Any]:
+    ds = RecordedDataset.open(dataset)
+    tr_s, te_s = parse_range(train_subjects, ds.subjects), parse_range(test_subjects, ds.subjects)
+    tr_i, te_i = parse_range(train_images, ds.images), parse_range(test_images, ds.images)
+    if set(tr_s) & set(te_s) or set(tr_i) & set(te_i):
+        raise SystemExit("training and held-out people and images must not overlap")
+    feature_learner = RFPLearner(cfg)
+    t0 = time.perf_counter()
+    train = cached_features(feature_learner, ds, tr_i, tr_s, patch_px, cache)
+    test = cached_features(feature_learner, ds, te_i, te_s, patch_px, cache)
+    test_paths = scanpaths_of(test)
+    rs = retrieval_set(
+        feature_learner,
+        ds,
+        test_paths,
+        n=retrieval_n,
+        same_image=same_image,
+        patch_px=patch_px,
+        gen=torch.Generator().manual_seed(7),
+    )
+    t_features = time.perf_counter() - t0
+    per_seed = [run_seed(cfg, train, test, test_paths, rs, s) for s in seeds]
+    return {
+        "config": cfg.to_dict(),
+        "split": {
+            "train_subjects": train_subjects,
+            "train_images": train_images,
+            "test_subjects": test_subjects,
+            "test_images": test_images,
+        },
+        "retrieval_candidates": {"same_image": same_image, "other_images": 9 - same_image},
+        "seconds_features": t_features,
+        "seeds": per_seed,
+    }
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The report: one column per seed."""
+
+    def pm(v: Sequence[float]) -> str:
+        return f"{v[0]:.4f} ± {v[1]:.4f}"
+
+    rows: list[tuple[str, Any]] = [
+        ("transfer: model error", lambda s: pm(s["transfer"]["error"])),
+        ("transfer: repeat error", lambda s: pm(s["transfer"]["repeat"])),
+        ("transfer: model - repeat", lambda s: pm(s["transfer"]["model_minus_repeat"])),
+        ("transfer: skill", lambda s: f"{s['transfer']['skill']:+.3f}"),
+        ("online held-out 2nd half: model - repeat", lambda s: pm(s["online_held_out_second_half"]["model_minus_repeat"])),
+        ("online held-out 2nd half: skill", lambda s: f"{s['online_held_out_second_half']['skill']:+.3f}"),
+        ("training 2nd half: skill", lambda s: f"{s['train_second_half']['skill']:+.3f}"),
+        ("untrained: error", lambda s: pm(s["untrained"]["error"])),
+        ("retrieval top-1: model", lambda s: f"{s['retrieval']['model']:.3f} ± {s['retrieval']['model_sem']:.3f}"),
+        ("retrieval top-1: repeat", lambda s: f"{s['retrieval']['repeat']:.3f} ± {s['retrieval']['repeat_sem']:.3f}"),
+        ("retrieval top-1: untrained", lambda s: f"{s['retrieval_untrained']['model']:.3f}"),
+        ("fall step 2 -> 10+: model", lambda s: f"{s['fall']['model']:.4f}"),
+        ("fall: shuffled", lambda s: f"{s['fall']['shuffled']:.4f}"),
+        ("fall: i.i.d. other images", lambda s: f"{s['fall']['iid']:.4f}"),
+        ("fall: repeat", lambda s: f"{s['fall']['repeat']:.4f}"),
+        ("effective dim (of D)", lambda s: f"{s['effective_dim']:.1f}"),
+        ("effective dim untrained", lambda s: f"{s['effective_dim_untrained']:.1f}"),
+        ("skipped training fixations", lambda s: f"{s['train_skipped']} of {s['train_fixations']}"),
+    ]
+    seeds = res["seeds"]
+    lines = ["| measure | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " |"]
+    lines.append("|---|" + "---|" * len(seeds))
+    for name, get in rows:
+        lines.append(f"| {name} | " + " | ".join(get(s) for s in seeds) + " |")
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Error by step within a scanpath: model, repeat, shuffled and i.i.d. (transfer, first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = res["seeds"][0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (
+        ("transfer_by_step", "model"),
+        ("transfer_repeat_by_step", "repeat the current embedding"),
+        ("shuffled_by_step", "model, scanpaths shuffled"),
+        ("iid_by_step", "model, patches from other images"),
+    ):
+        xs = sorted(s[key])
+        ys = np.array([s[key][x][0] for x in xs])
+        es = np.array([s[key][x][1] for x in xs])
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, label=label)
+    ax.set_xlabel("fixation within the scanpath (last: 10 or later)")
+    ax.set_ylabel("prediction error (1 - cos)")
+    ax.set_title("held-out people and images (transfer), ± s.e. over images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=str(default_dataset_path()))
+    ap.add_argument("--train-subjects", default="1-12")
+    ap.add_argument("--train-images", default="1-350")
+    ap.add_argument("--test-subjects", default="13-15")
+    ap.add_argument("--test-images", default="351-700")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--retrieval", type=int, default=1000, help="scored fixations ranked in retrieval")
+    ap.add_argument("--same-image", type=int, default=5, help="of the 9 distractors, from the same image")
+    ap.add_argument("--trunk", default=ModelConfig.trunk)
+    ap.add_argument("--trunk-weights", default=None)
+    ap.add_argument("--embed-from", default=ModelConfig.embed_from, choices=["context", "state"])
+    ap.add_argument("--lr", type=float, default=ModelConfig.lr)
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="other ModelConfig fields (ablations)"
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--cache", type=Path, default=Path("runs/cache"), help="trunk feature cache folder")
+    ap.add_argument("--out-dir", type=Path, default=None, help="write controls.json, .md and the figure")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    extra = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        kind = type(getattr(ModelConfig, name))
+        extra[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    cfg = ModelConfig(
+        trunk=args.trunk, trunk_weights=args.trunk_weights, embed_from=args.embed_from, lr=args.lr, **extra
+    )
+    t0 = time.perf_counter()
+    res = run(
+        args.dataset,
+        cfg,
+        train_subjects=args.train_subjects,
+        train_images=args.train_images,
+        test_subjects=args.test_subjects,
+        test_images=args.test_images,
+        seeds=args.seeds,
+        retrieval_n=args.retrieval,
+        same_image=args.same_image,
+        cache=args.cache,
+    )
+    for s in res["seeds"]:
+        s.pop("learner")
+    res["seconds_total"] = time.perf_counter() - t0
+    table = format_table(res)
+    print(table)
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "controls.json").write_text(json.dumps(res, indent=2))
+        (args.out_dir / "controls.md").write_text(table + "\n")
+        plot(res, args.out_dir / "controls_by_step.png")
+
+
+if __name__ == "__main__":
+    main()
