@@ -46,11 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.osie_learning import Tick, _clone_frozen, feature_ticks, stream, untrained_reference
+from bench.osie_learning import Tick, _clone_frozen, feature_ticks, untrained_reference
 from clients.recorded import RecordedDataset, default_dataset_path
 from learner import ModelConfig, RFPLearner, StreamLearner
 from learner.diagnostics import covariance_spectrum, participation_ratio
-from learner.model import prediction_loss
 from learner.patches import cut_patch, preprocess
 
 log = logging.getLogger(__name__)
@@ -130,22 +129,46 @@ def iid_other_images(paths: Sequence[Scanpath], gen: torch.Generator) -> list[Sc
 
 
 def score(learner: StreamLearner, paths: Sequence[Scanpath]) -> list[dict[str, Any]]:
-    """Frozen replay: one record per scored fixation (step >= 2) with its error and repeat error."""
+    """Frozen replay: one record per scored fixation (step >= 2) with its error, the repeat error, and
+    two shrinkage baselines in the same loss, both fitted on these very fixations (so favoured):
+    ``mean`` predicts the set's mean embedding, ``shrink`` the best blend a z_{t-1} + (1 - a) mean."""
     probe = _clone_frozen(learner)
-    out = []
-    for tick in lockstep_ticks(paths):
-        res = probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
-        for i, (subject, image, _) in enumerate(tick.meta):
-            if not math.isnan(float(res.error[i])):
-                out.append(
-                    {
-                        "subject": subject,
-                        "image": image,
-                        "step": int(res.step[i]),
-                        "error": float(res.error[i]),
-                        "repeat": float(res.repeat_error[i]),
-                    }
-                )
+    model = probe.model
+    out, pairs = [], []
+    last: dict[str, torch.Tensor] = {}  # lane -> z of its previous fixation
+    with torch.no_grad():
+        for tick in lockstep_ticks(paths):
+            res = probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
+            slots = probe.states.slots(tick.ids)
+            z = model.embed(probe.states.u[slots], probe.states.h[slots])  # (B, D)
+            for i, (subject, image, _) in enumerate(tick.meta):
+                if not math.isnan(float(res.error[i])):
+                    out.append(
+                        {
+                            "subject": subject,
+                            "image": image,
+                            "step": int(res.step[i]),
+                            "error": float(res.error[i]),
+                            "repeat": float(res.repeat_error[i]),
+                        }
+                    )
+                    pairs.append((last[tick.ids[i]], z[i]))
+                last[tick.ids[i]] = z[i]
+        if pairs:
+            z_prev = torch.stack([a for a, _ in pairs])  # (F, D)
+            z_now = torch.stack([b for _, b in pairs])
+            mean = z_now.mean(0, keepdim=True)
+            metric = model.change_metric()
+            a_mat = metric if metric is not None else torch.eye(z_now.shape[1], dtype=z_now.dtype)
+            d, t = (z_prev - mean) @ a_mat, (z_now - mean) @ a_mat
+            blend = float((d * t).sum() / (d * d).sum().clamp(min=1e-12))  # least squares in the metric
+            for rec, e_mean, e_shrink in zip(
+                out,
+                model.distance(mean.expand_as(z_now), z_now).tolist(),
+                model.distance(mean + blend * (z_prev - mean), z_now).tolist(),
+                strict=True,
+            ):
+                rec["mean"], rec["shrink"], rec["blend"] = e_mean, e_shrink, blend
     return out
 
 
@@ -184,7 +207,7 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     err = by_image(records, lambda r: r["error"])
     rep = by_image(records, lambda r: r["repeat"])
     diff = by_image(records, lambda r: r["error"] - r["repeat"])
-    return {
+    out = {
         "fixations": len(records),
         "error": err[:2],
         "repeat": rep[:2],
@@ -192,9 +215,18 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "skill": 1 - err[0] / rep[0],
         "images": err[2],
     }
+    if records and "shrink" in records[0]:  # frozen scoring: the shrinkage baselines too
+        out["mean"] = by_image(records, lambda r: r["mean"])[:2]
+        out["shrink"] = by_image(records, lambda r: r["shrink"])[:2]
+        out["shrink_blend"] = records[0]["blend"]
+        out["model_minus_shrink"] = by_image(records, lambda r: r["error"] - r["shrink"])[:2]
+        out["skill_vs_shrink"] = 1 - err[0] / out["shrink"][0]
+    return out
 
 
-def steps(records: Sequence[dict[str, Any]], key: str = "error", max_step: int = 10) -> dict[int, list[float]]:
+def steps(
+    records: Sequence[dict[str, Any]], key: str = "error", max_step: int = 10
+) -> dict[int, list[float]]:
     """Mean and standard error over images of ``key`` at each step (the last bin: ``max_step`` or later)."""
     out = {}
     for s in range(2, max_step + 1):
@@ -229,25 +261,40 @@ def retrieval_set(
     patch_px: int,
     gen: torch.Generator,
 ) -> RetrievalSet:
-    """Pick ``n`` scored fixations; cut ``same_image`` patches of each one's image at uniform positions
-    at least one patch from the true fixation, and take the rest from other images' fixations."""
+    """Pick ``n`` scored fixations. For each, cut ``same_image`` patches of its image where someone
+    (any subject) fixated it, at least one patch from the true next fixation and from the current
+    one (uniform positions when too few such fixations exist), and take the rest from fixations of
+    other images: every candidate is a place people look, so a prediction of "a typical fixated
+    patch" cannot single out the true one."""
     fix = {(f.subject, f.image, f.fix_index): f for p in paths for f in ds.scanpath(p.image, p.subject)}
     candidates = [(k, t) for k, p in enumerate(paths) for t in range(1, len(p.u))]
     order = torch.randperm(len(candidates), generator=gen)[:n].tolist()
     chosen = [candidates[i] for i in order]
     pool = [(k, t) for k, p in enumerate(paths) for t in range(len(p.u))]
+    fixated: dict[str, list[tuple[float, float]]] = {}
     patches, others = [], []
     for k, t in chosen:
         p = paths[k]
-        true = fix[(p.subject, p.image, t)]
+        true, now = fix[(p.subject, p.image, t)], fix[(p.subject, p.image, t - 1)]
         img = ds.load_image(p.image)
         h, w = img.shape[:2]
+        if p.image not in fixated:
+            fixated[p.image] = [(f.x, f.y) for s in ds.subjects for f in ds.scanpath(p.image, s)]
+
+        def far(x: float, y: float, true: Any = true, now: Any = now) -> bool:
+            return min(math.hypot(x - true.x, y - true.y), math.hypot(x - now.x, y - now.y)) >= patch_px
+
+        spots = [xy for xy in fixated[p.image] if far(*xy)]
         drawn = 0
         while drawn < same_image:
-            x, y = (torch.rand(2, generator=gen) * torch.tensor([w, h])).tolist()
-            if math.hypot(x - true.x, y - true.y) >= patch_px:
-                patches.append(cut_patch(img, x, y, patch_px))
-                drawn += 1
+            if len(spots) >= same_image:
+                x, y = spots[int(torch.randint(len(spots), (1,), generator=gen))]
+            else:
+                x, y = (torch.rand(2, generator=gen) * torch.tensor([w, h])).tolist()
+                if not far(x, y):
+                    continue
+            patches.append(cut_patch(img, x, y, patch_px))
+            drawn += 1
         picks = []
         while len(picks) < 9 - same_image:
             kk, tt = pool[int(torch.randint(len(pool), (1,), generator=gen))]
@@ -260,9 +307,7 @@ def retrieval_set(
             x = preprocess(patches[start : start + 64], learner.cfg.input_size, device=learner.device)
             feats.append(learner.model.encode(x).cpu())
         same = torch.cat(feats).view(len(chosen), same_image, -1) if patches else None
-    rows = [
-        torch.cat([same[i], others[i]]) if same is not None else others[i] for i in range(len(chosen))
-    ]
+    rows = [torch.cat([same[i], others[i]]) if same is not None else others[i] for i in range(len(chosen))]
     return RetrievalSet([k for k, _ in chosen], [t for _, t in chosen], torch.stack(rows))
 
 
@@ -270,11 +315,13 @@ def retrieval_set(
 def retrieval(learner: StreamLearner, paths: Sequence[Scanpath], rs: RetrievalSet) -> dict[str, float]:
     """Top-1 accuracy of the true next embedding among 10, for the model's prediction and for repeat.
 
-    Candidates are ranked by the loss ``D(prediction, candidate)`` (lowest first). The model's state
-    before the true fixation is replayed from the scanpath's start with frozen weights.
+    Candidates are ranked by the loss ``D(prediction, candidate)``; a hit needs the true one strictly
+    closest (a tie, or a NaN, is a miss: a collapsed embedding scores 0, not 100 %). The model's
+    state before the true fixation is replayed from the scanpath's start with frozen weights.
+    Standard errors are over images, and the model's lead over repeat is a paired difference.
     """
     model = learner.model
-    hits_model, hits_repeat = [], []
+    rows = []
     for k, t, dis in zip(rs.path, rs.step, rs.distractors, strict=True):
         u = model.normalize(paths[k].u[: t + 1].to(learner.dtype), update=False)  # (t+1, M)
         h = c = model.zero_state(1)
@@ -284,18 +331,20 @@ def retrieval(learner: StreamLearner, paths: Sequence[Scanpath], rs: RetrievalSe
         cands = torch.cat([u[t : t + 1], model.normalize(dis.to(learner.dtype), update=False)])  # (10, M)
         h_next, _, _ = model.rgc.step(cands, h.expand(10, -1), c.expand(10, -1))
         z = model.embed(cands, h_next)  # (10, D): the true one first
-        for pred, hits in ((model.G(z_prev), hits_model), (z_prev, hits_repeat)):
-            losses = prediction_loss(pred.expand(10, -1), z, model.cfg.loss)
-            hits.append(float(int(losses.argmin()) == 0))
-    n = len(hits_model)
-    sem = lambda v: float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan  # noqa: E731
-    return {
-        "model": float(np.mean(hits_model)),
-        "model_sem": sem(hits_model),
-        "repeat": float(np.mean(hits_repeat)),
-        "repeat_sem": sem(hits_repeat),
-        "n": n,
-    }
+        hit = []
+        for pred in (model.G(z_prev), z_prev):
+            losses = model.distance(pred.expand(10, -1), z)
+            hit.append(float(bool(losses[0] < losses[1:].min())))
+        rows.append({"image": paths[k].image, "model": hit[0], "repeat": hit[1]})
+    out: dict[str, float] = {"n": len(rows)}
+    for key, value in (
+        ("model", lambda r: r["model"]),
+        ("repeat", lambda r: r["repeat"]),
+        ("model_minus_repeat", lambda r: r["model"] - r["repeat"]),
+    ):
+        mean, sem, _ = by_image(rows, value)
+        out[key], out[f"{key}_sem"] = mean, sem
+    return out
 
 
 def dimensionality(learner: StreamLearner, paths: Sequence[Scanpath], window: int = 4000) -> float:
@@ -444,12 +493,34 @@ def format_table(res: dict[str, Any]) -> str:
         ("transfer: repeat error", lambda s: pm(s["transfer"]["repeat"])),
         ("transfer: model - repeat", lambda s: pm(s["transfer"]["model_minus_repeat"])),
         ("transfer: skill", lambda s: f"{s['transfer']['skill']:+.3f}"),
-        ("online held-out 2nd half: model - repeat", lambda s: pm(s["online_held_out_second_half"]["model_minus_repeat"])),
+        ("transfer: oracle mean baseline error", lambda s: pm(s["transfer"]["mean"])),
+        ("transfer: oracle shrink baseline error", lambda s: pm(s["transfer"]["shrink"])),
+        ("transfer: model - shrink", lambda s: pm(s["transfer"]["model_minus_shrink"])),
+        ("transfer: skill vs shrink", lambda s: f"{s['transfer']['skill_vs_shrink']:+.3f}"),
+        (
+            "online held-out 2nd half: model - repeat",
+            lambda s: pm(s["online_held_out_second_half"]["model_minus_repeat"]),
+        ),
         ("online held-out 2nd half: skill", lambda s: f"{s['online_held_out_second_half']['skill']:+.3f}"),
         ("training 2nd half: skill", lambda s: f"{s['train_second_half']['skill']:+.3f}"),
+        ("shuffled scanpaths: skill", lambda s: f"{s['shuffled']['skill']:+.3f}"),
+        ("i.i.d. other-image patches: skill", lambda s: f"{s['iid']['skill']:+.3f}"),
         ("untrained: error", lambda s: pm(s["untrained"]["error"])),
-        ("retrieval top-1: model", lambda s: f"{s['retrieval']['model']:.3f} ± {s['retrieval']['model_sem']:.3f}"),
-        ("retrieval top-1: repeat", lambda s: f"{s['retrieval']['repeat']:.3f} ± {s['retrieval']['repeat_sem']:.3f}"),
+        (
+            "retrieval top-1: model",
+            lambda s: f"{s['retrieval']['model']:.3f} ± {s['retrieval']['model_sem']:.3f}",
+        ),
+        (
+            "retrieval top-1: repeat",
+            lambda s: f"{s['retrieval']['repeat']:.3f} ± {s['retrieval']['repeat_sem']:.3f}",
+        ),
+        (
+            "retrieval: model - repeat (paired)",
+            lambda s: (
+                f"{s['retrieval']['model_minus_repeat']:+.3f} "
+                f"± {s['retrieval']['model_minus_repeat_sem']:.3f}"
+            ),
+        ),
         ("retrieval top-1: untrained", lambda s: f"{s['retrieval_untrained']['model']:.3f}"),
         ("fall step 2 -> 10+: model", lambda s: f"{s['fall']['model']:.4f}"),
         ("fall: shuffled", lambda s: f"{s['fall']['shuffled']:.4f}"),
@@ -482,12 +553,13 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ("shuffled_by_step", "model, scanpaths shuffled"),
         ("iid_by_step", "model, patches from other images"),
     ):
-        xs = sorted(s[key])
-        ys = np.array([s[key][x][0] for x in xs])
-        es = np.array([s[key][x][1] for x in xs])
+        data = {int(k): v for k, v in s[key].items()}  # JSON gives the steps back as strings
+        xs = sorted(data)
+        ys = np.array([data[x][0] for x in xs])
+        es = np.array([data[x][1] for x in xs])
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, label=label)
     ax.set_xlabel("fixation within the scanpath (last: 10 or later)")
-    ax.set_ylabel("prediction error (1 - cos)")
+    ax.set_ylabel(f"prediction error ({res['config']['loss']})")
     ax.set_title("held-out people and images (transfer), ± s.e. over images")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -515,7 +587,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache", type=Path, default=Path("runs/cache"), help="trunk feature cache folder")
     ap.add_argument("--out-dir", type=Path, default=None, help="write controls.json, .md and the figure")
+    ap.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="no run: join the seeds of earlier runs' controls.json (same split) into one report",
+    )
     args = ap.parse_args(argv)
+    if args.combine:
+        runs = [json.loads(p.read_text()) for p in args.combine]
+        if any(r["split"] != runs[0]["split"] or r["config"] != runs[0]["config"] for r in runs):
+            raise SystemExit("--combine: the runs differ in split or configuration")
+        res = {
+            **runs[0],
+            "seeds": [s for r in runs for s in r["seeds"]],
+            "combined": [str(p) for p in args.combine],
+        }
+        _report(res, args.out_dir)
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -543,13 +634,18 @@ def main(argv: list[str] | None = None) -> None:
     for s in res["seeds"]:
         s.pop("learner")
     res["seconds_total"] = time.perf_counter() - t0
+    _report(res, args.out_dir)
+
+
+def _report(res: dict[str, Any], out_dir: Path | None) -> None:
+    """Print the table; with ``out_dir``, also write controls.json, controls.md and the figure."""
     table = format_table(res)
     print(table)
-    if args.out_dir:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "controls.json").write_text(json.dumps(res, indent=2))
-        (args.out_dir / "controls.md").write_text(table + "\n")
-        plot(res, args.out_dir / "controls_by_step.png")
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "controls.json").write_text(json.dumps(res, indent=2))
+        (out_dir / "controls.md").write_text(table + "\n")
+        plot(res, out_dir / "controls_by_step.png")
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="interleaving rounds (default: one tick per variant per round)",
     )
-    ap.add_argument("--trunk", default="resnet18")
+    ap.add_argument("--trunk", default=ModelConfig.trunk)
     ap.add_argument("--n-units", type=int, default=ModelConfig.n_units)
     ap.add_argument("--input-size", type=int, default=ModelConfig.input_size)
     ap.add_argument("--device", default="cpu")

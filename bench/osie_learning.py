@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=ModelConfig.lr)
     ap.add_argument("--n-units", type=int, default=ModelConfig.n_units)
-    ap.add_argument("--trunk", default="resnet18")
+    ap.add_argument("--trunk", default=ModelConfig.trunk)
     ap.add_argument("--trunk-weights", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="write the summary as JSON")

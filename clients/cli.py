@@ -204,17 +204,38 @@ def _report(summary: Any, figures: list[Path], out: Path | None) -> None:
             else 0
         )
         print(f"scored {summary.scored} (the first fixation on each image has no prediction to score)")
+        if summary.ill_conditioned:
+            print(f"{summary.ill_conditioned} scored fixations were too ill-conditioned to learn from")
         print(
             f"mean prediction error: {summary.mean_error:.4f}; first 20% {summary.error_first:.4f}, "
             f"last 20% {summary.error_last:.4f} ({change:+.1f}%)"
         )
+        if summary.mean_repeat_error is not None:
+            print(
+                "repeat baseline (next embedding = current one): mean error "
+                f"{summary.mean_repeat_error:.4f}; skill 1 - model/repeat = {_signed(summary.skill)} "
+                "(above 0: the model beats repeating)"
+            )
         steps = list(summary.error_by_step.items())[:12]
-        print("error by step within a scanpath (step: mean error, n):")
-        print("  " + "  ".join(f"{s}: {e:.4f} ({summary.count_by_step[s]})" for s, e in steps))
+        if summary.repeat_error_by_step:
+            print("error by step within a scanpath, against the repeat baseline:")
+            print(f"  {'step':>4}  {'error':>7}  {'repeat':>7}  {'skill':>7}  {'n':>6}")
+            for s, e in steps:
+                rep = summary.repeat_error_by_step.get(s)
+                shown = "n/a" if rep is None else f"{rep:.4f}"
+                skill = _signed(summary.skill_by_step.get(s))
+                print(f"  {s:>4}  {e:7.4f}  {shown:>7}  {skill:>7}  {summary.count_by_step[s]:>6}")
+        else:
+            print("error by step within a scanpath (step: mean error, n):")
+            print("  " + "  ".join(f"{s}: {e:.4f} ({summary.count_by_step[s]})" for s, e in steps))
     for path in figures:
         print(f"figure: {path}")
     if out is not None:
         print(f"JSON lines: {out}")
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
 
 
 def _replay(args: argparse.Namespace) -> int:

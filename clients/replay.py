@@ -49,6 +49,7 @@ __all__ = [
     "ReplaySummary",
     "replay",
     "replay_async",
+    "skill",
     "summarize",
     "write_records",
 ]
@@ -125,6 +126,8 @@ class ReplayRecord:
     error: float | None  # None where no prediction existed (step 1, after a reset)
     running_error: float | None
     updates_applied: int
+    repeat_error: float | None = None  # the "repeat the current embedding" baseline's error; None with error
+    skipped: bool = False  # scored, but too ill-conditioned for the server to learn from
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -136,7 +139,13 @@ class ReplaySummary:
 
     ``error_first`` and ``error_last`` are the mean errors of the first and last 20% of the scored
     fixations (in processing order); ``error_by_step`` maps a step within a scanpath to the mean
-    error there.
+    error there. ``skipped`` counts fixations not sent (off the image) or rejected by the server.
+
+    The repeat baseline predicts the next embedding to be the current one; ``mean_repeat_error`` and
+    ``repeat_error_by_step`` are its errors on the same fixations, and ``skill`` (overall and by step)
+    is ``1 - mean error / mean repeat error`` over the fixations that have both: above 0 the model
+    beats repeating, below 0 it does worse. They are None (empty) when the server reports no repeat
+    errors. ``ill_conditioned`` counts scored fixations the server did not learn from.
     """
 
     fixations: int
@@ -150,6 +159,11 @@ class ReplaySummary:
     error_last: float | None
     error_by_step: dict[int, float] = field(default_factory=dict)
     count_by_step: dict[int, int] = field(default_factory=dict)
+    mean_repeat_error: float | None = None
+    skill: float | None = None
+    repeat_error_by_step: dict[int, float] = field(default_factory=dict)
+    skill_by_step: dict[int, float] = field(default_factory=dict)
+    ill_conditioned: int = 0
 
     @property
     def rate(self) -> float:
@@ -161,14 +175,38 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def skill(errors: Sequence[float], repeat_errors: Sequence[float]) -> float | None:
+    """``1 - mean(errors) / mean(repeat_errors)`` (paired values); None when undefined.
+
+    >>> skill([0.1, 0.3], [0.4, 0.4])
+    0.5
+    """
+    if not len(repeat_errors) or len(errors) != len(repeat_errors):
+        return None
+    repeat = float(np.mean(repeat_errors))
+    value = 1.0 - float(np.mean(errors)) / repeat if repeat > 0 else math.nan
+    return value if math.isfinite(value) else None
+
+
 def summarize(records: Sequence[ReplayRecord], seconds: float = 0.0, skipped: int = 0) -> ReplaySummary:
     """Summarise replay records (see :class:`ReplaySummary`)."""
     errors = [r.error for r in records if r.error is not None]
     fifth = max(1, len(errors) // 5) if errors else 0
     by_step: dict[int, list[float]] = {}
+    paired: list[tuple[float, float]] = []
+    paired_by_step: dict[int, list[tuple[float, float]]] = {}
     for r in records:
         if r.error is not None:
             by_step.setdefault(r.step, []).append(r.error)
+            if r.repeat_error is not None:
+                paired.append((r.error, r.repeat_error))
+                paired_by_step.setdefault(r.step, []).append((r.error, r.repeat_error))
+
+    def skill_of(pairs: list[tuple[float, float]]) -> float | None:
+        return skill([e for e, _ in pairs], [r for _, r in pairs])
+
+    skill_by_step = {s: skill_of(v) for s, v in sorted(paired_by_step.items())}
+    repeat_by_step = {s: float(np.mean([r for _, r in v])) for s, v in sorted(paired_by_step.items())}
     return ReplaySummary(
         fixations=len(records),
         scored=len(errors),
@@ -181,15 +219,22 @@ def summarize(records: Sequence[ReplayRecord], seconds: float = 0.0, skipped: in
         error_last=_mean(errors[-fifth:]) if fifth else None,
         error_by_step={s: float(np.mean(v)) for s, v in sorted(by_step.items())},
         count_by_step={s: len(v) for s, v in sorted(by_step.items())},
+        mean_repeat_error=_mean([r for _, r in paired]),
+        skill=skill_of(paired),
+        repeat_error_by_step=repeat_by_step,
+        skill_by_step={s: v for s, v in skill_by_step.items() if v is not None},
+        ill_conditioned=sum(1 for r in records if r.skipped),
     )
 
 
 class _Progress:
-    """A tqdm bar showing the running error (mean of the last 200 scored fixations), or nothing."""
+    """A tqdm bar showing the running error and the repeat baseline's (means of the last 200 scored
+    fixations), or nothing."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self._bar: Any = None
         self._recent: list[float] = []
+        self._recent_repeat: list[float] = []
         if enabled:
             from tqdm import tqdm  # type: ignore[import-untyped]
 
@@ -199,10 +244,16 @@ class _Progress:
         if record.error is not None:
             self._recent.append(record.error)
             del self._recent[:-200]
+            if record.repeat_error is not None:
+                self._recent_repeat.append(record.repeat_error)
+                del self._recent_repeat[:-200]
         if self._bar is not None:
             self._bar.update(1)
             if self._recent and self._bar.n % 10 == 0:
-                self._bar.set_postfix(error=f"{np.mean(self._recent):.4f}", refresh=False)
+                shown = {"error": f"{np.mean(self._recent):.4f}"}
+                if self._recent_repeat:
+                    shown["repeat"] = f"{np.mean(self._recent_repeat):.4f}"
+                self._bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -271,6 +322,7 @@ class _Stream:
                 ReplayRecord(
                     self.stream_id, self.subject, fix.image, fix.fix_index, seq, pending_reset, t,
                     result.step, result.error, result.running_error, result.updates_applied,
+                    repeat_error=result.repeat_error, skipped=result.skipped,
                 )
             )  # fmt: skip
             seq += 1

@@ -80,6 +80,7 @@ class BPTTLearner(StreamLearner):
                     h_t, _, _ = model.rgc.step(u[rows], hp.detach(), cp.detach())
                 got = model.scores(u_prev[rows], hp.detach(), u[rows], h_t)
                 out.error[rows], out.repeat[rows], out.ok[rows] = got.error, got.repeat, got.ok
+                out.change[rows] = got.change
                 unrolled.append((rows, hp, h_t))
                 h_prev[rows], c_prev[rows] = hp.detach(), cp.detach()
             n_ok = max(int(out.ok.sum()), 1)
@@ -91,6 +92,7 @@ class BPTTLearner(StreamLearner):
             if segment and idx.numel():
                 got = model.scores(u_prev[idx], h_prev[idx], u[idx], h[idx])
                 out.error[idx], out.repeat[idx], out.ok[idx] = got.error, got.repeat, got.ok
+                out.change[idx] = got.change
         n_ok = max(int(out.ok.sum()), 1)
         for i, s in enumerate(slots.tolist()):
             self._inputs[s].append(u[i].detach())

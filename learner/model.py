@@ -32,6 +32,15 @@ from learner.trunk import build_trunk
 
 log = logging.getLogger(__name__)
 
+#: Shrinkage of ``whitened_mse``'s change whitening towards a scaled identity (of the mean variance):
+#: it bounds how much a direction in which the embedding barely changes is amplified.
+CHANGE_SHRINK = 0.02
+#: ``whitened_mse`` uses its full change whitening once it has seen this many times D changes
+CHANGE_WHITEN_AFTER = 4
+#: ``whitened_mse`` learns once its metric has seen this many changes (counted once the input and
+#: context whitenings have settled: 16 observations, after their recomputes at 1, 2, 4, 8 and 16)
+CHANGE_READY = 8
+
 
 class RunningWhitening(nn.Module):
     """ZCA whitening with running statistics of the vectors it has observed.
@@ -60,6 +69,8 @@ class RunningWhitening(nn.Module):
 
     #: rows the covariance update waits for before it is applied
     PENDING_ROWS = 64
+    #: wider than this, the whitening is diagonal while there are fewer samples than features
+    DIAGONAL_BELOW = 1024
 
     mean: torch.Tensor
     cov: torch.Tensor
@@ -159,6 +170,8 @@ class RunningWhitening(nn.Module):
 
     def _recompute(self, n: int) -> None:
         self.flush()
+        if n < 2:  # one vector is its own mean: a zero covariance, nothing to scale by yet
+            return
         m = self.cov.shape[0]
         # shrink towards a scaled identity: by ``shrink`` of the mean variance, and with
         # ``sample_shrink`` by more while there are few samples (n < F makes cov singular)
@@ -166,6 +179,13 @@ class RunningWhitening(nn.Module):
         shrink = ratio * float(self.cov.diagonal().mean().clamp(min=self.eps))
         # in the statistics' own dtype: float32 halves the eigendecomposition's time, and the shrinkage
         # keeps the matrix far better conditioned than float32's precision needs
+        if ratio >= 1 and m > self.DIAGONAL_BELOW:
+            # fewer samples than features: the shrinkage outweighs the sample covariance, so scale by
+            # the variances alone; an M x M eigendecomposition (1.2 s at M = 1752 on a CPU core) at
+            # each of the first power-of-two counts stalled a fresh worker for seconds
+            var = self.cov.diagonal() + shrink
+            self.whiten.copy_(torch.diag(var.clamp(min=self.eps).rsqrt()))
+            return
         cov = self.cov + shrink * torch.eye(m, dtype=self.cov.dtype, device=self.cov.device)
         evals, evecs = torch.linalg.eigh(cov)
         self.whiten.copy_((evecs * evals.clamp(min=self.eps).rsqrt()) @ evecs.T)
@@ -196,6 +216,7 @@ class Scores:
     error: torch.Tensor  # (B,) D(G(z_{t-1}), z_t): the model's prediction error
     repeat: torch.Tensor  # (B,) D(z_{t-1}, z_t): the "repeat the current embedding" baseline
     ok: torch.Tensor  # (B,) bool: well-conditioned, so the row's gradient is used (``well_conditioned``)
+    change: torch.Tensor  # (B, D) z_t - z_{t-1}, what ``RJEPA.observe_change`` learns the metric from
 
 
 def well_conditioned(p: torch.Tensor, z: torch.Tensor, min_norm: float) -> torch.Tensor:
@@ -211,10 +232,19 @@ def well_conditioned(p: torch.Tensor, z: torch.Tensor, min_norm: float) -> torch
     return (p.norm(dim=-1) >= floor) & (z.norm(dim=-1) >= floor)
 
 
-def prediction_loss(p: torch.Tensor, z: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-stream loss D(p, z): (B, D), (B, D) -> (B,). ``z`` should already be detached."""
+def prediction_loss(
+    p: torch.Tensor, z: torch.Tensor, kind: str, metric: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-stream loss D(p, z): (B, D), (B, D) -> (B,). ``z`` should already be detached.
+
+    ``whitened_mse`` needs ``metric`` (D, D), the whitening of the embedding's changes between
+    consecutive fixations (``RJEPA.change_norm``): ``|(p - z) metric|^2 / D``.
+    """
     if kind == "cosine":
         return 1 - F.cosine_similarity(p, z, dim=-1, eps=1e-12)
+    if kind == "whitened_mse":
+        assert metric is not None
+        return ((p - z) @ metric).pow(2).sum(-1) / p.shape[-1]
     return 0.5 * (p - z).pow(2).sum(-1)
 
 
@@ -231,11 +261,17 @@ class RJEPA(nn.Module):
     torch.Size([2, 4])
     """
 
+    change_sq: torch.Tensor  # (2,) whitened_mse: summed squared norm and count of the changes seen
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.trunk = build_trunk(cfg.trunk, cfg.trunk_weights, seed=cfg.seed, in_features=cfg.in_features)
-        self.input_norm = RunningWhitening(cfg.M) if cfg.input_norm else None
+        # an M x M eigendecomposition per recompute: 1.2 s at M = 1752 on one CPU core, so every 1024
+        # observations once the first ones are in (about 1 ms a tick amortised)
+        self.input_norm = (
+            RunningWhitening(cfg.M, every=1024 if cfg.M > 1024 else 256) if cfg.input_norm else None
+        )
         # the state's statistics drift as the RGC learns to hold memory: a shorter window, recomputed
         # more often (every 64 learning ticks: an N x N eigendecomposition, ~25 ms on one CPU core).
         # A fixed shrinkage of 2% of the mean variance: once the RGC has closed most units' input gates,
@@ -257,6 +293,21 @@ class RJEPA(nn.Module):
             init_scale=cfg.init_scale,
             generator=gen,
         )
+        # ``whitened_mse``: squared error measured in units of the embedding's typical change between
+        # consecutive fixations (the running whitening of z_t - z_{t-1}). "Repeat the current
+        # embedding" then scores about 1 in every direction, whatever E does: the loss cannot be
+        # lowered by making the embedding slow (spec 1.6) or small (E -> 0), only by predicting the
+        # change. Its statistics are constants of each step, like the context whitening's.
+        # Until it has seen CHANGE_WHITEN_AFTER x D changes its covariance is poorly estimated, so the
+        # metric is then the identity over the changes' root-mean-square (``change_sq``: a running
+        # mean of |change|^2 / D over the last ~500 changes and their count; a buffer, so that
+        # checkpoints resume exactly).
+        self.change_norm = (
+            RunningWhitening(cfg.embed_dim, window=2000, every=64, shrink=CHANGE_SHRINK)
+            if cfg.loss == "whitened_mse"
+            else None
+        )
+        self.register_buffer("change_sq", torch.zeros(2) if self.change_norm is not None else None)
         self.context_features = cfg.M if cfg.embed_from == "context" else 0  # width of u in kappa
         self.E = nn.Linear(self.context_features + cfg.n_units, cfg.embed_dim, bias=False)  # (D, M + N)
         if cfg.predictor == "mlp":
@@ -346,7 +397,50 @@ class RJEPA(nn.Module):
     ) -> torch.Tensor:
         """Per-stream loss of predicting from (u_prev, h_prev) the embedding of (u, h) (detached): (B,)."""
         target = self.embed(u, h).detach()  # sg(z_t)
-        return prediction_loss(self.predict(u_prev, h_prev), target, self.cfg.loss)
+        return self.distance(self.predict(u_prev, h_prev), target)
+
+    def distance(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The loss D(p, z) of ``cfg.loss``: (B, D), (B, D) -> (B,)."""
+        return prediction_loss(p, z, self.cfg.loss, self.change_metric())
+
+    def change_metric(self) -> torch.Tensor | None:
+        """``whitened_mse``'s metric A (D, D): the change whitening once it has seen
+        ``CHANGE_WHITEN_AFTER * D`` changes; before, the identity over their root-mean-square (the
+        identity before any); None for the other losses."""
+        norm = self.change_norm
+        if norm is None:
+            return None
+        if norm.n_seen >= CHANGE_WHITEN_AFTER * self.cfg.embed_dim:
+            return norm.whiten
+        eye = torch.eye(self.cfg.embed_dim, dtype=norm.whiten.dtype, device=norm.whiten.device)
+        mean_sq, count = self.change_sq.tolist()
+        return eye if not count else eye * max(mean_sq, 1e-12) ** -0.5
+
+    def metric_ready(self) -> bool:
+        """Whether the loss's metric can be learned from: ``whitened_mse`` needs ``CHANGE_READY``
+        changes first (before, its scale is arbitrary: a fresh model's gradients reached 1e5 and
+        more, and Adam's second moment then froze the parameters they touched, as a zero cosine
+        prediction did)."""
+        return self.change_norm is None or bool(self.change_sq[1] >= CHANGE_READY)
+
+    def observe_change(self, change: torch.Tensor) -> None:
+        """Let the metric of ``whitened_mse`` see z_t - z_{t-1} (B, D) of this tick's scored fixations;
+        the learners call it once per learning tick, after the tick's gradient."""
+        norm = self.change_norm
+        if norm is None or not change.shape[0]:
+            return
+        settling = [w for w in (self.input_norm, self.context_norm) if w is not None and w.n_batches < 16]
+        if settling:  # their first recomputes rescale u and s(h) wholesale: no change is typical yet
+            return
+        before = norm.n_seen
+        norm.observe(change)
+        switch = CHANGE_WHITEN_AFTER * self.cfg.embed_dim
+        if before < switch <= norm.n_seen:
+            norm._recompute(norm.n_seen)  # the whitening takes over from statistics of this many
+        b, count = change.shape[0], float(self.change_sq[1]) + change.shape[0]
+        weight = max(b / count, b / 500)
+        self.change_sq[0] += weight * (float(change.pow(2).mean()) - float(self.change_sq[0]))
+        self.change_sq[1] = count
 
     @torch.no_grad()
     def scores(self, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> Scores:
@@ -354,9 +448,10 @@ class RJEPA(nn.Module):
         z_prev, target = self.embed(u_prev, h_prev), self.embed(u, h)  # (B, D) each
         p = self.G(z_prev)
         return Scores(
-            prediction_loss(p, target, self.cfg.loss),
-            prediction_loss(z_prev, target, self.cfg.loss),
-            well_conditioned(p, target, self.cfg.min_norm),
+            self.distance(p, target),
+            self.distance(z_prev, target),
+            well_conditioned(p, target, self.cfg.min_norm) & self.metric_ready(),
+            target - z_prev,
         )
 
     def parameter_counts(self) -> dict[str, int]:

@@ -100,6 +100,7 @@ class RFPLearner(StreamLearner):
             rows = slice(None) if idx.numel() == len(slots) else idx
             got, delta = self._head_backward(st.u[slots][rows], h_prev[rows], u[rows], h[rows])
             out.error[rows], out.repeat[rows], out.ok[rows] = got.error, got.repeat, got.ok
+            out.change[rows] = got.change
         jac = model.rgc.jacobian(cache)
         self._rgc_grads_and_traces(slots, idx, delta, jac, u)
         st.h[slots], st.c[slots] = h, c
@@ -191,6 +192,7 @@ class _Head:
     residual: bool
     norm: RunningWhitening | None
     context: int  # M, the width of u in kappa (0: the embedding reads the state alone)
+    model: RJEPA  # for whitened_mse's metric (``RJEPA.change_metric``) and whether it is ready
 
 
 def _hand_head(model: RJEPA) -> _Head | None:
@@ -204,7 +206,10 @@ def _hand_head(model: RJEPA) -> _Head | None:
         and cls.predict is RJEPA.predict
         and cls.loss is RJEPA.loss
         and cls.scores is RJEPA.scores
-        and model.cfg.loss in ("cosine", "mse")
+        and cls.distance is RJEPA.distance
+        and cls.change_metric is RJEPA.change_metric
+        and cls.metric_ready is RJEPA.metric_ready
+        and model.cfg.loss in ("cosine", "mse", "whitened_mse")
         and (norm is None or type(norm).transform is RunningWhitening.transform)
     )
     e_bias: torch.Tensor | None = model.E.bias
@@ -222,7 +227,7 @@ def _hand_head(model: RJEPA) -> _Head | None:
         return None
     assert isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
     biases: tuple[torch.Tensor | None, ...] = (lin1.bias, lin2.bias)
-    head = _Head(model.E, lin1, lin2, residual, norm, model.context_features)
+    head = _Head(model.E, lin1, lin2, residual, norm, model.context_features, model)
     return head if None not in biases else None
 
 
@@ -265,8 +270,11 @@ def _head_backward_by_hand(
     if head.residual:
         p.add_(z)
     ok = well_conditioned(p, target, cfg.min_norm)  # (Bs,)
+    if not head.model.metric_ready():
+        ok = torch.zeros_like(ok)
     weight = ok.to(p.dtype).div_(max(int(ok.sum()), 1))[:, None]  # (Bs, 1): the mean over ok rows
-    repeat = prediction_loss(z, target, cfg.loss)
+    metric = head.model.change_metric()  # (D, D) for whitened_mse, else None
+    repeat = prediction_loss(z, target, cfg.loss, metric)
     if cfg.loss == "cosine":
         eps = 1e-12  # as in model.prediction_loss (F.cosine_similarity clamps each norm at eps)
         p_len = p.norm(dim=1, keepdim=True).clamp_min_(eps)  # (Bs, 1)
@@ -275,6 +283,11 @@ def _head_backward_by_hand(
         cos = (p_hat * t_hat).sum(1, keepdim=True)  # (Bs, 1)
         per_stream = 1 - cos[:, 0]
         g_p = (p_hat * cos - t_hat).div_(p_len).mul_(weight)  # d(1 - cos)/dp = (cos p^ - t^) / |p|
+    elif metric is not None:  # |(p - t) A|^2 / D
+        dim = p.shape[1]
+        scaled = (p - target) @ metric  # (Bs, D)
+        per_stream = scaled.pow(2).sum(1) / dim
+        g_p = (scaled @ metric.t()).mul_(weight * (2.0 / dim))
     else:
         diff = p - target
         per_stream = 0.5 * diff.pow(2).sum(1)
@@ -290,4 +303,4 @@ def _head_backward_by_hand(
     _grad(e).addmm_(g_z.t(), k_prev)  # (D, M + N)
     delta = g_z @ e[:, head.context :]  # (Bs, N): only the state part of kappa reaches the RGC
     delta = delta @ norm.whiten.t() if norm is not None else delta
-    return Scores(per_stream, repeat, ok), delta
+    return Scores(per_stream, repeat, ok, target - z), delta

@@ -194,7 +194,8 @@ class StreamLearner:
     def scored_rows(self, batch: int, like: torch.Tensor) -> Scores:
         """Scores of a tick before any row is scored: NaN errors, nothing well-conditioned."""
         nan = self.nan_errors(batch, like)
-        return Scores(nan, nan.clone(), torch.zeros(batch, dtype=torch.bool, device=like.device))
+        change = like.new_zeros(batch, self.cfg.embed_dim)
+        return Scores(nan, nan.clone(), torch.zeros(batch, dtype=torch.bool, device=like.device), change)
 
     @torch.no_grad()
     def _infer(
@@ -209,6 +210,7 @@ class StreamLearner:
         if idx.numel():
             got = model.scores(st.u[slots][idx], h_prev[idx], u[idx], h[idx])
             out.error[idx], out.repeat[idx], out.ok[idx] = got.error, got.repeat, got.ok
+            out.change[idx] = got.change
         st.h[slots], st.c[slots] = h, c
         return out, model.rgc.jacobian(cache).a
 
@@ -282,6 +284,7 @@ class StreamLearner:
             h_now = st.h[slots]  # (B, N)
             if learn:
                 self.model.observe_context(h_now)
+                self.model.observe_change(scores.change[~scores.error.isnan()])
             z = self.model.embed(u, h_now)  # (B, D)
             pred = self.model.G(z)  # (B, D) with the weights after this tick's step
             st.pred[slots] = pred

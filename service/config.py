@@ -39,11 +39,14 @@ _MODEL_FIELDS = (
     "gate_bias",
     "input_norm",
     "context_norm",
+    "embed_from",
+    "min_norm",
     "loss",
     "lr",
     "optimizer",
     "weight_decay",
     "gain_lr_scale",
+    "embed_lr_scale",
     "update_mode",
     "segment_len",
     "init_scale",
@@ -61,7 +64,8 @@ class Settings(BaseSettings):
     Parameters
     ----------
     trunk, trunk_weights, input_size, n_units, embed_dim, predictor, pred_hidden, phi, gate_bias, input_norm,
-    context_norm, loss, lr, optimizer, weight_decay, gain_lr_scale, update_mode, segment_len, init_scale, seed
+    context_norm, embed_from, min_norm, loss, lr, optimizer, weight_decay, gain_lr_scale, embed_lr_scale,
+    update_mode, segment_len, init_scale, seed
         The model, passed to :class:`learner.config.ModelConfig` (see its docstring).
     learner
         ``rfp`` (the service's learning rule) or ``bptt`` (truncated BPTT baseline, window ``bptt_window``).
@@ -100,11 +104,14 @@ class Settings(BaseSettings):
     gate_bias: bool = ModelConfig.gate_bias
     input_norm: bool = ModelConfig.input_norm
     context_norm: bool = ModelConfig.context_norm
+    embed_from: str = ModelConfig.embed_from
+    min_norm: float = ModelConfig.min_norm
     loss: str = ModelConfig.loss
     lr: float = ModelConfig.lr
     optimizer: str = ModelConfig.optimizer
     weight_decay: float = ModelConfig.weight_decay
     gain_lr_scale: float = ModelConfig.gain_lr_scale
+    embed_lr_scale: float = ModelConfig.embed_lr_scale
     update_mode: str = ModelConfig.update_mode
     segment_len: int = ModelConfig.segment_len
     init_scale: float = ModelConfig.init_scale

@@ -1,8 +1,8 @@
 """Every Prometheus metric foveate exports; dashboards and alerts use only these names.
 
 Names carry the ``foveate_`` prefix and their unit; no label takes unbounded values (never a stream
-id): ``step`` is ``"1"`` … ``"20"`` or ``"20+"``, ``reason`` one of :data:`REJECT_REASONS`, ``route``
-a route template.
+id): ``step`` is ``"1"`` … ``"20"`` or ``"20+"`` (and, on ``foveate_prediction_skill`` only, ``"all"``),
+``reason`` one of :data:`REJECT_REASONS`, ``route`` a route template.
 
 Who serves what
 ---------------
@@ -26,18 +26,35 @@ Worker metrics
 ``foveate_fixations_total``, ``foveate_updates_total``, ``foveate_prediction_error`` (histogram, cosine
 error 0…2), ``foveate_error_by_step{step}`` (running mean, the paper's Fig. 4 live),
 ``foveate_step_error{step}`` (``_sum``/``_count``, for windowed means in PromQL),
+``foveate_repeat_error`` and ``foveate_step_repeat_error{step}`` (the same two for the baseline that
+predicts the next embedding to be the current one, scored on the same fixations),
+``foveate_prediction_skill{step}`` (``1 - mean model error / mean repeat error`` over a sliding
+window, below),
+``foveate_skipped_ticks_total`` (fixations scored but not learned from: prediction or target too
+small for a usable gradient),
 ``foveate_update_seconds``, ``foveate_batch_size``, ``foveate_queue_depth``, ``foveate_active_streams``,
 ``foveate_resets_total``, ``foveate_checkpoints_total``, ``foveate_last_checkpoint_timestamp_seconds``,
 ``foveate_rejected_messages_total{reason}``, ``foveate_effective_dimensionality``,
-``foveate_embedding_norm``, ``foveate_hidden_norm``, ``foveate_retention_gain_max``,
+``foveate_embedding_norm``, ``foveate_hidden_norm``, ``foveate_trace_spectral_radius_max``,
 ``foveate_worker_up``, ``foveate_worker_heartbeat_timestamp_seconds``,
 ``foveate_worker_info{learner,device,trunk}``.
+
+Skill against repeating
+-----------------------
+A prediction error means little alone: on a slow embedding, predicting "the next embedding equals
+this one" already scores well. Every scored fixation therefore also reports the error of that
+repeat baseline, and ``foveate_prediction_skill{step}`` is ``1 - (sum of model errors) / (sum of
+repeat errors)`` over the last :data:`SKILL_WINDOW` (1,000) scored fixations of each step label;
+``step="all"`` is the same over the last 1,000 scored fixations of any step. 1 is a perfect
+prediction, 0 no better than repeating, below 0 worse. A label gets its first value with its first
+scored fixation; it is NaN while its window's repeat errors sum to 0.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -60,6 +77,13 @@ REJECT_REASONS = (
 
 #: Steps after a reset that get their own ``step`` label; later ones share ``"20+"``.
 MAX_STEP_LABEL = 20
+
+#: Scored fixations per step label in the sliding window of ``foveate_prediction_skill``.
+SKILL_WINDOW = 1000
+#: The ``step`` label of ``foveate_prediction_skill`` over fixations of every step.
+ALL_STEPS = "all"
+
+_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0)
 
 API_REGISTRY = CollectorRegistry(auto_describe=True)
 WORKER_REGISTRY = CollectorRegistry(auto_describe=True)
@@ -84,8 +108,13 @@ FIXATIONS = Counter("foveate_fixations", "Fixations applied by the worker.", reg
 UPDATES = Counter("foveate_updates", "Optimizer steps applied to the model.", registry=WORKER_REGISTRY)
 PREDICTION_ERROR = Histogram(
     "foveate_prediction_error", "Prediction error of each scored fixation (cosine error lies in 0..2).",
-    registry=WORKER_REGISTRY,
-    buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0),
+    registry=WORKER_REGISTRY, buckets=_ERROR_BUCKETS,
+)  # fmt: skip
+REPEAT_ERROR = Histogram(
+    "foveate_repeat_error",
+    "Error of the baseline that repeats the current embedding as the prediction, on each scored fixation "
+    "(same fixations and weights as foveate_prediction_error).",
+    registry=WORKER_REGISTRY, buckets=_ERROR_BUCKETS,
 )  # fmt: skip
 ERROR_BY_STEP = Gauge(
     "foveate_error_by_step", "Running mean prediction error by step since the stream's last reset.",
@@ -94,6 +123,21 @@ ERROR_BY_STEP = Gauge(
 STEP_ERROR = Summary(
     "foveate_step_error", "Prediction error by step since the last reset (sum and count, for rate()).",
     ["step"], registry=WORKER_REGISTRY,
+)  # fmt: skip
+STEP_REPEAT_ERROR = Summary(
+    "foveate_step_repeat_error", "Repeat baseline's error by step since the last reset (sum and count).",
+    ["step"], registry=WORKER_REGISTRY,
+)  # fmt: skip
+PREDICTION_SKILL = Gauge(
+    "foveate_prediction_skill",
+    "1 - model error / repeat error over the last 1000 scored fixations of each step label (step=all: any "
+    "step); below 0 the model predicts worse than repeating the current embedding.",
+    ["step"], registry=WORKER_REGISTRY,
+)  # fmt: skip
+SKIPPED_TICKS = Counter(
+    "foveate_skipped_ticks",
+    "Fixations scored but not learned from: prediction or target too small for a usable gradient.",
+    registry=WORKER_REGISTRY,
 )  # fmt: skip
 UPDATE_SECONDS = Histogram(
     "foveate_update_seconds", "Time of one learner tick (forward, RFP traces, optimizer step).",
@@ -129,8 +173,10 @@ EMBEDDING_NORM = Gauge(
     "foveate_embedding_norm", "Mean L2 norm of recent embeddings.", registry=WORKER_REGISTRY
 )
 HIDDEN_NORM = Gauge("foveate_hidden_norm", "Mean L2 norm of the recurrent state h.", registry=WORKER_REGISTRY)
-RETENTION_GAIN_MAX = Gauge(
-    "foveate_retention_gain_max", "Largest retention gain of the recurrent units (>= 1: unstable).",
+TRACE_RADIUS_MAX = Gauge(
+    "foveate_trace_spectral_radius_max",
+    "Largest spectral radius of a recurrent unit's 2x2 Jacobian block in the latest tick: the factor by "
+    "which RFP traces and state perturbations are multiplied per step (persistently > 1: they grow).",
     registry=WORKER_REGISTRY,
 )  # fmt: skip
 WORKER_UP = Gauge("foveate_worker_up", "1 while the worker loop runs.", registry=WORKER_REGISTRY)
@@ -150,8 +196,8 @@ DIAGNOSTIC_GAUGES: dict[str, Gauge] = {
     "embedding_norm": EMBEDDING_NORM,
     "h_norm": HIDDEN_NORM,
     "hidden_norm": HIDDEN_NORM,
-    "retention_gain_max": RETENTION_GAIN_MAX,
-    "max_retention_gain": RETENTION_GAIN_MAX,
+    "max_trace_radius": TRACE_RADIUS_MAX,
+    "trace_radius": TRACE_RADIUS_MAX,
 }
 
 
@@ -192,27 +238,135 @@ class _StepMeans:
 _STEP_MEANS = _StepMeans()
 
 
+class _SkillWindows:
+    """Per label, the sums of the model's and the repeat baseline's errors over the last ``size``
+    scored fixations, and the skill ``1 - model / repeat`` they give.
+
+    The sums move by one addition and one subtraction per fixation; they are summed afresh
+    (``math.fsum``) every ``size`` evictions, so rounding cannot drift on a long-running worker.
+    """
+
+    def __init__(self, size: int = SKILL_WINDOW) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = size
+        self._lock = threading.Lock()
+        self._pairs: dict[str, deque[tuple[float, float]]] = {}
+        self._sums: dict[str, list[float]] = {}  # label -> [model error sum, repeat error sum]
+        self._evicted: dict[str, int] = {}
+
+    def add_many(self, label: str, pairs: Iterable[tuple[float, float]]) -> float:
+        """Add (model error, repeat error) pairs in order; the label's skill after the last (NaN when
+        its window's repeat errors sum to 0)."""
+        with self._lock:
+            window = self._pairs.setdefault(label, deque())
+            sums = self._sums.setdefault(label, [0.0, 0.0])
+            evicted = self._evicted.get(label, 0)
+            for error, repeat in pairs:
+                if len(window) == self.size:
+                    old_error, old_repeat = window.popleft()
+                    sums[0] -= old_error
+                    sums[1] -= old_repeat
+                    evicted += 1
+                window.append((error, repeat))
+                sums[0] += error
+                sums[1] += repeat
+            if evicted >= self.size:
+                sums[0] = math.fsum(e for e, _ in window)
+                sums[1] = math.fsum(r for _, r in window)
+                evicted = 0
+            self._evicted[label] = evicted
+            return skill(sums[0], sums[1])
+
+    def count(self, label: str) -> int:
+        """Fixations in the label's window now."""
+        with self._lock:
+            return len(self._pairs.get(label, ()))
+
+
+def skill(error: float, repeat_error: float) -> float:
+    """``1 - error / repeat_error``: 1 perfect, 0 as good as repeating the current embedding, below 0
+    worse; NaN when ``repeat_error`` is not positive and finite or the result is not finite.
+
+    >>> skill(0.25, 0.5), skill(0.5, 0.25), math.isnan(skill(0.1, 0.0))
+    (0.5, -1.0, True)
+    """
+    if not (repeat_error > 0.0 and math.isfinite(repeat_error)):
+        return math.nan
+    value = 1.0 - error / repeat_error
+    return value if math.isfinite(value) else math.nan
+
+
+_SKILL = _SkillWindows()
+
+
 def observe_error(step: int, error: float) -> None:
     """Record one scored fixation's prediction error at its step since reset (NaN is skipped)."""
     observe_errors((step,), (error,))
 
 
-def observe_errors(steps: Sequence[int], errors: Sequence[float]) -> None:
-    """:func:`observe_error` for every fixation of a tick, in order.
+def observe_errors(
+    steps: Sequence[int], errors: Sequence[float], repeat_errors: Sequence[float] | None = None
+) -> None:
+    """:func:`observe_error` for every fixation of a tick, in order, with the repeat baseline's errors
+    when given (then ``foveate_repeat_error``, ``foveate_step_repeat_error`` and
+    ``foveate_prediction_skill`` too).
 
     The same observations, with one label lookup per step label instead of two per fixation
-    (``labels()`` costs more than the observation itself).
+    (``labels()`` costs more than the observation itself). A fixation enters the skill windows only
+    when both its errors are numbers.
     """
+    if repeat_errors is not None and len(repeat_errors) != len(errors):
+        raise ValueError(f"{len(repeat_errors)} repeat errors for {len(errors)} errors")
     by_label: dict[str, list[float]] = {}
-    for step, error in zip(steps, errors, strict=True):
+    repeats_by_label: dict[str, list[float]] = {}
+    pairs_by_label: dict[str, list[tuple[float, float]]] = {}
+    every: list[tuple[float, float]] = []  # every (error, repeat) pair of the tick, in order
+    for i, (step, error) in enumerate(zip(steps, errors, strict=True)):
+        repeat = math.nan if repeat_errors is None else repeat_errors[i]
+        if math.isnan(error) and math.isnan(repeat):
+            continue
+        label = step_label(step)
         if not math.isnan(error):
-            by_label.setdefault(step_label(step), []).append(error)
+            by_label.setdefault(label, []).append(error)
+        if not math.isnan(repeat):
+            repeats_by_label.setdefault(label, []).append(repeat)
+            if not math.isnan(error):
+                pairs_by_label.setdefault(label, []).append((error, repeat))
+                every.append((error, repeat))
     for label, values in by_label.items():
         step_error = STEP_ERROR.labels(step=label)
         for value in values:
             PREDICTION_ERROR.observe(value)
             step_error.observe(value)
         ERROR_BY_STEP.labels(step=label).set(_STEP_MEANS.add_many(label, values))
+    for label, values in repeats_by_label.items():
+        step_repeat = STEP_REPEAT_ERROR.labels(step=label)
+        for value in values:
+            REPEAT_ERROR.observe(value)
+            step_repeat.observe(value)
+    for label, pairs in pairs_by_label.items():
+        PREDICTION_SKILL.labels(step=label).set(_SKILL.add_many(label, pairs))
+    if every:
+        PREDICTION_SKILL.labels(step=ALL_STEPS).set(_SKILL.add_many(ALL_STEPS, every))
+
+
+def observe_tick(
+    steps: Sequence[int],
+    errors: Sequence[float],
+    repeat_errors: Sequence[float],
+    skipped: Sequence[bool],
+    trace_radius: float,
+) -> None:
+    """Everything one learner tick tells the metrics (``TickOutput``'s fields as plain lists): the
+    errors and the repeat baseline's (:func:`observe_errors`), the fixations scored but not learned
+    from, and the largest spectral radius of a Jacobian block (NaN leaves the gauge as it was)."""
+    observe_errors(steps, errors, repeat_errors)
+    n_skipped = sum(1 for flag in skipped if flag)
+    if n_skipped:
+        SKIPPED_TICKS.inc(n_skipped)
+    if not math.isnan(trace_radius):
+        TRACE_RADIUS_MAX.set(trace_radius)
 
 
 def set_diagnostics(values: dict[str, float]) -> None:

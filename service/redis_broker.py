@@ -82,6 +82,10 @@ def result_fields(fix: Fixation, payload: dict[str, Any]) -> dict[str, str]:
         err = payload.get("error")
         out["step"] = str(payload["step"])
         out["error"] = "nan" if err is None else repr(float(err))
+        for name in ("repeat_error", "skill"):
+            value = payload.get(name)
+            out[name] = "nan" if value is None else repr(float(value))
+        out["skipped"] = "1" if payload.get("skipped") else "0"
         out["running_error"] = (
             "nan" if payload.get("running_error") is None else repr(payload["running_error"])
         )

@@ -2,7 +2,8 @@
 
 The learner holds h, c, traces and step counts; the record holds the service's bookkeeping: the
 client's last sequence number and timestamp, the Redis entry id of the last applied message (so
-that a re-delivered entry is never applied twice), error statistics, and wall-clock times. Records
+that a re-delivered entry is never applied twice), error statistics (the model's, and the repeat
+baseline's: predicting the next embedding to be the current one), and wall-clock times. Records
 travel inside every checkpoint's ``extra`` as plain types.
 """
 
@@ -14,10 +15,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.metrics import skill
+
 #: Weight of the newest error in ``running_error`` (an exponential moving average).
 RUNNING_ALPHA = 0.1
-#: Recent (step, error) pairs kept per stream for ``GET /v1/streams/{id}``.
+#: Recent (step, error, repeat error) triples kept per stream for ``GET /v1/streams/{id}``.
 RECENT = 20
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def entry_key(entry_id: str | None) -> tuple[int, int] | None:
@@ -37,9 +44,9 @@ class StreamRecord:
     Examples
     --------
     >>> rec = StreamRecord("s1")
-    >>> rec.observe(step=2, error=0.5, seq=7, t=1.5, entry_id="1700000000000-0")
-    >>> rec.running_error, rec.last_seq
-    (0.5, 7)
+    >>> rec.observe(step=2, error=0.5, seq=7, t=1.5, entry_id="1700000000000-0", repeat_error=0.5)
+    >>> rec.running_error, rec.last_seq, rec.skill  # skill 0: no better than repeating
+    (0.5, 7, 0.0)
     """
 
     stream_id: str
@@ -55,12 +62,26 @@ class StreamRecord:
     last_seq: int | None = None
     last_t: float | None = None
     last_entry_id: str | None = None
-    recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=RECENT))
+    repeat_scored: int = 0  # scored fixations with a repeat error (all, unless restored from an old record)
+    repeat_error_sum: float = 0.0
+    paired_error_sum: float = 0.0  # the model's errors on those same fixations
+    last_repeat_error: float | None = None
+    skipped: int = 0  # scored fixations the learner did not learn from (ill-conditioned)
+    recent: deque[tuple[int, float, float | None]] = field(default_factory=lambda: deque(maxlen=RECENT))
 
     def observe(
-        self, *, step: int, error: float, seq: int | None, t: float | None, entry_id: str | None
+        self,
+        *,
+        step: int,
+        error: float,
+        seq: int | None,
+        t: float | None,
+        entry_id: str | None,
+        repeat_error: float = math.nan,
+        skipped: bool = False,
     ) -> None:
-        """Record one applied fixation (``error`` NaN when nothing was predicted)."""
+        """Record one applied fixation (``error`` and ``repeat_error`` NaN when nothing was predicted;
+        ``skipped``: scored, but not learned from)."""
         self.step = step
         self.fixations += 1
         self.updated_at = time.time()
@@ -71,14 +92,21 @@ class StreamRecord:
         if entry_key(entry_id) is not None:
             self.last_entry_id = entry_id
         if math.isnan(error):
-            self.last_error = None
+            self.last_error = self.last_repeat_error = None
             return
         self.scored += 1
         self.error_sum += error
         self.last_error = error
+        self.last_repeat_error = _number(repeat_error)
+        if not math.isnan(repeat_error):
+            self.repeat_scored += 1
+            self.repeat_error_sum += repeat_error
+            self.paired_error_sum += error
+        if skipped:
+            self.skipped += 1
         prev = self.running_error
         self.running_error = error if prev is None else prev + RUNNING_ALPHA * (error - prev)
-        self.recent.append((step, error))
+        self.recent.append((step, error, self.last_repeat_error))
 
     def is_replay(self, entry_id: str | None) -> bool:
         """True when a Redis entry at or before the last applied one comes again (a re-delivery)."""
@@ -88,6 +116,16 @@ class StreamRecord:
     @property
     def mean_error(self) -> float | None:
         return self.error_sum / self.scored if self.scored else None
+
+    @property
+    def mean_repeat_error(self) -> float | None:
+        return self.repeat_error_sum / self.repeat_scored if self.repeat_scored else None
+
+    @property
+    def skill(self) -> float | None:
+        """``1 - model error / repeat error`` summed over the stream's scored fixations (None when the
+        repeat errors sum to 0 or none was recorded)."""
+        return _number(skill(self.paired_error_sum, self.repeat_error_sum)) if self.repeat_scored else None
 
     def summary(self) -> dict[str, Any]:
         """The short form listed by ``GET /v1/streams``."""
@@ -109,20 +147,26 @@ class StreamRecord:
             "resets": self.resets,
             "mean_error": self.mean_error,
             "last_error": self.last_error,
+            "mean_repeat_error": self.mean_repeat_error,
+            "last_repeat_error": self.last_repeat_error,
+            "skill": self.skill,
+            "skipped": self.skipped,
             "last_t": self.last_t,
             "last_entry_id": self.last_entry_id,
-            "recent_errors": [{"step": s, "error": e} for s, e in self.recent],
+            "recent_errors": [{"step": s, "error": e, "repeat_error": r} for s, e, r in self.recent],
         }
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, for a checkpoint's ``extra``."""
         out = {k: v for k, v in self.__dict__.items() if k != "recent"}
-        out["recent"] = [list(pair) for pair in self.recent]
+        out["recent"] = [list(entry) for entry in self.recent]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamRecord:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "recent"}
         rec = cls(**known)
-        rec.recent.extend((int(s), float(e)) for s, e in data.get("recent", []))
+        for entry in data.get("recent", []):  # [step, error] in records saved before repeat errors
+            repeat = entry[2] if len(entry) > 2 else None
+            rec.recent.append((int(entry[0]), float(entry[1]), None if repeat is None else float(repeat)))
         return rec

@@ -63,6 +63,28 @@ def build_learner(settings: Settings) -> StreamLearner:
     return RFPLearner(cfg, device=device)
 
 
+def fixation_scores(error: float, repeat_error: float, skipped: bool) -> dict[str, Any]:
+    """The scores of one fixation in a reply: ``error``, ``repeat_error`` (the baseline that predicts
+    the next embedding to be the current one), ``skill`` = 1 - error / repeat_error, and ``skipped``
+    (scored but not learned from). NaN, and a skill without a positive repeat error, become None.
+
+    >>> fixation_scores(0.25, 0.5, False)
+    {'error': 0.25, 'repeat_error': 0.5, 'skill': 0.5, 'skipped': False}
+    >>> fixation_scores(float("nan"), float("nan"), False)
+    {'error': None, 'repeat_error': None, 'skill': None, 'skipped': False}
+    """
+    if math.isnan(error):
+        return {"error": None, "repeat_error": None, "skill": None, "skipped": bool(skipped)}
+    repeat = None if math.isnan(repeat_error) else repeat_error
+    value = math.nan if repeat is None else metrics.skill(error, repeat)
+    return {
+        "error": error,
+        "repeat_error": repeat,
+        "skill": None if math.isnan(value) else value,
+        "skipped": bool(skipped),
+    }
+
+
 def _fail(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, FoveateError):
         return {"ok": False, **error_payload(exc)}
@@ -298,6 +320,8 @@ class Worker:
         metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
         steps = out.step.tolist()
         errors = out.error.tolist()
+        repeats = out.repeat_error.tolist()
+        skipped = out.skipped.tolist()
         want = [i for i, f in enumerate(fixes) if f.return_prediction]
         preds = out.prediction[want].detach().cpu().tolist() if want else []
         pred_of = dict(zip(want, preds, strict=True))
@@ -310,13 +334,14 @@ class Worker:
             if fix.reset:
                 rec.resets += 1
                 metrics.RESETS.inc()
-            rec.observe(step=steps[i], error=errors[i], seq=fix.seq, t=fix.t, entry_id=fix.entry_id)
+            rec.observe(step=steps[i], error=errors[i], seq=fix.seq, t=fix.t, entry_id=fix.entry_id,
+                        repeat_error=repeats[i], skipped=skipped[i])  # fmt: skip
             payload: dict[str, Any] = {
                 "ok": True,
                 "stream_id": fix.stream_id,
                 "seq": fix.seq,
                 "step": steps[i],
-                "error": None if math.isnan(errors[i]) else errors[i],
+                **fixation_scores(errors[i], repeats[i], skipped[i]),
                 "running_error": rec.running_error,
                 "updates_applied": updates,
                 "request_id": fix.request_id,
@@ -324,7 +349,7 @@ class Worker:
             if i in pred_of:
                 payload["prediction"] = pred_of[i]
             replies.append((fix, payload))
-        metrics.observe_errors(steps, errors)
+        metrics.observe_tick(steps, errors, repeats, skipped, out.trace_radius)
         metrics.FIXATIONS.inc(len(fixes))
         metrics.BATCH_SIZE.observe(len(fixes))
         if out.updated:

@@ -68,6 +68,14 @@ class FixationResult:
         Fixations since the stream's last reset, this one included (1 = first after a reset).
     error
         This fixation's prediction error; None where nothing was predicted (step 1).
+    repeat_error
+        The error of the baseline that predicts the next embedding to be the current one, on the same
+        fixation; None where ``error`` is None (and from servers before it was reported).
+    skill
+        ``1 - error / repeat_error``: 1 perfect, 0 no better than repeating, below 0 worse; None where
+        undefined (``repeat_error`` None or 0).
+    skipped
+        The fixation was scored but not learned from (too ill-conditioned for a usable gradient).
     running_error
         The stream's moving-average error (None until a fixation was scored).
     updates_applied
@@ -84,6 +92,9 @@ class FixationResult:
     seq: int | None = None
     request_id: str | None = None
     prediction: np.ndarray | None = field(default=None, compare=False, repr=False)
+    repeat_error: float | None = None
+    skill: float | None = None
+    skipped: bool = False
 
     @classmethod
     def from_json(cls, data: Any) -> FixationResult:
@@ -156,10 +167,11 @@ class StreamSummary:
 
 @dataclass(frozen=True)
 class StepError:
-    """One recent error and the step it was made at."""
+    """One recent error, the step it was made at, and the repeat baseline's error there."""
 
     step: int
     error: float
+    repeat_error: float | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> StepError:
@@ -179,6 +191,10 @@ class StreamInfo(StreamSummary):
     last_entry_id: str | None = None
     recent_errors: list[StepError] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    mean_repeat_error: float | None = None
+    last_repeat_error: float | None = None
+    skill: float | None = None
+    skipped: int = 0
 
     @classmethod
     def from_json(cls, data: Any) -> StreamInfo:

@@ -96,6 +96,22 @@ class FixationResult(BaseModel):
     error: float | None = Field(
         description="This fixation's prediction error; null at step 1 (nothing predicted)."
     )
+    repeat_error: float | None = Field(
+        default=None,
+        description="The error of the baseline that predicts the next embedding to be the current one, "
+        "on this fixation with the same weights; null where error is null.",
+    )
+    skill: float | None = Field(
+        default=None,
+        description="1 - error / repeat_error for this fixation: 1 perfect, 0 no better than repeating the "
+        "current embedding, below 0 worse (one fixation's skill is noisy; foveate_prediction_skill "
+        "averages); null where repeat_error is null or 0.",
+    )
+    skipped: bool = Field(
+        default=False,
+        description="Scored, but not learned from: the prediction or the target was too small (too "
+        "ill-conditioned) for a usable gradient. Its error is still reported.",
+    )
     running_error: float | None = Field(description="Moving average of the stream's errors (weight 0.1).")
     updates_applied: int = Field(description="Optimizer steps applied to the model so far.")
     request_id: str | None = None
@@ -143,6 +159,7 @@ class StreamList(BaseModel):
 class StepError(BaseModel):
     step: int
     error: float
+    repeat_error: float | None = Field(default=None, description="The repeat baseline's error there.")
 
 
 class StreamInfo(StreamSummary):
@@ -153,6 +170,18 @@ class StreamInfo(StreamSummary):
     resets: int
     mean_error: float | None = None
     last_error: float | None = None
+    mean_repeat_error: float | None = Field(
+        default=None, description="Mean error of repeating the current embedding, on the same fixations."
+    )
+    last_repeat_error: float | None = Field(
+        default=None, description="The repeat baseline's error on the last fixation (null with last_error)."
+    )
+    skill: float | None = Field(
+        default=None,
+        description="1 - (sum of errors) / (sum of repeat errors) over the stream's scored fixations; "
+        "below 0 the model predicts worse than repeating the current embedding.",
+    )
+    skipped: int = Field(default=0, description="Scored fixations not learned from (ill-conditioned).")
     last_t: float | None = None
     last_entry_id: str | None = None
     recent_errors: list[StepError]

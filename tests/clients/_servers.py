@@ -31,6 +31,7 @@ SMALL_ENV = {
     "FOVEATE_EMBED_DIM": "16",
     "FOVEATE_PRED_HIDDEN": "32",
     "FOVEATE_INPUT_SIZE": "32",
+    "FOVEATE_LOSS": "cosine",  # learned from at once (whitened_mse waits for its metric to settle)
     "FOVEATE_SYNC_TIMEOUT_S": "60",  # a loaded 2-core CI machine can take >10 s on a first tick
     "FOVEATE_DEVICE": "cpu",
     "FOVEATE_CHECKPOINT_PATH": "",  # empty means None: no checkpoint files, a fresh model each run

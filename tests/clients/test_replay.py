@@ -5,6 +5,7 @@ The JSON lines are checked against the contract in docs/clients.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import numpy as np
 import pytest
 
 from clients import sdk
-from clients.plots import ERROR_BY_STEP_PNG, ERROR_VS_FIXATIONS_PNG, running_mean
+from clients.plots import ERROR_BY_STEP_PNG, ERROR_VS_FIXATIONS_PNG, plot_replay, running_mean
 from clients.recorded import RecordedDataset, bundled_dataset_path
-from clients.replay import ReplayOptions, replay, summarize
+from clients.replay import ReplayOptions, ReplayRecord, replay, summarize
 from foveate.cli import main
 from learner.errors import PatchError
 from learner.patches import cut_patch
@@ -83,9 +84,11 @@ def check_lines(lines: list[dict[str, Any]], expected: dict[str, list[Any]], pre
             assert r["reset"] == new_image
             assert (r["step"] == 1) == new_image  # steps restart at 1 after each reset
             assert (r["error"] is None) == (r["step"] == 1)  # null exactly where nothing was predicted
+            assert (r["repeat_error"] is None) == (r["error"] is None)  # the baseline on the same fixations
+            assert isinstance(r["skipped"], bool) and not (r["skipped"] and r["error"] is None)
             if not new_image:
                 assert r["step"] == previous["step"] + 1
-                assert r["error"] >= 0
+                assert r["error"] >= 0 and r["repeat_error"] >= 0
             previous = r
 
 
@@ -109,6 +112,10 @@ def test_replay_cli_against_a_server(
     printed = capsys.readouterr().out
     assert f"replayed {len(lines)} fixations of 3 streams" in printed
     assert "error by step" in printed
+    summary = summarize([ReplayRecord(**line) for line in lines])
+    assert summary.skill is not None and summary.mean_repeat_error is not None
+    assert f"current one): mean error {summary.mean_repeat_error:.4f}" in printed
+    assert f"skill 1 - model/repeat = {summary.skill:+.3f}" in printed
     for name in (ERROR_VS_FIXATIONS_PNG, ERROR_BY_STEP_PNG):
         png = plots / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -202,13 +209,12 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     check_lines(lines, expected_sessions(ds, ["1", "2", "3"], 2, 50))
     assert f"replayed {len(lines)} fixations of 3 streams" in done.stdout
     assert "first 20%" in done.stdout and "error by step" in done.stdout
+    assert "repeat baseline" in done.stdout and "skill 1 - model/repeat" in done.stdout
     assert (tmp_path / "demo" / ERROR_VS_FIXATIONS_PNG).stat().st_size > 10_000
     assert (tmp_path / "demo" / ERROR_BY_STEP_PNG).stat().st_size > 10_000
 
 
 def test_summary_and_running_mean() -> None:
-    from clients.replay import ReplayRecord
-
     records = [ReplayRecord("s", "1", "a", i, i, i == 0, 0.0, i + 1, None if i == 0 else float(i), None, i)
                for i in range(11)]  # fmt: skip
     summary = summarize(records, seconds=2.0)
@@ -217,3 +223,44 @@ def test_summary_and_running_mean() -> None:
     assert summary.error_by_step[2] == 1.0 and summary.count_by_step[11] == 1
     assert summary.rate == pytest.approx(5.5)
     np.testing.assert_allclose(running_mean(np.arange(5.0), 3), [0, 0.5, 1, 2, 3])
+
+
+def test_summary_weighs_the_model_against_the_repeat_baseline() -> None:
+    def rec(step: int, error: float | None, repeat: float | None, skipped: bool = False) -> ReplayRecord:
+        return ReplayRecord("s", "1", "a", step, step, step == 1, 0.0, step, error, None, 0, repeat, skipped)
+
+    records = [rec(1, None, None), rec(2, 0.25, 0.5, skipped=True), rec(3, 0.5, 0.25), rec(2, 0.125, 0.5),
+               rec(3, 0.25, 0.25)]  # fmt: skip
+    summary = summarize(records)
+    assert summary.mean_error == pytest.approx(0.28125) and summary.mean_repeat_error == pytest.approx(0.375)
+    assert summary.skill == pytest.approx(1 - 0.28125 / 0.375)  # 1 - mean error / mean repeat error
+    assert summary.repeat_error_by_step == {2: 0.5, 3: 0.25}
+    assert summary.skill_by_step == pytest.approx({2: 1 - 0.1875 / 0.5, 3: 1 - 0.375 / 0.25})
+    assert summary.ill_conditioned == 1
+    # a server that reports no repeat errors: no baseline, no skill
+    old = summarize([rec(1, None, None), rec(2, 0.25, None)])
+    assert (old.mean_repeat_error, old.skill, old.skill_by_step) == (None, None, {})
+    # the JSON line carries the baseline
+    line = json.loads(records[1].to_json())
+    assert (line["error"], line["repeat_error"], line["skipped"]) == (0.25, 0.5, True)
+
+
+def _red_pixels(png: Path) -> int:
+    """Pixels of matplotlib's C3 (#d62728), the repeat baseline's colour."""
+    image = cv2.imread(str(png)).astype(np.int16)  # BGR
+    return int((np.abs(image - np.array([40, 39, 214])).max(axis=2) < 30).sum())
+
+
+def test_plots_draw_the_repeat_baseline_beside_the_model(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(300):
+        step = i % 10 + 1
+        error = None if step == 1 else float(rng.uniform(0.1, 0.5))
+        repeat = None if step == 1 else float(rng.uniform(0.3, 0.6))
+        records.append(ReplayRecord("s", "1", "a", i, i, step == 1, 0.0, step, error, None, i, repeat))
+    with_repeat = plot_replay(records, tmp_path / "with")
+    without = plot_replay([dataclasses.replace(r, repeat_error=None) for r in records], tmp_path / "without")
+    for drawn, bare in zip(with_repeat, without, strict=True):
+        assert drawn.name == bare.name
+        assert _red_pixels(drawn) > 200 and _red_pixels(bare) == 0, drawn.name

@@ -371,3 +371,18 @@ def test_models_ignore_unknown_fields() -> None:
     info = sdk.StreamInfo.from_json({**data, "recent_errors": [{"step": 2, "error": 0.5}]})
     assert info.recent_errors == [sdk.StepError(step=2, error=0.5)]
     assert info.fixations == 5
+
+
+def test_results_carry_the_repeat_baseline_and_older_servers_still_parse() -> None:
+    scored = {**RESULT, "step": 2, "error": 0.25, "repeat_error": 0.5, "skill": 0.5, "skipped": True}
+    result = sdk.FixationResult.from_json(scored)
+    assert (result.error, result.repeat_error, result.skill, result.skipped) == (0.25, 0.5, 0.5, True)
+    old = sdk.FixationResult.from_json({**RESULT, "step": 2, "error": 0.25})  # before repeat errors
+    assert (old.repeat_error, old.skill, old.skipped) == (None, None, False)
+    info = sdk.StreamInfo.from_json({
+        "stream_id": "s", "step": 3, "fixations": 3, "updated_at": 1.0, "mean_error": 0.25,
+        "mean_repeat_error": 0.5, "last_repeat_error": 0.5, "skill": 0.5, "skipped": 1,
+        "recent_errors": [{"step": 2, "error": 0.25, "repeat_error": 0.5}],
+    })  # fmt: skip
+    assert (info.mean_repeat_error, info.last_repeat_error, info.skill, info.skipped) == (0.5, 0.5, 0.5, 1)
+    assert info.recent_errors == [sdk.StepError(step=2, error=0.25, repeat_error=0.5)]

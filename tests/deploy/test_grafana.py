@@ -28,6 +28,11 @@ REQUIRED_PANELS = {
     "Queue depth",
     "Active streams",
     "Resets per minute",
+    # the model against the repeat-the-current-embedding baseline, and the RFP traces' growth
+    "Skill against repeat",
+    "Skill against repeat by time step",
+    "Trace spectral radius",
+    "Skipped ticks per second",
 }
 
 
@@ -100,3 +105,33 @@ def test_dashboard_shows_what_the_issue_asks() -> None:
     assert "foveate_error_by_step" in exprs["Error by time step within a sequence"]
     by_title = {panel["title"]: panel for panel in _panels()}
     assert by_title["Error by time step within a sequence"]["type"] in {"barchart", "heatmap"}
+
+
+def _threshold_lines(panel: dict[str, Any]) -> list[float]:
+    """The values at which a panel draws threshold lines (none unless its style is "line")."""
+    defaults = panel["fieldConfig"]["defaults"]
+    if defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode") != "line":
+        return []
+    return [step["value"] for step in defaults["thresholds"]["steps"] if step["value"] is not None]
+
+
+def test_skill_and_stability_panels_show_their_baselines() -> None:
+    by_title = {panel["title"]: panel for panel in _panels()}
+    exprs: dict[str, str] = {}
+    for where, expr in dashboard_exprs():
+        title = where.split("'")[1]
+        exprs[title] = exprs.get(title, "") + " " + expr
+    # repeat error next to model error
+    assert "foveate_repeat_error_sum" in exprs["Prediction error over time"]
+    assert "foveate_prediction_error_sum" in exprs["Prediction error over time"]
+    # skill by step, with the line at 0 below which the model is worse than repeating
+    assert 'foveate_prediction_skill{step!="all"}' in exprs["Skill against repeat by time step"]
+    assert 'foveate_prediction_skill{step="all"}' in exprs["Skill against repeat"]
+    for title in ("Skill against repeat", "Skill against repeat by time step"):
+        assert _threshold_lines(by_title[title]) == [0], title
+    assert by_title["Skill against repeat by time step"]["type"] == "barchart"
+    # the retention panel became the traces' spectral radius, with its line at 1
+    assert "foveate_trace_spectral_radius_max" in exprs["Trace spectral radius"]
+    assert _threshold_lines(by_title["Trace spectral radius"]) == [1]
+    assert "rate(foveate_skipped_ticks_total" in exprs["Skipped ticks per second"]
+    assert not any("retention" in expr for expr in exprs.values())

@@ -85,7 +85,9 @@ def test_prometheus_rejects_invalid_promql(live_stack: LiveStack) -> None:
 def test_dashboard_queries_return_data(live_stack: LiveStack) -> None:
     # After the posts, the learning panels have something to draw (rates need two scrapes: wait).
     wanted = ("Prediction error over time", "Fixations per second", "Update latency p50 / p99",
-              "Active streams", "Effective dimensionality", "Resets per minute")  # fmt: skip
+              "Active streams", "Effective dimensionality", "Resets per minute", "Skill against repeat",
+              "Skill against repeat by time step", "Trace spectral radius",
+              "Skipped ticks per second")  # fmt: skip
     exprs = [
         (where, expr) for where, expr in dashboard_exprs() if any(f"'{title}'" in where for title in wanted)
     ]

@@ -55,6 +55,9 @@ def step_loss(
     z = embed(model, u, h).detach()
     if model.cfg.loss == "cosine":
         per = 1 - F.cosine_similarity(p, z, dim=-1, eps=1e-12)
+    elif model.cfg.loss == "whitened_mse":
+        a = model.change_norm.whiten  # (D, D), held fixed by the test
+        per = ((p - z) @ a).pow(2).sum(-1) / p.shape[-1]
     else:
         per = 0.5 * (p - z).pow(2).sum(-1)
     return per.mean()

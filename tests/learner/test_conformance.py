@@ -160,9 +160,10 @@ def test_segment_len_resets_streams_together_with_traces() -> None:
 
 
 def test_rfp_and_bptt_segment_modes_take_the_same_step() -> None:
-    # context whitening off: BPTT re-scores a segment's steps with the statistics at its end, RFP
-    # scored each step with those in force then (equal only while the statistics stand still)
-    kw = dict(update_mode="segment", segment_len=6, optimizer="sgd", lr=0.05, context_norm=False)
+    # context whitening off and a loss without running statistics: BPTT re-scores a segment's steps
+    # with the statistics at its end, RFP scored each step with those in force then (equal only
+    # while the statistics stand still)
+    kw = dict(update_mode="segment", segment_len=6, optimizer="sgd", lr=0.05, context_norm=False, loss="mse")
     rfp = RFPLearner(cfg(**kw), dtype=torch.float64)
     bptt = BPTTLearner(cfg(**kw), dtype=torch.float64)
     for t in range(12):

@@ -176,7 +176,9 @@ def test_whitening_shrinks_by_the_documented_amount(sample_shrink: bool) -> None
 
 
 def test_loading_a_live_learners_state_leaves_the_two_apart() -> None:
-    cfg = ModelConfig(trunk="none", in_features=12, n_units=10, embed_dim=6, pred_hidden=9, lr=1e-2)
+    cfg = ModelConfig(
+        trunk="none", in_features=12, n_units=10, embed_dim=6, pred_hidden=9, lr=1e-2, loss="cosine"
+    )
     a, b = RFPLearner(cfg), RFPLearner(cfg)
     feats = torch.randn(6, 2, 12, generator=gen(7))
     for x in feats[:3]:
@@ -189,3 +191,22 @@ def test_loading_a_live_learners_state_leaves_the_two_apart() -> None:
     for k, v in before.items():
         assert torch.equal(after[k], v), k  # b's steps did not move a's moments
     assert not torch.equal(b.optimizer.state_dict()["state"][0]["exp_avg"], before["exp_avg"])
+
+
+def test_a_wide_whitening_is_diagonal_until_it_has_more_samples_than_features() -> None:
+    """RunningWhitening wider than DIAGONAL_BELOW skips the eigendecomposition while n < F."""
+    from learner.model import RunningWhitening
+
+    f = RunningWhitening.DIAGONAL_BELOW + 8
+    w = RunningWhitening(f, every=4)
+    x = torch.randn(4, f, generator=gen(3)) * torch.linspace(0.5, 3.0, f)  # recomputed at 1, 2, 4
+    for row in x:
+        w.observe(row[None])
+    whiten = w.whiten
+    assert torch.equal(whiten, torch.diag(whiten.diagonal()))  # no off-diagonal terms
+    shrink = f / (w.n_seen + 1) * float(w.cov.diagonal().mean())
+    torch.testing.assert_close(whiten.diagonal(), (w.cov.diagonal() + shrink).rsqrt())
+    narrow = RunningWhitening(16, every=4)
+    for row in torch.randn(6, 16, generator=gen(4)):
+        narrow.observe(row[None])
+    assert not torch.equal(narrow.whiten, torch.diag(narrow.whiten.diagonal()))  # full ZCA there

@@ -1,7 +1,8 @@
-"""Learning on real eye-tracking data: OSIE sessions streamed through online RFP (issue 2).
+"""Learning on real eye-tracking data, against the controls of spec 1.6 (issue 11), at test scale.
 
-One stream per subject, images in a fixed order, scanpaths in order, a reset at each new image.
-The full version is ``python -m bench.osie_learning``; this is a small one (40 images).
+Trained online on OSIE subjects 1-12 x images 1-30 (one stream per subject, a reset at each new
+image), then frozen and scored on subjects 13-15 x images 31-40, which it never saw. The full version,
+with every control and two seeds, is ``python -m bench.controls`` (docs/results.md).
 """
 
 from __future__ import annotations
@@ -10,39 +11,55 @@ from pathlib import Path
 
 import pytest
 
-from bench.osie_learning import run
+from bench.controls import run
 from clients.recorded import bundled_dataset_path
 from learner import ModelConfig
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "osie"
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def result() -> dict:
     # the bundled subset is the first 40 OSIE images; the shared copy gives the same numbers
     dataset = SHARED if SHARED.is_dir() else bundled_dataset_path()
-    return run(dataset, ModelConfig(), train_images=30, test_images=10)
+    res = run(
+        dataset,
+        ModelConfig(),
+        train_subjects="1-12",
+        train_images="1-30",
+        test_subjects="13-15",
+        test_images="31-40",
+        seeds=[0],
+        retrieval_n=40,
+    )
+    return res["seeds"][0]
 
 
-@pytest.mark.slow
-def test_online_rfp_lowers_error_of_later_fixations(result: dict) -> None:
-    assert result["train_fixations"] > 4000 and result["updates_applied"] > 250
-    # prequential: each fixation is scored before the model learns from it
-    assert result["train_tail_error"] < 0.85 * result["untrained_tail_error"], result
-    # and it carries over to images the model has never seen
-    assert result["test_error_after"] < 0.9 * result["test_error_before"], result
+def test_model_beats_repeating_the_current_embedding_on_held_out_people_and_images(result: dict) -> None:
+    diff, sem = result["transfer"]["model_minus_repeat"]
+    # measured, seeds 0 and 1: -0.0206 +- 0.0011 and -0.0213 +- 0.0013 (over 10 images), skill +0.036;
+    # at this scale (3,000 ticks) the model has not yet learned what the full benchmark shows
+    # (docs/results.md); an oracle shrinkage baseline still beats it here
+    assert diff < -5 * sem and result["transfer"]["skill"] > 0.01, result["transfer"]
+    # and while it keeps learning on them
+    online = result["online_held_out_second_half"]
+    assert online["model_minus_repeat"][0] < -5 * online["model_minus_repeat"][1], online
 
 
-@pytest.mark.slow
-def test_embedding_does_not_collapse(result: dict) -> None:
-    # the context whitening (cfg.context_norm) is what holds this once the RGC keeps memory
-    assert result["effective_dim_after"] > result["embed_dim"] / 4, result["effective_dim_after"]
+def test_learning_is_what_beats_it(result: dict) -> None:
+    # untrained, the residual predictor is the identity: its error is the repeat baseline's
+    untrained = result["untrained"]
+    assert untrained["model_minus_repeat"][0] == pytest.approx(0.0, abs=1e-6), untrained
 
 
-@pytest.mark.slow
-def test_error_falls_with_time_step_after_learning(result: dict) -> None:
-    # the gate biases and the gains' larger learning rate (cfg.gain_lr_scale) give the RGC memory
-    by_step = result["test_by_step_after"]
-    early = by_step[2]["mean"]
-    late = sum(by_step[s]["mean"] for s in (6, 7, 8)) / 3
-    assert late < early - 2 * by_step[2]["sem"], by_step
+def test_embedding_keeps_its_dimensions(result: dict) -> None:
+    # measured 53.7 and 55.6 of 120 (untrained 53.1 and 54.4): E is a fixed projection by default
+    assert result["effective_dim"] > 40, result["effective_dim"]
+
+
+def test_the_fresh_model_skips_its_ill_conditioned_first_ticks(result: dict) -> None:
+    # whitened_mse learns once the whitenings have settled (16 ticks) and its metric has seen 8
+    # changes: measured 165 of 2,992 fixations with 12 streams
+    assert 0 < result["train_skipped"] < 300, result["train_skipped"]

@@ -62,6 +62,14 @@ def make_learner(
             q = torch.randn(N, N, generator=gen, dtype=torch.float64)
             model.context_norm.whiten.copy_(torch.eye(N, dtype=torch.float64) + 0.2 * (q + q.T))
         model.observe_context = lambda h: None  # type: ignore[method-assign]
+    if loss == "whitened_mse":  # a random fixed metric: RFP treats it as a constant of each step
+        gen = torch.Generator().manual_seed(300 + seed)
+        q = torch.randn(D, D, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            learner.model.change_norm.whiten.copy_(torch.eye(D, dtype=torch.float64) + 0.3 * (q + q.T))
+        learner.model.change_norm.n_seen = 4 * D  # a metric that has seen enough changes: its whitening
+        learner.model.change_sq.copy_(torch.tensor([1.0, 100.0]))  # ready (RJEPA.metric_ready)
+        learner.model.observe_change = lambda change: None  # type: ignore[method-assign]
     return learner
 
 
@@ -91,6 +99,10 @@ CASES = (
     ]
     + [(loss, "identity", "random", "default", "context") for loss in ("cosine", "mse")]
     + [("cosine", "tanh", "random", head, "state") for head in ("mlp", "default")]
+    + [
+        ("whitened_mse", phi, "random", head, "context")
+        for phi, head in (("tanh", "mlp"), ("identity", "default"))
+    ]
 )
 
 

@@ -37,6 +37,9 @@ SMALL = {
     "input_size": 32,
     "device": "cpu",
     "lr": 0.01,
+    # plumbing tests: a few fixations must already be learned from, and whitened_mse (the default)
+    # waits for its whitenings and metric to settle (about 24 fixations of one stream)
+    "loss": "cosine",
     "max_wait_ms": 2.0,
     "heartbeat_timeout_s": 5.0,
 }

@@ -125,6 +125,53 @@ def test_redis_round_trip(redis_server: str) -> None:
         worker_side.stop_worker()
 
 
+def test_redis_results_carry_the_repeat_baseline(redis_server: str) -> None:
+    settings = _redis_settings(redis_server)
+    worker_side, api_side = RedisBroker(settings), RedisBroker(settings)
+    worker_side.start_worker(_decode_into)
+    worker_side.heartbeat({})
+    r = redis.Redis.from_url(redis_server)
+    scored = {"ok": True, "stream_id": "s1", "step": 2, "error": 0.1 + 0.2, "repeat_error": 0.4,
+              "skill": 1 - (0.1 + 0.2) / 0.4, "skipped": True, "running_error": 0.3,
+              "updates_applied": 5}  # fmt: skip
+    try:
+
+        async def scenario() -> dict[str, Any]:
+            fix = _fix(seq=8)
+            await api_side.submit([fix], wait=True)
+            got = await asyncio.to_thread(_get, worker_side)
+            worker_side.reply([(got, {**scored, "request_id": fix.request_id})])
+            assert fix.request_id is not None
+            out = await api_side.result(fix.request_id, 5.0)
+            await api_side.close_api()
+            return out
+
+        reply = asyncio.run(scenario())
+        assert {k: reply[k] for k in ("error", "repeat_error", "skill", "skipped")} == {
+            k: scored[k] for k in ("error", "repeat_error", "skill", "skipped")
+        }
+        (entry,) = r.xrange("foveate:results:s1")
+        fields = entry[1]
+        # numbers as repr(): they read back exactly
+        assert float(fields[b"error"]) == scored["error"] and float(fields[b"repeat_error"]) == 0.4
+        assert float(fields[b"skill"]) == scored["skill"] and fields[b"skipped"] == b"1"
+    finally:
+        worker_side.stop_worker()
+
+
+def test_redis_result_fields_of_an_unscored_fixation() -> None:
+    from service.redis_broker import result_fields
+
+    payload = {"ok": True, "step": 1, "error": None, "repeat_error": None, "skill": None, "skipped": False,
+               "running_error": None, "updates_applied": 0}  # fmt: skip
+    fields = result_fields(Fixation("s1", seq=0), payload)
+    assert {k: fields[k] for k in ("error", "repeat_error", "skill", "skipped")} == {
+        "error": "nan", "repeat_error": "nan", "skill": "nan", "skipped": "0"
+    }  # fmt: skip
+    rejected = result_fields(Fixation("s1"), {"ok": False, "error": "PatchError", "detail": "bad"})
+    assert "repeat_error" not in rejected and rejected["rejected"] == "PatchError"
+
+
 def test_redis_control_and_expired_commands(redis_server: str) -> None:
     settings = _redis_settings(redis_server)
     worker_side, api_side = RedisBroker(settings), RedisBroker(settings)

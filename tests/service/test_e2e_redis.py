@@ -39,6 +39,8 @@ class Stack:
             "FOVEATE_WORKER_METRICS_PORT": str(self.metrics_port),
             "FOVEATE_PORT": str(self.api_port),
             "FOVEATE_LR": "0.03",  # a few passes over two scanpaths must show learning
+            # the cosine loss: whitened_mse's running metric is still settling over a few dozen fixations
+            "FOVEATE_LOSS": "cosine",
         }
 
     def start(self, command: str) -> ServiceProcess:
@@ -94,6 +96,13 @@ def test_api_and_worker_over_redis(
     replies = [_reply(r, f"rig-{i}") for i in range(3)]
     assert [x["step"] for x in replies] == [1, 2, 3] and replies[0]["error"] is None
     assert [e[1][b"step"] for e in r.xrange("foveate:results:rig")] == [b"1", b"2", b"3"]
+    # Each scored reply carries the repeat baseline and the skill, also in the results stream.
+    assert (replies[0]["repeat_error"], replies[0]["skill"]) == (None, None)
+    for reply, (_, fields) in zip(replies[1:], r.xrange("foveate:results:rig")[1:], strict=True):
+        assert reply["skill"] == pytest.approx(1 - reply["error"] / reply["repeat_error"], rel=1e-12)
+        assert float(fields[b"repeat_error"]) == reply["repeat_error"]
+        assert float(fields[b"skill"]) == reply["skill"]
+        assert fields[b"skipped"] == (b"1" if reply["skipped"] else b"0")
     # A broken message is answered with its error and acknowledged; the next one still works.
     r.xadd("foveate:fixations", {"stream_id": "rig", "patch": b"not an image", "request_id": "bad"})
     assert _reply(r, "bad")["error"] == "PatchError"

@@ -19,6 +19,7 @@ from starlette.requests import Request
 
 from service.api.lean import NOT_LEAN, LeanRoute, lean_route
 from service.api.routes.fixations import plain_flags
+from service.api.schemas import FixationResult
 from tests.service._support import ThreadedServer
 
 FIXATIONS = "/v1/streams/{stream_id}/fixations"
@@ -81,7 +82,8 @@ def test_lean_and_full_paths_answer_alike(client: httpx.Client) -> None:
     assert lean.headers["content-type"] == full.headers["content-type"] == "application/json"
     a, b = lean.json(), full.json()
     assert list(a) == list(b) == [
-        "stream_id", "seq", "step", "error", "running_error", "updates_applied", "request_id", "prediction"
+        "stream_id", "seq", "step", "error", "repeat_error", "skill", "skipped", "running_error",
+        "updates_applied", "request_id", "prediction"
     ]  # fmt: skip
     assert (a["stream_id"], a["seq"], a["step"], a["error"]) == ("lean-a", 0, 1, None)
     assert (b["stream_id"], b["seq"], b["step"], b["error"]) == ("full-a", 0, 1, None)
@@ -167,6 +169,29 @@ async def get_point(n: int, full: bool = False) -> Any:
     return point(n)
 
 
+#: Worker replies as the fixation route's model serialises them: scored (skill below 0, skipped),
+#: unscored (nulls), and a reply of a worker from before repeat errors (the fields left out).
+RESULTS: list[dict[str, Any]] = [
+    {"stream_id": "s", "seq": 3, "step": 4, "error": 0.30000001192092896, "repeat_error": 0.1 + 0.2,
+     "skill": 1 - 0.30000001192092896 / (0.1 + 0.2), "skipped": True, "running_error": 1e-7,
+     "updates_applied": 12, "request_id": "r"},
+    {"stream_id": "s", "seq": None, "step": 1, "error": None, "repeat_error": None, "skill": None,
+     "skipped": False, "running_error": None, "updates_applied": 0, "request_id": "r"},
+    {"stream_id": "s", "step": 2, "error": 0.5, "running_error": 0.5, "updates_applied": 1},
+]  # fmt: skip
+
+
+async def lean_result(request: Request) -> Any:
+    n = request.scope["path_params"]["n"]
+    if request.query_params.get("full") or not n.isdigit():
+        return NOT_LEAN
+    return FixationResult(**RESULTS[int(n)])
+
+
+async def get_result(n: int, full: bool = False) -> Any:
+    return FixationResult(**RESULTS[n])
+
+
 @pytest.fixture(scope="module")
 def tiny() -> Iterator[str]:
     router = APIRouter()
@@ -177,6 +202,14 @@ def tiny() -> Iterator[str]:
         response_model=Point,
         response_model_exclude_unset=True,
         route_class_override=lean_route(lean_point),
+    )
+    router.add_api_route(  # as service.api.routes.fixations declares it
+        "/results/{n}",
+        get_result,
+        methods=["GET"],
+        response_model=FixationResult,
+        response_model_exclude_unset=True,
+        route_class_override=lean_route(lean_result),
     )
     app = FastAPI()
     app.include_router(router, prefix="/v1")
@@ -194,6 +227,15 @@ def test_lean_route_serialises_byte_for_byte_like_fastapi(tiny: str, n: int) -> 
     assert lean.headers["content-type"] == full.headers["content-type"]
     assert lean.headers["content-length"] == full.headers["content-length"]
     assert "y" not in lean.json()  # exclude_unset applies
+
+
+@pytest.mark.parametrize("n", range(len(RESULTS)))
+def test_fixation_results_serialise_byte_for_byte_like_fastapi(tiny: str, n: int) -> None:
+    lean = httpx.get(f"{tiny}/v1/results/{n}")
+    full = httpx.get(f"{tiny}/v1/results/{n}?full=1")
+    assert lean.status_code == full.status_code == 200
+    assert lean.content == full.content
+    assert lean.json() == {k: v for k, v in RESULTS[n].items()}  # exclude_unset: only what was sent
 
 
 def test_lean_route_falls_back_to_fastapi_validation(tiny: str) -> None:

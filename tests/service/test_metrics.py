@@ -30,6 +30,11 @@ def test_every_metric_has_the_prefix_and_parses() -> None:
         "foveate_effective_dimensionality",
         "foveate_rejected_requests",
         "foveate_worker_up",
+        "foveate_repeat_error",
+        "foveate_step_repeat_error",
+        "foveate_prediction_skill",
+        "foveate_skipped_ticks",
+        "foveate_trace_spectral_radius_max",
     ):
         assert name in families, name
 
@@ -57,8 +62,9 @@ def test_nan_errors_are_not_observed() -> None:
 
 
 def test_diagnostics_reach_their_gauges() -> None:
-    metrics.set_diagnostics({"effective_dim": 7.5, "h_norm": 2.0, "max_retention_gain": 0.9, "spectrum": 1.0})
+    metrics.set_diagnostics({"effective_dim": 7.5, "h_norm": 2.0, "max_trace_radius": 0.9, "spectrum": 1.0})
     samples = {s.name: s.value for f in _families("worker").values() for s in f.samples}  # type: ignore[attr-defined]
     assert samples["foveate_effective_dimensionality"] == 7.5
     assert samples["foveate_hidden_norm"] == 2.0
-    assert samples["foveate_retention_gain_max"] == 0.9
+    assert samples["foveate_trace_spectral_radius_max"] == 0.9
+    assert "foveate_retention_gain_max" not in samples  # renamed: max |tanh| said nothing about growth

@@ -33,3 +33,26 @@ def test_round_trip() -> None:
     rec.observe(step=2, error=0.25, seq=4, t=1.0, entry_id="7-1")
     back = StreamRecord.from_dict(rec.to_dict())
     assert back.info() == rec.info()
+
+
+def test_records_keep_the_repeat_baseline_through_a_checkpoint_and_read_old_ones() -> None:
+    rec = StreamRecord("s")
+    rec.observe(step=1, error=math.nan, seq=0, t=None, entry_id=None, repeat_error=math.nan)
+    rec.observe(step=2, error=0.25, seq=1, t=None, entry_id=None, repeat_error=0.5, skipped=True)
+    rec.observe(step=3, error=0.5, seq=2, t=None, entry_id=None, repeat_error=0.25)
+    info = rec.info()
+    assert (info["mean_repeat_error"], info["last_repeat_error"], info["skipped"]) == (0.375, 0.25, 1)
+    assert info["skill"] == 1 - 0.75 / 0.75
+    again = StreamRecord.from_dict(rec.to_dict()).info()
+    assert {k: v for k, v in again.items() if k != "updated_at"} == {
+        k: v for k, v in info.items() if k != "updated_at"
+    }
+    # A record saved before repeat errors: recent (step, error) pairs, no repeat sums.
+    kept = ("stream_id", "step", "fixations", "scored", "error_sum", "running_error", "last_error")
+    old = {k: v for k, v in rec.to_dict().items() if k in kept}
+    old["recent"] = [[2, 0.25], [3, 0.5]]
+    restored = StreamRecord.from_dict(old).info()
+    assert restored["recent_errors"] == [
+        {"step": 2, "error": 0.25, "repeat_error": None}, {"step": 3, "error": 0.5, "repeat_error": None}
+    ]  # fmt: skip
+    assert (restored["mean_error"], restored["mean_repeat_error"], restored["skill"]) == (0.375, None, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import time
 from typing import Any
 
@@ -20,6 +21,20 @@ def b64(data: bytes) -> str:
 @pytest.fixture
 def client(embedded: ThreadedServer) -> httpx.Client:
     return httpx.Client(base_url=embedded.url, timeout=60.0)
+
+
+def check_scores(results: list[dict[str, Any]]) -> None:
+    """Each result's repeat baseline and skill agree with its error (docs/api.md)."""
+    for r in results:
+        assert isinstance(r["skipped"], bool)
+        if r["error"] is None:  # nothing predicted: no baseline either
+            assert r["repeat_error"] is None and r["skill"] is None and r["skipped"] is False
+            continue
+        assert 0.0 <= r["repeat_error"] < math.inf
+        if r["repeat_error"] > 0:
+            assert r["skill"] == pytest.approx(1 - r["error"] / r["repeat_error"], rel=1e-12)
+        else:
+            assert r["skill"] is None
 
 
 def test_every_payload_kind_is_learned_from(client: httpx.Client, osie: list[Scanpath]) -> None:
@@ -61,8 +76,9 @@ def test_every_payload_kind_is_learned_from(client: httpx.Client, osie: list[Sca
     body = [r.json() for r in sent]
     assert [b["step"] for b in body] == [1, 2, 3, 4, 5]
     assert [b["seq"] for b in body] == [0, 1, 2, 3, 4]
-    assert body[0]["error"] is None and all(0.0 <= b["error"] <= 2.0 for b in body[1:])
+    assert body[0]["error"] is None and all(0.0 <= b["error"] < math.inf for b in body[1:])
     assert body[-1]["running_error"] is not None
+    check_scores(body)
     assert "prediction" not in body[0] and len(body[-1]["prediction"]) == 16
     assert body[-1]["updates_applied"] > body[1]["updates_applied"]
 
@@ -220,6 +236,8 @@ def test_batch_mixes_results_and_rejections_in_order(client: httpx.Client, osie:
         ("batch-b", 1),
         ("batch-a", 2),
     ]
+    check_scores([x["result"] for x in res if x["ok"]])
+    assert res[3]["result"]["repeat_error"] is not None  # batch-a's second fixation was scored
     queued = client.post("/v1/fixations/batch?wait=false", json={"fixations": items[:1]}).json()["results"]
     assert queued[0]["accepted"]["status"] == "queued"
 

@@ -13,7 +13,8 @@ from tests.service._support import Scanpath, ThreadedServer, png
 
 def test_model_info_and_checkpoint(embedded: ThreadedServer, osie: list[Scanpath]) -> None:
     client = httpx.Client(base_url=embedded.url, timeout=60.0)
-    for patch in osie[0].patches[:2]:
+    # three fixations: a fresh model learns nothing from a stream's first scored one (ill-conditioned)
+    for patch in osie[0].patches[:3]:
         r = client.post(
             "/v1/streams/model-test/fixations", json={"patch_b64": base64.b64encode(png(patch)).decode()}
         )

@@ -25,8 +25,7 @@ def _post(client: httpx.Client, stream: str, patch: object, **fields: object) ->
 
 def test_stream_lifecycle(client: httpx.Client, osie: list[Scanpath]) -> None:
     patches = osie[0].patches
-    for i in range(3):
-        _post(client, "life", patches[i], seq=10 + i, t=1.0 + i)
+    posted = [_post(client, "life", patches[i], seq=10 + i, t=1.0 + i) for i in range(3)]
     listed = client.get("/v1/streams").json()
     assert listed["count"] == len(listed["streams"]) >= 1
     assert {"stream_id": "life", "step": 3, "fixations": 3, "last_seq": 12}.items() <= next(
@@ -36,6 +35,17 @@ def test_stream_lifecycle(client: httpx.Client, osie: list[Scanpath]) -> None:
     info = client.get("/v1/streams/life").json()
     assert (info["step"], info["scored"], info["last_seq"], info["last_t"]) == (3, 2, 12, 3.0)
     assert [e["step"] for e in info["recent_errors"]] == [2, 3]
+    # The repeat baseline beside the model's errors: per fixation as the POSTs answered, and summed.
+    scored = posted[1:]
+    assert [(e["error"], e["repeat_error"]) for e in info["recent_errors"]] == [
+        (p["error"], p["repeat_error"]) for p in scored
+    ]
+    assert info["last_repeat_error"] == scored[-1]["repeat_error"]
+    assert info["mean_repeat_error"] == pytest.approx(sum(p["repeat_error"] for p in scored) / 2)
+    assert info["skill"] == pytest.approx(
+        1 - sum(p["error"] for p in scored) / sum(p["repeat_error"] for p in scored)
+    )
+    assert info["skipped"] == sum(p["skipped"] for p in scored)
     assert info["created_at"] <= info["updated_at"] and info["state"]["step"] == 3
 
     pred = client.get("/v1/streams/life/prediction").json()
