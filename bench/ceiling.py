@@ -80,26 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     ds = RecordedDataset.open(args.dataset)
     learner = RFPLearner(ModelConfig())
-    train = scanpaths_of(
-        cached_features(
-            learner,
-            ds,
-            parse_range(args.train_images, ds.images),
-            parse_range(args.train_subjects, ds.subjects),
-            50,
-            args.cache,
-        )
-    )
-    test = scanpaths_of(
-        cached_features(
-            learner,
-            ds,
-            parse_range(args.test_images, ds.images),
-            parse_range(args.test_subjects, ds.subjects),
-            50,
-            args.cache,
-        )
-    )
+
+    def scanpaths(images: str, subjects: str) -> list[Scanpath]:
+        imgs, subs = parse_range(images, ds.images), parse_range(subjects, ds.subjects)
+        return scanpaths_of(cached_features(learner, ds, imgs, subs, 50, args.cache))
+
+    train = scanpaths(args.train_images, args.train_subjects)
+    test = scanpaths(args.test_images, args.test_subjects)
     u = torch.cat([p.u for p in train]).double()
     mu = u.mean(0)
     _, vecs = torch.linalg.eigh(torch.cov((u - mu).T))

@@ -51,6 +51,7 @@ from clients.recorded import RecordedDataset, default_dataset_path
 from learner import ModelConfig, RFPLearner, StreamLearner
 from learner.diagnostics import covariance_spectrum, participation_ratio
 from learner.patches import cut_patch, preprocess
+from learner.streaming import TickOutput
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +142,10 @@ def score(learner: StreamLearner, paths: Sequence[Scanpath]) -> list[dict[str, A
             res = probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
             slots = probe.states.slots(tick.ids)
             z = model.embed(probe.states.u[slots], probe.states.h[slots])  # (B, D)
-            for i, (subject, image, _) in enumerate(tick.meta):
-                if not math.isnan(float(res.error[i])):
-                    out.append(
-                        {
-                            "subject": subject,
-                            "image": image,
-                            "step": int(res.step[i]),
-                            "error": float(res.error[i]),
-                            "repeat": float(res.repeat_error[i]),
-                        }
-                    )
+            for i in range(len(tick.ids)):
+                rec = _scored(tick, res, i)
+                if rec is not None:
+                    out.append(rec)
                     pairs.append((last[tick.ids[i]], z[i]))
                 last[tick.ids[i]] = z[i]
         if pairs:
@@ -177,19 +171,23 @@ def online(learner: StreamLearner, ticks: Sequence[Tick]) -> list[dict[str, Any]
     out = []
     for tick in ticks:
         res = learner.tick_features(tick.ids, tick.u, tick.reset, learn=True)
-        for i, (subject, image, _) in enumerate(tick.meta):
-            if not math.isnan(float(res.error[i])):
-                out.append(
-                    {
-                        "subject": subject,
-                        "image": image,
-                        "step": int(res.step[i]),
-                        "error": float(res.error[i]),
-                        "repeat": float(res.repeat_error[i]),
-                        "skipped": bool(res.skipped[i]),
-                    }
-                )
+        out.extend(rec for i in range(len(tick.ids)) if (rec := _scored(tick, res, i)) is not None)
     return out
+
+
+def _scored(tick: Tick, res: TickOutput, i: int) -> dict[str, Any] | None:
+    """The record of fixation i of a tick, or None where nothing was predicted (after a reset)."""
+    if math.isnan(float(res.error[i])):
+        return None
+    subject, image, _ = tick.meta[i]
+    return {
+        "subject": subject,
+        "image": image,
+        "step": int(res.step[i]),
+        "error": float(res.error[i]),
+        "repeat": float(res.repeat_error[i]),
+        "skipped": bool(res.skipped[i]),
+    }
 
 
 def by_image(records: Sequence[dict[str, Any]], value: Any) -> tuple[float, float, int]:

@@ -60,13 +60,17 @@ def make_learner(
             model.G.lin2.bias.copy_(torch.randn(D, generator=gen, dtype=torch.float64) * 0.1)
             model.context_norm.mean.copy_(torch.randn(N, generator=gen, dtype=torch.float64) * 0.5)
             q = torch.randn(N, N, generator=gen, dtype=torch.float64)
-            model.context_norm.whiten.copy_(torch.eye(N, dtype=torch.float64) + 0.2 * (q + q.T))
+            model.context_norm.whiten.copy_(
+                torch.eye(N, dtype=torch.float64) + 0.3 * q
+            )  # not symmetric: W vs W^T shows
         model.observe_context = lambda h: None  # type: ignore[method-assign]
     if loss == "whitened_mse":  # a random fixed metric: RFP treats it as a constant of each step
         gen = torch.Generator().manual_seed(300 + seed)
         q = torch.randn(D, D, generator=gen, dtype=torch.float64)
         with torch.no_grad():
-            learner.model.change_norm.whiten.copy_(torch.eye(D, dtype=torch.float64) + 0.3 * (q + q.T))
+            learner.model.change_norm.whiten.copy_(
+                torch.eye(D, dtype=torch.float64) + 0.4 * q
+            )  # not symmetric
         learner.model.change_norm.n_seen = 4 * D  # a metric that has seen enough changes: its whitening
         learner.model.change_sq.copy_(torch.tensor([1.0, 100.0]))  # ready (RJEPA.metric_ready)
         learner.model.observe_change = lambda change: None  # type: ignore[method-assign]
