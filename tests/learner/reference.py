@@ -48,11 +48,18 @@ def embed(model: RJEPA, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def step_loss(
-    model: RJEPA, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor
+    model: RJEPA,
+    u_prev: torch.Tensor,
+    h_prev: torch.Tensor,
+    u: torch.Tensor,
+    h: torch.Tensor,
+    floor: float = 0.0,
 ) -> torch.Tensor:
-    """Mean over streams of D(G(z(u_{t-1}, h_{t-1})), sg(z(u_t, h_t)))."""
+    """Mean of D(G(z(u_{t-1}, h_{t-1})), sg(z(u_t, h_t))) over the streams whose prediction and
+    target both have a norm of at least ``floor`` (all of them at 0)."""
     p = model.G(embed(model, u_prev, h_prev))
     z = embed(model, u, h).detach()
+    ok = (p.detach().norm(dim=-1) >= floor) & (z.norm(dim=-1) >= floor)
     if model.cfg.loss == "cosine":
         per = 1 - F.cosine_similarity(p, z, dim=-1, eps=1e-12)
     elif model.cfg.loss == "whitened_mse":
@@ -60,11 +67,25 @@ def step_loss(
         per = ((p - z) @ a).pow(2).sum(-1) / p.shape[-1]
     else:
         per = 0.5 * (p - z).pow(2).sum(-1)
-    return per.mean()
+    return (per * ok).sum() / max(int(ok.sum()), 1)
+
+
+@torch.no_grad()
+def smaller_norms(model: RJEPA, u: torch.Tensor) -> torch.Tensor:
+    """min(|prediction|, |target|) of every scored (stream, step) of u (B, T, M), from zero state."""
+    h = c = u.new_zeros(u.shape[0], model.cfg.n_units)
+    out, prev = [], None
+    for t in range(u.shape[1]):
+        h_new, c = rgc_forward(model, u[:, t], h, c)
+        if prev is not None:
+            p = model.G(embed(model, u[:, t - 1], prev)).norm(dim=-1)
+            out.append(torch.minimum(p, embed(model, u[:, t], h_new).norm(dim=-1)))
+        prev = h = h_new
+    return torch.stack(out)  # (T - 1, B)
 
 
 def bptt_grads(
-    model: RJEPA, u: torch.Tensor, *, k_full: torch.Tensor | None = None
+    model: RJEPA, u: torch.Tensor, *, k_full: torch.Tensor | None = None, floor: float = 0.0
 ) -> tuple[dict, list[dict]]:
     """Autograd gradients of L = sum_{t>=2} E_t for u (B, T, M) from zero state: (summed, per step)."""
     params = dict(model.named_parameters())
@@ -77,7 +98,7 @@ def bptt_grads(
         hs.append(h)
     per_step = []
     for t in range(1, T):
-        loss_t = step_loss(model, u[:, t - 1], hs[t - 1], u[:, t], hs[t])
+        loss_t = step_loss(model, u[:, t - 1], hs[t - 1], u[:, t], hs[t], floor)
         g = torch.autograd.grad(loss_t, [params[n] for n in names], retain_graph=True, allow_unused=True)
         per_step.append(
             {

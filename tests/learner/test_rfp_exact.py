@@ -7,7 +7,14 @@ import torch
 
 from learner import ModelConfig, RFPLearner
 from learner.rgc import RGC
-from tests.learner.reference import bptt_grads, embed, rel_errors, rgc_forward, split_groups
+from tests.learner.reference import (
+    bptt_grads,
+    embed,
+    rel_errors,
+    rgc_forward,
+    smaller_norms,
+    split_groups,
+)
 
 M, N, D, H, T, B = 12, 10, 6, 9, 24, 3
 TOL = 1e-9
@@ -141,6 +148,26 @@ def test_batched_trace_path_equals_per_stream_path() -> None:
     ga, _ = run_rfp(a, u)
     gb, _ = run_rfp(b, u)
     assert max(max(e) for e in rel_errors(ga, gb).values()) <= 1e-12
+
+
+@pytest.mark.parametrize("loss", ["cosine", "whitened_mse"])
+def test_skipped_rows_leave_the_mean_over_the_others(loss: str) -> None:
+    """Rows below the norm floor are left out of each tick's mean (the mean is over the rest)."""
+    learner = make_learner(loss=loss, phi="tanh", weights="random", head="default")
+    u = inputs(11)
+    norms = smaller_norms(learner.model, u)  # (T - 1, B)
+    floor = float(norms.flatten().median())  # about half the rows skipped, at most steps some
+    learner.cfg = learner.cfg.replace(min_norm=floor / D**0.5)
+    learner.model.cfg = learner.cfg
+    skipped_somewhere = bool((norms < floor).any(1).logical_and((norms >= floor).any(1)).any())
+    assert skipped_somewhere  # a tick that mixes kept and skipped rows: the case under test
+    ref_sum, ref_steps = bptt_grads(learner.model, u, floor=floor)
+    got_sum, got_steps = run_rfp(learner, u)
+    errors = rel_errors(split_groups(got_sum), split_groups(ref_sum))
+    assert max(max(e) for e in errors.values()) <= TOL, errors
+    for t, (got, ref) in enumerate(zip(got_steps, ref_steps, strict=True)):
+        step_err = rel_errors(split_groups(got), split_groups(ref))
+        assert max(max(e) for e in step_err.values()) <= TOL, (t, step_err)
 
 
 def test_tick_gradient_is_mean_of_single_stream_gradients() -> None:
