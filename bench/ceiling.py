@@ -9,7 +9,7 @@ centred and projected on their top-k principal components (fitted on the trainin
 
 Reported for each k, on held-out fixations: the ridge predictor's error, "repeat" and "predict the
 scanpath's running mean", in two metrics: 1 - cos (the cosine loss) and squared error, as skill
-against repeat (1 - error / repeat error). Standard errors are over images.
+against repeat (1 - error / repeat error). Standard errors: bootstrap over images.
 
 Usage::
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.controls import Scanpath, by_image, cached_features, parse_range, scanpaths_of
+from bench.controls import Scanpath, cached_features, parse_range, scanpaths_of
 from clients.recorded import RecordedDataset, default_dataset_path
 from learner import ModelConfig, RFPLearner
 
@@ -47,23 +47,21 @@ def pairs(paths: Sequence[Scanpath], f: Callable[[torch.Tensor], torch.Tensor]) 
 
 
 def skill(
-    pred: torch.Tensor, y: torch.Tensor, rep: torch.Tensor, images: list[str], kind: str
+    pred: torch.Tensor, y: torch.Tensor, rep: torch.Tensor, images: list[str], kind: str, draws: int = 1000
 ) -> list[float]:
-    """Skill against repeat, and its standard error over images (per-image error sums)."""
+    """Skill against repeat, 1 - sum(error) / sum(repeat error), and its standard error: the spread
+    of the same pooled ratio over ``draws`` bootstrap resamples of the images (seeded)."""
     if kind == "cosine":
         e, r = 1 - F.cosine_similarity(pred, y, dim=1), 1 - F.cosine_similarity(rep, y, dim=1)
     else:
         e, r = (pred - y).pow(2).sum(1), (rep - y).pow(2).sum(1)
-    records = [{"image": im, "e": float(a), "r": float(b)} for im, a, b in zip(images, e, r, strict=True)]
-    # skill of each image's mean errors, then its spread over images
-    per_image: dict[str, list[float]] = {}
-    for rec in records:
-        per_image.setdefault(rec["image"], [0.0, 0.0])
-        per_image[rec["image"]][0] += rec["e"]
-        per_image[rec["image"]][1] += rec["r"]
-    rows = [{"image": im, "s": 1 - a / b} for im, (a, b) in per_image.items() if b > 0]
-    _, sem, _ = by_image(rows, lambda rec: rec["s"])
-    return [1 - float(e.mean() / r.mean()), sem]
+    names = sorted(set(images))
+    index = torch.tensor([names.index(im) for im in images])
+    sums_e = torch.zeros(len(names), dtype=e.dtype).index_add_(0, index, e)  # (I,) per image
+    sums_r = torch.zeros(len(names), dtype=r.dtype).index_add_(0, index, r)
+    picks = torch.randint(len(names), (draws, len(names)), generator=torch.Generator().manual_seed(0))
+    boot = 1 - sums_e[picks].sum(1) / sums_r[picks].sum(1)  # (draws,)
+    return [1 - float(e.sum() / r.sum()), float(boot.std())]
 
 
 def main(argv: list[str] | None = None) -> None:
