@@ -79,8 +79,7 @@ class BPTTLearner(StreamLearner):
                 with torch.no_grad():
                     h_t, _, _ = model.rgc.step(u[rows], hp.detach(), cp.detach())
                 got = model.scores(u_prev[rows], hp.detach(), u[rows], h_t)
-                out.error[rows], out.repeat[rows], out.ok[rows] = got.error, got.repeat, got.ok
-                out.change[rows] = got.change
+                out.put(rows, got)
                 unrolled.append((rows, hp, h_t))
                 h_prev[rows], c_prev[rows] = hp.detach(), cp.detach()
             n_ok = max(int(out.ok.sum()), 1)
@@ -90,9 +89,7 @@ class BPTTLearner(StreamLearner):
         with torch.no_grad():
             h, c, cache = model.rgc.step(u, h_prev, c_prev)
             if segment and idx.numel():
-                got = model.scores(u_prev[idx], h_prev[idx], u[idx], h[idx])
-                out.error[idx], out.repeat[idx], out.ok[idx] = got.error, got.repeat, got.ok
-                out.change[idx] = got.change
+                out.put(idx, model.scores(u_prev[idx], h_prev[idx], u[idx], h[idx]))
         n_ok = max(int(out.ok.sum()), 1)
         for i, s in enumerate(slots.tolist()):
             self._inputs[s].append(u[i].detach())

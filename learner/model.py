@@ -8,7 +8,7 @@ whitened trunk features of the patch now fixated, u_t, and the whitened state of
 
 It predicts the embedding of fixation t+1 as ``G(z_t)`` and is scored when that patch arrives::
 
-    E_{t+1} = D(G(z_t), sg(z_{t+1}))     D = 1 - cos (default) or 1/2 ||p - z||^2
+    E_{t+1} = D(G(z_t), sg(z_{t+1}))     D: ``whitened_mse`` (default), 1 - cos, or 1/2 ||p - z||^2
 
 The stop-gradient ``sg`` is on the target branch (SimSiam-style, no EMA target). The loss reaches
 the RGC only through h_t (u_t is frozen trunk output), so RFP stays exact. Reading u_t keeps the
@@ -218,6 +218,11 @@ class Scores:
     ok: torch.Tensor  # (B,) bool: well-conditioned, so the row's gradient is used (``well_conditioned``)
     change: torch.Tensor  # (B, D) z_t - z_{t-1}, what ``RJEPA.observe_change`` learns the metric from
 
+    def put(self, rows: torch.Tensor | slice | list[int], other: Scores) -> None:
+        """Write ``other``'s rows into ``rows`` of these scores."""
+        self.error[rows], self.repeat[rows] = other.error, other.repeat
+        self.ok[rows], self.change[rows] = other.ok, other.change
+
 
 def well_conditioned(p: torch.Tensor, z: torch.Tensor, min_norm: float) -> torch.Tensor:
     """Rows (B,) whose prediction p and target z (B, D) both have norm >= ``min_norm * sqrt(D)``.
@@ -261,7 +266,7 @@ class RJEPA(nn.Module):
     torch.Size([2, 4])
     """
 
-    change_sq: torch.Tensor  # (2,) whitened_mse: summed squared norm and count of the changes seen
+    change_sq: torch.Tensor  # (2,) whitened_mse: running mean of |change|^2 / D, and changes counted
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -416,6 +421,11 @@ class RJEPA(nn.Module):
         mean_sq, count = self.change_sq.tolist()
         return eye if not count else eye * max(mean_sq, 1e-12) ** -0.5
 
+    def learnable(self, p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Rows (B,) a learner may learn from: well-conditioned, and the loss's metric is ready."""
+        ok = well_conditioned(p, target, self.cfg.min_norm)
+        return ok if self.metric_ready() else torch.zeros_like(ok)
+
     def metric_ready(self) -> bool:
         """Whether the loss's metric can be learned from: ``whitened_mse`` needs ``CHANGE_READY``
         changes first (before, its scale is arbitrary: a fresh model's gradients reached 1e5 and
@@ -423,14 +433,16 @@ class RJEPA(nn.Module):
         prediction did)."""
         return self.change_norm is None or bool(self.change_sq[1] >= CHANGE_READY)
 
-    def observe_change(self, change: torch.Tensor) -> None:
-        """Let the metric of ``whitened_mse`` see z_t - z_{t-1} (B, D) of this tick's scored fixations;
-        the learners call it once per learning tick, after the tick's gradient."""
+    def observe_change(self, scores: Scores) -> None:
+        """Let the metric of ``whitened_mse`` see this tick's changes z_t - z_{t-1} of the scored
+        fixations; the learners call it once per learning tick, after the tick's gradient."""
         norm = self.change_norm
-        if norm is None or not change.shape[0]:
+        if norm is None:
             return
-        settling = [w for w in (self.input_norm, self.context_norm) if w is not None and w.n_batches < 16]
-        if settling:  # their first recomputes rescale u and s(h) wholesale: no change is typical yet
+        if any(w is not None and w.n_batches < 16 for w in (self.input_norm, self.context_norm)):
+            return  # their first recomputes rescale u and s(h) wholesale: no change is typical yet
+        change = scores.change[~scores.error.isnan()]  # (Bs, D)
+        if not change.shape[0]:
             return
         before = norm.n_seen
         norm.observe(change)
@@ -447,10 +459,11 @@ class RJEPA(nn.Module):
         """The model's error, the repeat baseline's error, and which rows are well-conditioned."""
         z_prev, target = self.embed(u_prev, h_prev), self.embed(u, h)  # (B, D) each
         p = self.G(z_prev)
+        metric = self.change_metric()
         return Scores(
-            self.distance(p, target),
-            self.distance(z_prev, target),
-            well_conditioned(p, target, self.cfg.min_norm) & self.metric_ready(),
+            prediction_loss(p, target, self.cfg.loss, metric),
+            prediction_loss(z_prev, target, self.cfg.loss, metric),
+            self.learnable(p, target),
             target - z_prev,
         )
 

@@ -40,7 +40,6 @@ from learner.model import (
     RunningWhitening,
     Scores,
     prediction_loss,
-    well_conditioned,
 )
 from learner.rgc import Jacobian
 from learner.streaming import StreamLearner
@@ -99,8 +98,7 @@ class RFPLearner(StreamLearner):
         if idx.numel():
             rows = slice(None) if idx.numel() == len(slots) else idx
             got, delta = self._head_backward(st.u[slots][rows], h_prev[rows], u[rows], h[rows])
-            out.error[rows], out.repeat[rows], out.ok[rows] = got.error, got.repeat, got.ok
-            out.change[rows] = got.change
+            out.put(rows, got)
         jac = model.rgc.jacobian(cache)
         self._rgc_grads_and_traces(slots, idx, delta, jac, u)
         st.h[slots], st.c[slots] = h, c
@@ -208,7 +206,7 @@ def _hand_head(model: RJEPA) -> _Head | None:
         and cls.scores is RJEPA.scores
         and cls.distance is RJEPA.distance
         and cls.change_metric is RJEPA.change_metric
-        and cls.metric_ready is RJEPA.metric_ready
+        and cls.learnable is RJEPA.learnable
         and model.cfg.loss in ("cosine", "mse", "whitened_mse")
         and (norm is None or type(norm).transform is RunningWhitening.transform)
     )
@@ -249,7 +247,7 @@ def _head_backward_by_hand(
 ) -> tuple[Scores, torch.Tensor]:
     """Scores of D(G(z(u_prev, h_prev)), sg(z(u, h))) per stream, and the gradient of their mean, by hand.
 
-    The mean is taken over the well-conditioned rows (``model.well_conditioned``); the others give
+    The mean is taken over the rows ``RJEPA.learnable`` keeps (well-conditioned); the others give
     no gradient. Adds the gradients of E and of G's two layers to their ``.grad`` and returns
     d(mean)/d h_prev (Bs, N). Same values as autograd through ``model.loss`` up to rounding (the
     exactness tests compare RFP with an autograd BPTT reference in float64). The context whitening,
@@ -269,9 +267,7 @@ def _head_backward_by_hand(
     p = torch.addmm(b2, hidden, w2.t())  # (Bs, D) the prediction
     if head.residual:
         p.add_(z)
-    ok = well_conditioned(p, target, cfg.min_norm)  # (Bs,)
-    if not head.model.metric_ready():
-        ok = torch.zeros_like(ok)
+    ok = head.model.learnable(p, target)  # (Bs,)
     weight = ok.to(p.dtype).div_(max(int(ok.sum()), 1))[:, None]  # (Bs, 1): the mean over ok rows
     metric = head.model.change_metric()  # (D, D) for whitened_mse, else None
     repeat = prediction_loss(z, target, cfg.loss, metric)

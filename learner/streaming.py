@@ -40,9 +40,7 @@ class TickOutput:
     error: torch.Tensor  # (B,) this fixation's prediction error; NaN where nothing was predicted
     prediction: torch.Tensor  # (B, D) predicted embedding of each stream's next fixation
     updated: bool  # an optimizer step was applied in this tick
-    repeat_error: (
-        torch.Tensor
-    )  # (B,) error of "repeat the current embedding" on the same fixation; NaN likewise
+    repeat_error: torch.Tensor  # (B,) error of "repeat the current embedding" on it; NaN likewise
     skipped: torch.Tensor  # (B,) bool: scored, but too ill-conditioned to learn from (model.well_conditioned)
     trace_radius: float  # largest spectral radius of a unit's 2x2 Jacobian block in this tick (>1: growth)
 
@@ -208,9 +206,7 @@ class StreamLearner:
         out = self.scored_rows(len(slots), h)
         idx = scored.nonzero().squeeze(1)
         if idx.numel():
-            got = model.scores(st.u[slots][idx], h_prev[idx], u[idx], h[idx])
-            out.error[idx], out.repeat[idx], out.ok[idx] = got.error, got.repeat, got.ok
-            out.change[idx] = got.change
+            out.put(idx, model.scores(st.u[slots][idx], h_prev[idx], u[idx], h[idx]))
         st.h[slots], st.c[slots] = h, c
         return out, model.rgc.jacobian(cache).a
 
@@ -284,7 +280,7 @@ class StreamLearner:
             h_now = st.h[slots]  # (B, N)
             if learn:
                 self.model.observe_context(h_now)
-                self.model.observe_change(scores.change[~scores.error.isnan()])
+                self.model.observe_change(scores)
             z = self.model.embed(u, h_now)  # (B, D)
             pred = self.model.G(z)  # (B, D) with the weights after this tick's step
             st.pred[slots] = pred

@@ -80,7 +80,7 @@ def make_learner(
             )  # not symmetric
         learner.model.change_norm.n_seen = 4 * D  # a metric that has seen enough changes: its whitening
         learner.model.change_sq.copy_(torch.tensor([1.0, 100.0]))  # ready (RJEPA.metric_ready)
-        learner.model.observe_change = lambda change: None  # type: ignore[method-assign]
+        learner.model.observe_change = lambda scores: None  # type: ignore[method-assign]
     return learner
 
 
