@@ -230,7 +230,7 @@ def roofline(cfg: ModelConfig, batch: int, device: str, repeats: int = 5) -> dic
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        learner._rgc_grads_and_traces(slots, slots[:0], None, jac, u)  # no stream scored: traces only
+        learner._rgc_grads_and_traces(slots, slots[:0], None, jac, cache.v)  # no stream scored: traces only
         _sync(device)
         ts.append(time.perf_counter() - t0)
     trace = learner.states.trace["W"]

@@ -30,7 +30,7 @@ from learner.streaming import StreamLearner
 log = logging.getLogger(__name__)
 
 FORMAT = "foveate-checkpoint"
-VERSION = 2  # 2: the context-list embedding, whitened_mse and three optimizer groups (issue 11)
+VERSION = 3  # 2: the context-list embedding, whitened_mse, three optimizer groups; 3: rgc_inputs (issue 11)
 
 
 def trunk_fingerprint(learner: StreamLearner) -> str:

@@ -27,6 +27,7 @@ ARCHITECTURE_FIELDS = (
     "in_features",
     "input_size",
     "n_units",
+    "rgc_inputs",
     "embed_dim",
     "predictor",
     "pred_hidden",
@@ -64,6 +65,14 @@ class ModelConfig:
         Side in pixels that every patch is resized to before the trunk.
     n_units
         N, units of the recurrent area 6.
+    rgc_inputs
+        K, how many inputs area 6 reads: when ``0 < rgc_inputs < M`` its drive is ``W (P^T u) + b``
+        with P a fixed, seeded random (M, K) projection with orthonormal columns (a buffer, saved in
+        checkpoints), while the embedding still reads all of u. RFP's traces of ``[W | b]`` take
+        2 N (K + 1) numbers per stream, so K, not M, sets a stream's memory and most of the RFP
+        tick's extra cost: at M = 1752 (EfficientNet-Lite0) reading all of u made the traces 7.2 MB a
+        stream and the RFP tick 1.5-2x a forward tick; K = 512 gives 2.1 MB (docs/results.md).
+        0 reads all of u.
     embed_dim
         D, embedding size (the paper's 120).
     predictor
@@ -131,6 +140,7 @@ class ModelConfig:
     in_features: int | None = None
     input_size: int = 64
     n_units: int = 512
+    rgc_inputs: int = 512
     embed_dim: int = 120
     predictor: str = "residual"
     pred_hidden: int = 512
@@ -183,6 +193,8 @@ class ModelConfig:
             raise ConfigError(
                 "lr, gain_lr_scale, embed_lr_scale, weight_decay, init_scale and min_norm must be >= 0"
             )
+        if self.rgc_inputs < 0:
+            raise ConfigError(f"rgc_inputs must be >= 0 (0 = all {self.M} inputs), got {self.rgc_inputs}")
         if self.segment_len < 0:
             raise ConfigError(f"segment_len must be >= 0 (0 = never), got {self.segment_len}")
 
@@ -190,6 +202,11 @@ class ModelConfig:
     def M(self) -> int:  # the spec's letter
         assert self.in_features is not None
         return self.in_features
+
+    @property
+    def K(self) -> int:
+        """Width of area 6's input: ``rgc_inputs`` when it is below M, else M."""
+        return self.rgc_inputs if 0 < self.rgc_inputs < self.M else self.M
 
     def architecture(self) -> dict[str, Any]:
         """The fields a checkpoint must match."""

@@ -293,6 +293,7 @@ class RJEPA(nn.Module):
         self.rgc = RGC(
             cfg.M,
             cfg.n_units,
+            inputs=cfg.K,
             phi=cfg.phi,
             gate_bias=cfg.gate_bias,
             init_scale=cfg.init_scale,

@@ -76,13 +76,13 @@ class RFPLearner(StreamLearner):
         super().__init__(*args, **kwargs)
         self.batched_traces = self.device.type == "cuda" if batched_traces is None else batched_traces
         cfg = self.cfg
-        self._scratch = self.model.rgc.W.new_zeros(cfg.n_units, 2, cfg.M + 1)  # (N, 2, M+1)
+        self._scratch = self.model.rgc.W.new_zeros(cfg.n_units, 2, cfg.K + 1)  # (N, 2, K+1)
         self._head = _hand_head(self.model)
 
     def _trace_shapes(self) -> dict[str, tuple[int, ...]]:
-        n, m = self.cfg.n_units, self.cfg.M
+        n, k = self.cfg.n_units, self.cfg.K
         groups = 8 if self.cfg.gate_bias else 4
-        return {"W": (2, n, m + 1), "v": (2, n, groups)}  # row 0: dh/dtheta, row 1: dc/dtheta
+        return {"W": (2, n, k + 1), "v": (2, n, groups)}  # row 0: dh/dtheta, row 1: dc/dtheta
 
     # --- one tick -----------------------------------------------------------------------------
     def _learn(
@@ -100,7 +100,7 @@ class RFPLearner(StreamLearner):
             got, delta = self._head_backward(st.u[slots][rows], h_prev[rows], u[rows], h[rows])
             out.put(rows, got)
         jac = model.rgc.jacobian(cache)
-        self._rgc_grads_and_traces(slots, idx, delta, jac, u)
+        self._rgc_grads_and_traces(slots, idx, delta, jac, cache.v)
         st.h[slots], st.c[slots] = h, c
         return out, jac.a
 
@@ -117,7 +117,7 @@ class RFPLearner(StreamLearner):
         hp = h_prev.detach().requires_grad_(True)
         weight = got.ok.to(h_prev.dtype).div_(max(int(got.ok.sum()), 1))  # (Bs,)
         per_stream = model.loss(u_prev, hp, u, h)  # (Bs,)
-        head = model.head_parameters()
+        head = [p for p in model.head_parameters() if p.requires_grad]
         grads = torch.autograd.grad((per_stream * weight).sum(), [hp, *head])
         for p, g in zip(head, grads[1:], strict=True):
             _grad(p).add_(g)
@@ -130,15 +130,16 @@ class RFPLearner(StreamLearner):
         idx: torch.Tensor,
         delta: torch.Tensor | None,
         jac: Jacobian,
-        u: torch.Tensor,
+        v: torch.Tensor,
     ) -> None:
         """theta.grad += sum_b delta_b * P^h_b(theta) over the scored rows ``idx`` (delta (Bs, N)
         already carries the 1/Bs of the mean), with the traces of step t-1; then
-        P_t = a P_{t-1} + b_t for both slabs of every stream (spec 2.3), in place in the stream slots."""
-        rgc, st, m = self.model.rgc, self.states, self.cfg.M
+        P_t = a P_{t-1} + b_t for both slabs of every stream (spec 2.3), in place in the stream slots.
+        ``v`` (B, K) is what W multiplies this tick (``StepCache.v``)."""
+        rgc, st, m = self.model.rgc, self.states, self.cfg.K
         sel = slice(None) if idx.numel() == len(slots) else idx
         a = jac.a  # (B, N, 2, 2)
-        u1 = torch.cat([u, u.new_ones(u.shape[0], 1)], 1)  # (B, M+1): [u, 1] drives [W | b]
+        u1 = torch.cat([v, v.new_ones(v.shape[0], 1)], 1)  # (B, K+1): [v, 1] drives [W | b]
         p_v = st.trace["v"][slots]  # (B, 2, N, G), a copy
         if delta is not None:
             g_v = torch.einsum("bn,bng->gn", delta, p_v[sel, 0])  # (G, N)
@@ -148,25 +149,25 @@ class RFPLearner(StreamLearner):
         st.trace["v"][slots] = _mix(p_v, a).add_(jac.imm)
         trace_w, w_grad, b_grad = st.trace["W"], _grad(rgc.W), _grad(rgc.b)
         if self.batched_traces:
-            p_w = trace_w[slots]  # (B, 2, N, M+1), a copy
+            p_w = trace_w[slots]  # (B, 2, N, K+1), a copy
             if delta is not None:
-                g_w = torch.einsum("bn,bnm->nm", delta, p_w[sel, 0])  # (N, M+1)
+                g_w = torch.einsum("bn,bnm->nm", delta, p_w[sel, 0])  # (N, K+1)
                 w_grad.add_(g_w[:, :m])
                 b_grad.add_(g_w[:, m])
             trace_w[slots] = _mix(p_w, a).addcmul_(jac.k[..., None], u1[:, None, None, :])
             return
         deltas = {} if delta is None else dict(zip(idx.tolist(), delta.unbind(0), strict=True))  # row -> (N,)
         k = jac.k.transpose(1, 2).unsqueeze(-1)  # (B, N, 2, 1): [k_h, k_c] of each unit
-        buf = self._scratch  # (N, 2, M+1)
+        buf = self._scratch  # (N, 2, K+1)
         for i, s in enumerate(slots.tolist()):
-            p = trace_w[s]  # (2, N, M+1), a view into the slab
+            p = trace_w[s]  # (2, N, K+1), a view into the slab
             d = deltas.get(i)
             if d is not None:  # straight into .grad, while this stream's P^h is still that of t-1
                 w_grad.addcmul_(p[0, :, :m], d[:, None])
                 b_grad.addcmul_(p[0, :, m], d)
             # per unit n: [P^h; P^c]_n <- a_n [P^h; P^c]_n + [k_h; k_c]_n u1^T, as one batched product
             # of N 2x2 blocks (one pass over the traces), then the outer product on the way back
-            units = p.permute(1, 0, 2)  # (N, 2, M+1) view
+            units = p.permute(1, 0, 2)  # (N, 2, K+1) view
             torch.bmm(a[i], units, out=buf)
             torch.addcmul(buf, k[i], u1[i], out=units)
 
@@ -296,7 +297,8 @@ def _head_backward_by_hand(
     g_z = g_pre @ w1  # (Bs, D)
     if head.residual:
         g_z.add_(g_p)
-    _grad(e).addmm_(g_z.t(), k_prev)  # (D, M + N)
+    if e.requires_grad:  # E is fixed at embed_lr_scale 0
+        _grad(e).addmm_(g_z.t(), k_prev)  # (D, M + N)
     delta = g_z @ e[:, head.context :]  # (Bs, N): only the state part of kappa reaches the RGC
     delta = delta @ norm.whiten.t() if norm is not None else delta
     return Scores(per_stream, repeat, ok, target - z), delta

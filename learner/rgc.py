@@ -3,7 +3,7 @@
 Velarde & Parra, "Recurrent joint embedding predictive architecture", arXiv 2411.16695; the equations
 are reconstructed in ``shared/spec/rfp_math.md`` (section 1.3, form R, and section 2.3)::
 
-    x_t   = W u_t + b
+    x_t   = W v_t + b          v_t = P^T u_t (a fixed projection to K inputs), or u_t itself
     tau_h = tanh(w_hh * h_{t-1} + beta_hh)      gam_h = tanh(w_ch * c_{t-1} + beta_ch)
     gam_c = tanh(w_hc * h_{t-1} + beta_hc)      tau_c = tanh(w_cc * c_{t-1} + beta_cc)
     h_t   = phi((1 - gam_h) * x_t + tau_h * h_{t-1})
@@ -35,6 +35,7 @@ class StepCache:
     """What one forward step leaves for the trace recursion."""
 
     x: torch.Tensor  # (B, N) feed-forward drive
+    v: torch.Tensor  # (B, K) what W multiplies: P^T u, or u without a projection
     src: torch.Tensor  # (4, B, N) each gate's input, in GATES order: (h, c, h, c) of step t-1
     gates: torch.Tensor  # (4, B, N) tanh of each gate, in GATES order: tau_h, gam_h, gam_c, tau_c
     d_hc: torch.Tensor | None  # (2, B, N) phi' of (h~, c~), None for the identity
@@ -45,7 +46,7 @@ class Jacobian:
     """Per-unit Jacobian of one step, already multiplied by phi'.
 
     ``a`` holds the 2x2 blocks d(h_t, c_t)/d(h_{t-1}, c_{t-1}); ``k`` the immediate derivative of
-    (h_t, c_t) with respect to row i of ``[W | b]`` divided by the input ``[u, 1]``; ``imm`` the
+    (h_t, c_t) with respect to row i of ``[W | b]`` divided by the input ``[v, 1]``; ``imm`` the
     immediate derivatives with respect to the element-wise gains (and biases).
     """
 
@@ -61,6 +62,9 @@ class RGC(nn.Module):
     ----------
     in_features
         M, width of the input u (the trunk's pooled features).
+    inputs
+        K < M: read ``v = P^T u`` with P a fixed (M, K) random projection with orthonormal columns
+        (the ``proj`` buffer), so W is (N, K); None (or K >= M): read u itself.
     n_units
         N, number of units.
     phi
@@ -81,12 +85,14 @@ class RGC(nn.Module):
 
     _diag: torch.Tensor
     _rows_of: torch.Tensor
+    proj: torch.Tensor | None
 
     def __init__(
         self,
         in_features: int,
         n_units: int,
         *,
+        inputs: int | None = None,
         phi: str = "identity",
         gate_bias: bool = False,
         init_scale: float = 0.0,
@@ -96,8 +102,14 @@ class RGC(nn.Module):
         if phi not in ("identity", "tanh"):
             raise ValueError(f"phi must be 'identity' or 'tanh', got {phi!r}")
         self.in_features, self.n_units, self.phi = in_features, n_units, phi
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default rule
-        self.W = nn.Parameter(torch.empty(n_units, in_features).uniform_(-bound, bound, generator=generator))
+        proj, width = None, in_features  # width: K, what W multiplies
+        if inputs is not None and 0 < inputs < in_features:
+            # orthonormal columns: whitened inputs (covariance I) give v with covariance I too
+            proj, _ = torch.linalg.qr(torch.randn(in_features, inputs, generator=generator))  # (M, K)
+            width = inputs
+        self.register_buffer("proj", proj)
+        bound = 1.0 / math.sqrt(width)  # nn.Linear's default rule
+        self.W = nn.Parameter(torch.empty(n_units, width).uniform_(-bound, bound, generator=generator))
         self.b = nn.Parameter(torch.empty(n_units).uniform_(-bound, bound, generator=generator))
         self.gains = nn.Parameter(torch.randn(4, n_units, generator=generator) * init_scale)  # rows: GATES
         self.biases = nn.Parameter(torch.zeros(4, n_units)) if gate_bias else None
@@ -112,9 +124,13 @@ class RGC(nn.Module):
         """G, the number of element-wise parameter rows that share the vector trace slab."""
         return 8 if self.biases is not None else 4
 
+    def inputs(self, u: torch.Tensor) -> torch.Tensor:
+        """v, what W multiplies: (B, M) -> (B, K), ``P^T u`` with a projection, else u itself."""
+        return u if self.proj is None else u @ self.proj
+
     def drive(self, u: torch.Tensor) -> torch.Tensor:
-        """x = W u + b, (B, M) -> (B, N)."""
-        return torch.addmm(self.b, u, self.W.t())
+        """x = W v + b, (B, M) -> (B, N)."""
+        return torch.addmm(self.b, self.inputs(u), self.W.t())
 
     def step(
         self, u: torch.Tensor, h: torch.Tensor, c: torch.Tensor
@@ -124,7 +140,8 @@ class RGC(nn.Module):
         The four gates are computed as one stacked (4, B, N) tensor: a step is a few dozen small
         operations at one stream per tick, where each one's fixed cost is what counts.
         """
-        x = self.drive(u)  # (B, N)
+        v = self.inputs(u)  # (B, K)
+        x = torch.addmm(self.b, v, self.W.t())  # (B, N)
         src = torch.stack((h, c, h, c))  # (4, B, N) in GATES order
         pre = src * self.gains[:, None, :]
         if self.biases is not None:
@@ -137,7 +154,7 @@ class RGC(nn.Module):
             d_hc: torch.Tensor | None = 1 - hc * hc
         else:
             hc, d_hc = hc_pre, None
-        return hc[0], hc[1], StepCache(x, src, gates, d_hc)
+        return hc[0], hc[1], StepCache(x, v, src, gates, d_hc)
 
     @torch.no_grad()
     def jacobian(self, s: StepCache) -> Jacobian:

@@ -64,7 +64,9 @@ class _FusedAdamStep:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.groups = []
         for group in optimizer.param_groups:
-            params = list(group["params"])
+            params = [p for p in group["params"] if p.grad is not None]  # step() skips the others too
+            if not params:
+                continue
             state = [optimizer.state[p] for p in params]
             tensors = [
                 params,
@@ -84,10 +86,10 @@ class _FusedAdamStep:
             decoupled = group.get("decoupled_weight_decay", False)
             if not group["fused"] or any(flags) or decoupled or torch.is_tensor(group["lr"]):
                 return None
-            first = group["params"][0]
-            for p in group["params"]:
+            live = [p for p in group["params"] if p.grad is not None]  # a frozen E has no .grad
+            for p in live:
                 state = optimizer.state[p]
-                if p.grad is None or "step" not in state or p.device.type != "cpu" or p.dtype != first.dtype:
+                if "step" not in state or p.device.type != "cpu" or p.dtype != live[0].dtype:
                     return None
         return cls(optimizer)
 
@@ -135,10 +137,13 @@ class StreamLearner:
         self.device = resolve_device(device)
         self.dtype = dtype
         self.model = RJEPA(cfg).to_device(self.device, dtype)
+        # embed_lr_scale 0 keeps E at its initialisation: no gradient is computed for it (a D x (M + N)
+        # outer product a tick) and the optimizer skips it (torch's Adam passes over a None .grad)
+        self.model.E.weight.requires_grad_(cfg.embed_lr_scale > 0)
         params = self.model.rfp_parameters() + self.model.head_parameters()
         for p in params:
-            p.grad = torch.zeros_like(p)
-        self._params = params  # every trainable parameter, for the per-tick foreach calls
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        self._params = [p for p in params if p.requires_grad]  # for the per-tick foreach calls
         gains = self.model.gain_parameters()
         embedding = [self.model.E.weight]
         special = {id(p) for p in gains + embedding}

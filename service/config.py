@@ -32,6 +32,7 @@ _MODEL_FIELDS = (
     "trunk_weights",
     "input_size",
     "n_units",
+    "rgc_inputs",
     "embed_dim",
     "predictor",
     "pred_hidden",
@@ -63,9 +64,9 @@ class Settings(BaseSettings):
 
     Parameters
     ----------
-    trunk, trunk_weights, input_size, n_units, embed_dim, predictor, pred_hidden, phi, gate_bias, input_norm,
-    context_norm, embed_from, min_norm, loss, lr, optimizer, weight_decay, gain_lr_scale, embed_lr_scale,
-    update_mode, segment_len, init_scale, seed
+    trunk, trunk_weights, input_size, n_units, rgc_inputs, embed_dim, predictor, pred_hidden, phi,
+    gate_bias, input_norm, context_norm, embed_from, min_norm, loss, lr, optimizer, weight_decay,
+    gain_lr_scale, embed_lr_scale, update_mode, segment_len, init_scale, seed
         The model, passed to :class:`learner.config.ModelConfig` (see its docstring).
     learner
         ``rfp`` (the service's learning rule) or ``bptt`` (truncated BPTT baseline, window ``bptt_window``).
@@ -97,6 +98,7 @@ class Settings(BaseSettings):
     trunk_weights: str | None = ModelConfig.trunk_weights
     input_size: int = ModelConfig.input_size
     n_units: int = ModelConfig.n_units
+    rgc_inputs: int = ModelConfig.rgc_inputs
     embed_dim: int = ModelConfig.embed_dim
     predictor: str = ModelConfig.predictor
     pred_hidden: int = ModelConfig.pred_hidden

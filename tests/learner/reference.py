@@ -20,7 +20,8 @@ def rgc_forward(
     rgc = model.rgc
     w_hh, w_ch, w_hc, w_cc = rgc.gains
     beta = rgc.biases if rgc.biases is not None else torch.zeros_like(rgc.gains)
-    x = u @ rgc.W.T + rgc.b
+    v = u if rgc.proj is None else u @ rgc.proj  # the fixed projection to K inputs, if any
+    x = v @ rgc.W.T + rgc.b
     hh = w_hh * h + beta[0]
     if k_full is not None:
         hh = hh + h @ k_full.T

@@ -80,6 +80,28 @@ def test_learner_with_the_direct_step_matches_one_without(monkeypatch: pytest.Mo
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_a_fixed_embedding_gets_no_gradient_and_the_rest_learns_alike(scale: float) -> None:
+    """embed_lr_scale 0: E has no .grad and never moves, and every other weight follows the same
+    trajectory as with E learning at lr 0 through the optimizer (E frozen by a zero learning rate)."""
+    base = dict(trunk="none", in_features=12, n_units=10, embed_dim=6, pred_hidden=9, lr=1e-2, seed=3)
+    frozen = RFPLearner(ModelConfig(**base, embed_lr_scale=0.0))
+    other = RFPLearner(ModelConfig(**base, embed_lr_scale=scale))
+    if scale:  # learning through Adam at lr 0: the reference for "frozen"
+        for group in other.optimizer.param_groups[2:]:
+            group["lr"] = 0.0
+    e0 = frozen.model.E.weight.clone()
+    feats = torch.randn(60, 2, 12, generator=gen(4))
+    for x in feats:
+        frozen.tick_features(["a", "b"], x)
+        other.tick_features(["a", "b"], x)
+    assert frozen.model.E.weight.grad is None and "E.weight" not in frozen.grads()
+    assert torch.equal(frozen.model.E.weight, e0)
+    assert frozen.updates_applied > 30  # past whitened_mse's warm-up
+    for (name, p), q in zip(frozen.model.named_parameters(), other.model.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), name
+
+
 def _immediate(xs: list[torch.Tensor], window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The running statistics updated at every batch, as written in RunningWhitening's docstring."""
     f = xs[0].shape[1]

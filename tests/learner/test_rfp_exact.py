@@ -29,11 +29,13 @@ def make_learner(
     batched: bool = False,
     head: str = "mlp",
     embed_from: str = "context",
+    rgc_inputs: int = 0,
 ) -> RFPLearner:
     """``head``: ``mlp`` (the spec's predictor, no context whitening), or ``default`` (the residual
     predictor and the context whitening of ModelConfig's defaults, with random non-trivial weights and
     statistics held fixed, since RFP treats them as constants of each step). ``embed_from``: the
-    embedding reads the context list [u; s(h)] (the default) or the state alone."""
+    embedding reads the context list [u; s(h)] (the default) or the state alone. ``rgc_inputs``: area 6
+    reads a fixed random projection of u to that many inputs (0: all of u)."""
     cfg = ModelConfig(
         predictor="mlp" if head == "mlp" else "residual",
         context_norm=head != "mlp",
@@ -41,6 +43,7 @@ def make_learner(
         trunk="none",
         in_features=M,
         n_units=N,
+        rgc_inputs=rgc_inputs,
         embed_dim=D,
         pred_hidden=H,
         loss=loss,
@@ -51,6 +54,7 @@ def make_learner(
         segment_len=0,
         optimizer="sgd",
         lr=0.0,
+        embed_lr_scale=1.0,  # E learns, so its gradient is computed and checked
         seed=seed,
     )
     learner = RFPLearner(cfg, dtype=torch.float64, batched_traces=batched)
@@ -122,6 +126,22 @@ def test_rfp_equals_bptt_for_every_group(
     loss: str, phi: str, weights: str, head: str, embed_from: str
 ) -> None:
     learner = make_learner(loss=loss, phi=phi, weights=weights, head=head, embed_from=embed_from)
+    assert_exact(learner, head=head, weights=weights)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_rfp_exact_when_area_6_reads_a_projection_of_u(batched: bool) -> None:
+    """With ``rgc_inputs`` < M the traces are of the projected inputs P^T u (K + 1 wide), while the
+    embedding reads all of u; the reference projects on its own (a trace of u instead fails)."""
+    learner = make_learner(
+        loss="whitened_mse", phi="tanh", weights="random", head="default", rgc_inputs=5, batched=batched
+    )
+    assert learner.model.rgc.W.shape == (N, 5) and learner.states.trace_shapes["W"] == (2, N, 6)
+    assert_exact(learner, head="default", weights="random")
+
+
+def assert_exact(learner: RFPLearner, *, head: str, weights: str) -> None:
+    """RFP's summed and per-step gradients of every group equal the float64 BPTT reference."""
     u = inputs(1)
     ref_sum, ref_steps = bptt_grads(learner.model, u)
     got_sum, got_steps = run_rfp(learner, u)

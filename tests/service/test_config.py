@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,12 @@ def test_model_fields_map_onto_model_config() -> None:
     )
     for name in model_fields():  # every mapped field exists on both sides with the same value
         assert getattr(cfg, name) == getattr(s, name)
+
+
+def test_every_model_field_is_a_setting() -> None:
+    """A new ModelConfig field that is not passed through would never become a FOVEATE_* variable
+    (``in_features`` is the trunk's width, not a choice)."""
+    assert set(model_fields()) == {f.name for f in dataclasses.fields(ModelConfig)} - {"in_features"}
 
 
 def test_defaults_equal_model_config_defaults() -> None:
