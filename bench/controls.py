@@ -65,6 +65,18 @@ class Scanpath:
     u: torch.Tensor  # (T, M) raw trunk features, in scanpath order
 
 
+def config_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["rgc_inputs=256", "gate_bias=false"]`` -> ModelConfig keyword arguments of the fields' types."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not hasattr(ModelConfig, name):
+            raise SystemExit(f"--set {item!r}: ModelConfig has no field {name!r}")
+        kind = type(getattr(ModelConfig, name))
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
 def parse_range(text: str, names: Sequence[str]) -> list[str]:
     """``"1-12"`` or ``"1,3,5"``: 1-based positions into ``names`` (natural order)."""
     out: list[str] = []
@@ -608,11 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    extra = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        kind = type(getattr(ModelConfig, name))
-        extra[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    extra = config_overrides(args.set)
     cfg = ModelConfig(
         trunk=args.trunk, trunk_weights=args.trunk_weights, embed_from=args.embed_from, lr=args.lr, **extra
     )

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.controls import config_overrides
 from learner import BPTTLearner, ModelConfig, RFPLearner, StreamLearner
 from learner.patches import preprocess
 
@@ -311,13 +312,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memory-lengths", type=int, nargs="+", default=[1, 10, 100, 1000])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="other ModelConfig fields (e.g. rgc_inputs=256)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ModelConfig(trunk=args.trunk, n_units=args.n_units, input_size=args.input_size, segment_len=0)
+    cfg = ModelConfig(
+        trunk=args.trunk,
+        n_units=args.n_units,
+        input_size=args.input_size,
+        segment_len=0,
+        **config_overrides(args.set),
+    )
     report: dict[str, Any] = {"machine": machine(), "config": cfg.to_dict(), "ticks": {}}
     print(f"machine: {report['machine']}")
-    print(f"model: trunk={cfg.trunk} input={cfg.input_size}px N={cfg.n_units} M={cfg.M} D={cfg.embed_dim}")
+    print(
+        f"model: trunk={cfg.trunk} input={cfg.input_size}px"
+        f" N={cfg.n_units} M={cfg.M} K={cfg.K} D={cfg.embed_dim}"
+    )
     recompute = whitening_recompute(cfg, args.device)
     report["whitening_recompute"] = recompute
     for b in args.batch:

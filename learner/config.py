@@ -71,8 +71,8 @@ class ModelConfig:
         checkpoints), while the embedding still reads all of u. RFP's traces of ``[W | b]`` take
         2 N (K + 1) numbers per stream, so K, not M, sets a stream's memory and most of the RFP
         tick's extra cost: at M = 1752 (EfficientNet-Lite0) reading all of u made the traces 7.2 MB a
-        stream and the RFP tick 1.5-2x a forward tick; K = 512 gives 2.1 MB (docs/results.md).
-        0 reads all of u.
+        stream and the RFP tick 1.5-2x a forward tick. K = 256 (the default) gives 1.1 MB, and on
+        the OSIE controls the same skill as K = 512 and as all of u (docs/results.md). 0 reads all of u.
     embed_dim
         D, embedding size (the paper's 120).
     predictor
@@ -140,7 +140,7 @@ class ModelConfig:
     in_features: int | None = None
     input_size: int = 64
     n_units: int = 512
-    rgc_inputs: int = 512
+    rgc_inputs: int = 256
     embed_dim: int = 120
     predictor: str = "residual"
     pred_hidden: int = 512

@@ -279,14 +279,15 @@ class RJEPA(nn.Module):
             RunningWhitening(cfg.M, every=4096 if cfg.M > 1024 else 256) if cfg.input_norm else None
         )
         # the state's statistics drift as the RGC learns to hold memory: a shorter window, recomputed
-        # more often (every 64 learning ticks: an N x N eigendecomposition, ~25 ms on one CPU core).
+        # more often (every 128 learning ticks: an N x N eigendecomposition, 25-60 ms on one CPU core;
+        # every 64 cost 0.4-0.9 ms a tick at one stream and gave the same controls, docs/results.md).
         # A fixed shrinkage of 2% of the mean variance: once the RGC has closed most units' input gates,
         # the state has a few dozen directions of large variance and hundreds of small ones. The
         # sample rule (F / n: 26% after 2,000 states, 2.3% after 22,000) kept the small ones
         # unamplified while the RGC learned, and the embedding ended at 28 of 120 dimensions on OSIE;
         # 2% from the start gives 41 (docs/results.md, "the context whitening's shrinkage").
         self.context_norm = (
-            RunningWhitening(cfg.n_units, window=2000, every=64, shrink=0.02, sample_shrink=False)
+            RunningWhitening(cfg.n_units, window=2000, every=128, shrink=0.02, sample_shrink=False)
             if cfg.context_norm
             else None
         )

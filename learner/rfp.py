@@ -1,7 +1,8 @@
 """Recurrent Forward Propagation (RFP): exact gradients of area 6, carried forward in time.
 
 Velarde & Parra, arXiv 2411.16695 (eqs. 4, 15-20), with the form and the exactness condition of
-``shared/spec/rfp_math.md`` sections 2.2-2.4. For every RGC parameter theta each stream carries the
+``shared/spec/rfp_math.md`` sections 2.2-2.4, written out for this code in ``docs/math.md``
+(sections 2-4). For every RGC parameter theta each stream carries the
 sensitivities of its state, ``P^h_t = dh_t/dtheta`` and ``P^c_t = dc_t/dtheta`` (same shape as theta,
 one row per unit, because form R's state Jacobian is block diagonal with 2x2 blocks)::
 
@@ -14,8 +15,8 @@ and the loss scored at step t, which reads the state only through h_{t-1}, gives
 
 (use the traces *before* advancing them). Summed over a segment at fixed weights this equals the BPTT
 gradient exactly; with a step after every fixation it is the online-RTRL approximation whose bias
-vanishes with the learning rate (spec 2.6). Memory per stream is ``2 N (M + 1) + 2 N G`` numbers,
-whatever the stream's length.
+vanishes with the learning rate (spec 2.6). Memory per stream is ``2 N (K + 1) + 2 N G`` numbers
+(K: the inputs area 6 reads, ``ModelConfig.rgc_inputs``), whatever the stream's length.
 
 Two trace slabs per stream: ``W`` for ``[W | b]`` (b is the weight of a constant input 1), and
 ``v`` for the element-wise gains (and gate biases). On the CPU the large W slab is updated in place,

@@ -1,7 +1,8 @@
 """Area 6 of R-JEPA: the reciprocal gated circuit (RGC) in "form R", and its per-unit Jacobian.
 
 Velarde & Parra, "Recurrent joint embedding predictive architecture", arXiv 2411.16695; the equations
-are reconstructed in ``shared/spec/rfp_math.md`` (section 1.3, form R, and section 2.3)::
+are reconstructed in ``shared/spec/rfp_math.md`` (section 1.3, form R, and section 2.3) and written
+out for this code in ``docs/math.md``::
 
     x_t   = W v_t + b          v_t = P^T u_t (a fixed projection to K inputs), or u_t itself
     tau_h = tanh(w_hh * h_{t-1} + beta_hh)      gam_h = tanh(w_ch * c_{t-1} + beta_ch)
@@ -158,12 +159,20 @@ class RGC(nn.Module):
 
     @torch.no_grad()
     def jacobian(self, s: StepCache) -> Jacobian:
-        """Per-unit 2x2 Jacobian and immediate derivatives of one step (spec section 2.3).
+        """Per-unit 2x2 Jacobian and immediate derivatives of one step (docs/math.md, section 3).
 
-        With q_g = d(state~)/d(pre_g) = tanh'(pre_g) * m_g, where m = (h, -x, -x, c) is what each
-        gate multiplies, the gates in GATES order (hh, ch, hc, cc) give the block entries in the
-        order (a_hh, a_hc, a_ch, a_cc): a = q * w (+ tau on the diagonal), the immediate derivative
-        with respect to gain g is q_g * src_g and with respect to bias g is q_g.
+        Every gate g is tanh(pre_g), pre_g = w_g * src_g + beta_g, and multiplies m_g in h~ or c~;
+        q_g = tanh'(pre_g) * m_g is all the table needs::
+
+            gate g       drives  src_g    m_g      block entry               d/dw_g        d/dbeta_g
+            hh (tau_h)   h~      h_{t-1}  h_{t-1}  a_hh = tau_h + q_hh w_hh  q_hh h_{t-1}  q_hh
+            ch (gam_h)   h~      c_{t-1}  -x_t     a_hc = q_ch w_ch          q_ch c_{t-1}  q_ch
+            hc (gam_c)   c~      h_{t-1}  -x_t     a_ch = q_hc w_hc          q_hc h_{t-1}  q_hc
+            cc (tau_c)   c~      c_{t-1}  c_{t-1}  a_cc = tau_c + q_cc w_cc  q_cc c_{t-1}  q_cc
+
+        and the drive x = W v + b moves h~ by k_h = 1 - gam_h and c~ by k_c = 1 - gam_c. Below,
+        ``m = (h, -x, -x, c)`` is the column m_g, ``_diag`` adds tau on the diagonal, ``_rows_of``
+        puts each gate's derivatives in the h row or the c row, and phi' (tanh) multiplies each row.
         """
         x, gates, src = s.x, s.gates, s.src
         gp = 1 - gates * gates  # (4, B, N) tanh'
