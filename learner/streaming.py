@@ -25,6 +25,7 @@ import torch
 from learner.config import ModelConfig
 from learner.diagnostics import Diagnostics
 from learner.errors import InputError
+from learner.kernels import FusedAdamStep
 from learner.model import RJEPA, Scores
 from learner.patches import preprocess
 from learner.rgc import spectral_radius
@@ -50,69 +51,11 @@ def _fused_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type in ("cpu", "cuda") and dtype in (torch.float32, torch.float64)
 
 
-class _FusedAdamStep:
-    """``optimizer.step()`` of a fused Adam, as the two kernel calls it comes down to.
-
-    At one stream per tick ``torch.optim.Adam.step`` spent about as long in its Python bookkeeping
-    (grouping the tensors again, hooks, checks) as the fused kernel spent updating every parameter.
-    This keeps each group's tensor lists and calls the same kernels with the group's current
-    hyperparameters (an ``lr`` set on ``param_groups`` applies); ``tests/learner/test_fast_paths.py``
-    checks that it is bit-identical to ``optimizer.step()``. Only for the configuration it replicates:
-    ``for_optimizer`` returns None for any other, and the learner keeps calling ``step()``.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.groups = []
-        for group in optimizer.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]  # step() skips the others too
-            if not params:
-                continue
-            state = [optimizer.state[p] for p in params]
-            tensors = [
-                params,
-                [s["exp_avg"] for s in state],
-                [s["exp_avg_sq"] for s in state],
-                [s["step"] for s in state],
-            ]
-            self.groups.append((group, tensors))
-
-    @classmethod
-    def for_optimizer(cls, optimizer: torch.optim.Optimizer) -> _FusedAdamStep | None:
-        """The direct step, after ``optimizer`` has taken its first step; None where it does not apply."""
-        if type(optimizer) is not torch.optim.Adam or not hasattr(torch, "_fused_adam_"):
-            return None
-        for group in optimizer.param_groups:
-            flags = (group["amsgrad"], group["maximize"], group["capturable"], group["differentiable"])
-            decoupled = group.get("decoupled_weight_decay", False)
-            if not group["fused"] or any(flags) or decoupled or torch.is_tensor(group["lr"]):
-                return None
-            live = [p for p in group["params"] if p.grad is not None]  # a frozen E has no .grad
-            for p in live:
-                state = optimizer.state[p]
-                if "step" not in state or p.device.type != "cpu" or p.dtype != live[0].dtype:
-                    return None
-        return cls(optimizer)
-
-    def __call__(self) -> None:
-        for group, (params, exp_avgs, exp_avg_sqs, steps) in self.groups:
-            grads = [p.grad for p in params]  # read each time: a .grad may have been replaced
-            beta1, beta2 = group["betas"]
-            torch._foreach_add_(steps, 1)
-            torch._fused_adam_(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                steps,
-                amsgrad=False,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=False,
-            )
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``: StreamLearner gives every trainable parameter a zeroed gradient at the start."""
+    g = p.grad
+    assert g is not None
+    return g
 
 
 def _cloned(state: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +113,7 @@ class StreamLearner:
             device=self.device,
             dtype=dtype,
         )
-        self._direct_step: _FusedAdamStep | None = None  # built after the first step (see _apply_step)
+        self._direct_step: FusedAdamStep | None = None  # built after the first step (see _apply_step)
         self._direct_checked = False  # whether the first step has decided on _direct_step
         self.updates_applied = 0
         self.ticks = 0
@@ -311,7 +254,7 @@ class StreamLearner:
         else:
             self.optimizer.step()  # also creates the optimizer's state at the first step
             if not self._direct_checked:  # decided once: where it does not apply, step() stays
-                self._direct_step = _FusedAdamStep.for_optimizer(self.optimizer)
+                self._direct_step = FusedAdamStep.for_optimizer(self.optimizer)
                 self._direct_checked = True
         torch._foreach_zero_(grads)
         self._scored_ticks = 0

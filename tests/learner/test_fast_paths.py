@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from learner import ModelConfig, RFPLearner
+from learner.errors import ConfigError
+from learner.kernels import FusedAdamStep
 from learner.model import RunningWhitening
 from learner.rgc import RGC
-from learner.streaming import _FusedAdamStep
 
 F64 = torch.float64
 
@@ -39,7 +40,7 @@ def test_direct_fused_adam_step_is_bit_identical_to_optimizer_step(dtype: torch.
         ref_opt.step()
         if direct is None:
             opt.step()
-            direct = _FusedAdamStep.for_optimizer(opt)
+            direct = FusedAdamStep.for_optimizer(opt)
             assert direct is not None
         else:
             direct()
@@ -59,15 +60,15 @@ def test_direct_step_declines_what_it_does_not_replicate() -> None:
         torch.optim.SGD([p], lr=0.1),
     ):
         opt.step()
-        assert _FusedAdamStep.for_optimizer(opt) is None
-    assert _FusedAdamStep.for_optimizer(torch.optim.Adam([p], fused=True)) is None  # no state yet
+        assert FusedAdamStep.for_optimizer(opt) is None
+    assert FusedAdamStep.for_optimizer(torch.optim.Adam([p], fused=True)) is None  # no state yet
 
 
 def test_learner_with_the_direct_step_matches_one_without(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = ModelConfig(trunk="none", in_features=12, n_units=10, embed_dim=6, pred_hidden=9, lr=1e-2)
     fast = RFPLearner(cfg)
     with monkeypatch.context() as m:
-        m.setattr(_FusedAdamStep, "for_optimizer", classmethod(lambda cls, opt: None))
+        m.setattr(FusedAdamStep, "for_optimizer", classmethod(lambda cls, opt: None))
         slow = RFPLearner(cfg)
         feats = torch.randn(20, 3, 12, generator=gen(1))
         for x in feats:
@@ -232,3 +233,34 @@ def test_a_wide_whitening_is_diagonal_until_it_has_more_samples_than_features() 
     for row in torch.randn(6, 16, generator=gen(4)):
         narrow.observe(row[None])
     assert not torch.equal(narrow.whiten, torch.diag(narrow.whiten.diagonal()))  # full ZCA there
+
+
+@pytest.mark.parametrize("loss", ["cosine", "mse", "whitened_mse"])
+@pytest.mark.parametrize("predictor", ["residual", "mlp"])
+def test_the_hand_written_head_equals_autograd(loss: str, predictor: str) -> None:
+    """RFPLearner(head="hand") and head="autograd" learn the same weights, tick by tick (float64):
+    the same scores, the same delta into area 6, the same gradients of E and G."""
+    cfg = ModelConfig(
+        trunk="none", in_features=12, n_units=10, embed_dim=6, pred_hidden=9, lr=1e-2, loss=loss,
+        predictor=predictor, embed_lr_scale=1.0, seed=5,
+    )  # fmt: skip
+    by_hand = RFPLearner(cfg, dtype=F64, head="hand")
+    by_autograd = RFPLearner(cfg, dtype=F64, head="autograd")
+    assert by_hand._head is not None and by_autograd._head is None
+    feats = torch.randn(60, 3, 12, generator=gen(6), dtype=F64)
+    for x in feats:
+        a = by_hand.tick_features(["a", "b", "c"], x)
+        b = by_autograd.tick_features(["a", "b", "c"], x)
+        assert torch.allclose(a.error, b.error, rtol=1e-10, atol=1e-12, equal_nan=True)
+    assert by_hand.updates_applied > 30
+    for (name, p), q in zip(by_hand.model.named_parameters(), by_autograd.model.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), name
+
+
+def test_the_head_choice_is_explicit() -> None:
+    cfg = ModelConfig(trunk="none", in_features=8, n_units=6, embed_dim=4, pred_hidden=5, predictor="linear")
+    assert RFPLearner(cfg)._head is None  # auto: the linear predictor goes through autograd
+    with pytest.raises(ConfigError, match="hand-written head"):
+        RFPLearner(cfg, head="hand")
+    with pytest.raises(ConfigError, match="head must be"):
+        RFPLearner(cfg, head="fast")
