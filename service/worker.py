@@ -56,6 +56,7 @@ from service.streams import EntryKey, StreamRecord, entry_before, entry_key, ent
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.1  # how long an idle loop waits for a message before housekeeping
+_TOMBSTONES = 10_000  # deleted streams remembered, so that a re-read entry does not bring one back
 
 
 def build_learner(settings: Settings) -> StreamLearner:
@@ -145,7 +146,8 @@ class Worker:
         self._through: EntryKey | None = None
         self._open: set[EntryKey] = set()
         self._answered_max: EntryKey | None = None
-        # deleted streams' last applied entry: a replay must not bring them back (pruned at checkpoints)
+        # deleted streams' last applied entry: a re-read entry must not bring them back (the newest
+        # _TOMBSTONES deletions are kept)
         self._deleted: dict[str, EntryKey] = {}
         self._saved_offset: str | None = None  # the restored checkpoint's input offset
         self._held: OrderedDict[str, deque[Fixation]] = OrderedDict()
@@ -251,8 +253,6 @@ class Worker:
                                     "streams": len(self.records)}  # fmt: skip
             records = {s: r.to_dict() for s, r in self.records.items()}
             through = self._through
-            if through is not None:  # no replay can reach entries at or before the offset any more
-                self._deleted = {sid: key for sid, key in self._deleted.items() if key > through}
             service = {
                 "records": records,
                 "checkpoint": dict(info),
@@ -556,6 +556,8 @@ class Worker:
             last = entry_key(rec.last_entry_id)
             if last is not None:
                 self._deleted[rec.stream_id] = last
+                if len(self._deleted) > _TOMBSTONES:
+                    del self._deleted[next(iter(self._deleted))]
             self.broker.forget_stream(rec.stream_id)
             metrics.ACTIVE_STREAMS.set(len(self.records))
             return {"stream_id": rec.stream_id, "deleted": True}

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
 from learner.errors import ArchitectureMismatch
 from service import metrics
 from service.broker import LocalBroker
 from service.errors import PatchError
 from service.messages import Control, Fixation
+from service.redis_broker import RedisBroker
 from service.worker import Worker
 from tests.service._support import small_settings
 
@@ -204,3 +208,54 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
     worker = Worker(settings, LocalBroker(settings))
     with pytest.raises(ArchitectureMismatch, match="n_units"):
         worker.start()
+
+
+def test_a_deleted_stream_is_not_brought_back_by_a_redelivery(running: Running) -> None:
+    running.send_as_redis(_fix("a", 1), "1700000000000-5")
+    running.command("delete", stream_id="a")
+    late = running.send_as_redis(_fix("a", 1), "1700000000000-5")  # re-read after a restart
+    assert late["status"] == "already_applied"
+    assert running.command("stream", stream_id="a")["error"] == "UnknownStream"
+    assert running.send_as_redis(_fix("a", 1), "1700000000000-7")["step"] == 1  # a new entry: a new stream
+
+
+def _xadd(r: redis.Redis, stream: str, seq: int) -> None:
+    fields = {"stream_id": stream, "seq": seq, "raw": _patch(seq).tobytes(), "shape": "32,32,3",
+              "request_id": f"{stream}-{seq}"}  # fmt: skip
+    r.xadd("foveate:fixations", fields)  # type: ignore[arg-type]
+
+
+def _reply(r: redis.Redis, request_id: str) -> dict[str, Any]:
+    item = r.blpop([f"foveate:result:{request_id}"], timeout=60)
+    assert item is not None, request_id
+    return dict(json.loads(item[1]))
+
+
+def test_reset_command_survives_a_crash(redis_server: str, tmp_path: Path) -> None:
+    # A reset is not in the input stream, so re-reading it after a crash cannot repeat it: the
+    # worker checkpoints right after it.
+    def worker(name: str) -> Worker:
+        settings = small_settings(redis_url=redis_server, checkpoint_path=tmp_path / "ckpt.pt", max_batch=1,
+                                  consumer_name=name, checkpoint_interval_s=3600)  # fmt: skip
+        return Worker(settings, RedisBroker(settings))
+
+    r = redis.Redis.from_url(redis_server)
+    first = worker("w1")
+    first.start()
+    for seq in range(3):
+        _xadd(r, "a", seq)
+    assert [_reply(r, f"a-{seq}")["step"] for seq in range(3)] == [1, 2, 3]
+    api = RedisBroker(first.settings)
+    r.set(first.settings.heartbeat_key, json.dumps({"ts": time.time()}))
+    assert asyncio.run(api.command(Control("reset", {"stream_id": "a"}), 30.0))["step"] == 0
+    _xadd(r, "a", 3)
+    assert _reply(r, "a-3")["step"] == 1
+    first.stop(checkpoint=False)  # a crash: what is not in a checkpoint is lost
+
+    second = worker("w2")
+    second.start()
+    try:
+        assert _reply(r, "a-3")["step"] == 1  # re-read (after the reset's checkpoint) and applied again
+        assert second.execute("stream", {"stream_id": "a"})["stream"]["fixations"] == 4
+    finally:
+        second.stop()
