@@ -171,9 +171,9 @@ class Worker:
             torch.set_num_threads(threads)
         offset = self.broker.start_worker(self._decode, after=self._saved_offset)
         self._through = entry_key(offset)
-        if offset is not None and not restored and self.settings.checkpoint_path is not None:
+        if offset is not None and not restored:
             # the starting point: a crash before the first periodic checkpoint re-reads from here
-            self.checkpoint()
+            self._checkpoint_quietly("at start")
         metrics.WORKER_UP.set(1)
         dev = self.learner.device.type
         metrics.WORKER_INFO.labels(learner=self.settings.learner, device=dev, trunk=self.settings.trunk).set(
