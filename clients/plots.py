@@ -53,7 +53,7 @@ def plot_replay(records: Sequence[ReplayRecord], out_dir: str | Path, title: str
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scored = [(i + 1, r) for i, r in enumerate(records) if r.error is not None]
+    scored = [(i + 1, r) for i, r in enumerate(records) if r.error is not None and r.step is not None]
     seen = np.array([i for i, _ in scored], dtype=np.int64)
     errors = np.array([r.error for _, r in scored], dtype=np.float64)
     if errors.size == 0:
@@ -84,6 +84,7 @@ def plot_replay(records: Sequence[ReplayRecord], out_dir: str | Path, title: str
     steps: dict[int, list[float]] = {}
     repeat_steps: dict[int, list[float]] = {}
     for (_, r), error in zip(scored, errors.tolist(), strict=True):
+        assert r.step is not None  # scored records have one
         steps.setdefault(r.step, []).append(error)
         if r.repeat_error is not None:
             repeat_steps.setdefault(r.step, []).append(r.repeat_error)

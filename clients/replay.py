@@ -122,7 +122,7 @@ class ReplayRecord:
     seq: int
     reset: bool
     t: float  # fixation onset, seconds since the start of the stream's session (recorded clock)
-    step: int
+    step: int | None  # None: the server had applied this seq long before ("already_applied")
     error: float | None  # None where no prediction existed (step 1, after a reset)
     running_error: float | None
     updates_applied: int
@@ -196,7 +196,7 @@ def summarize(records: Sequence[ReplayRecord], seconds: float = 0.0, skipped: in
     paired: list[tuple[float, float]] = []
     paired_by_step: dict[int, list[tuple[float, float]]] = {}
     for r in records:
-        if r.error is not None:
+        if r.error is not None and r.step is not None:
             by_step.setdefault(r.step, []).append(r.error)
             if r.repeat_error is not None:
                 paired.append((r.error, r.repeat_error))

@@ -61,10 +61,12 @@ class RunningWhitening(nn.Module):
 
     The mean is updated at every observation (``transform`` uses it). The covariance, which only the
     recomputes read, is updated lazily: the centred rows wait in a small buffer with their weights and
-    join ``cov`` in one matrix product when the buffer is full, before a recompute, and before
-    ``state_dict`` (so a checkpoint holds the whole covariance). At one stream per tick this turns a
-    rank-1 update of an F x F matrix per tick (memory-bound: the whole matrix read and written) into
-    one rank-64 product every 64 ticks; the result is the same up to rounding.
+    join ``cov`` in one matrix product when the buffer is full and before a recompute. At one stream
+    per tick this turns a rank-1 update of an F x F matrix per tick (memory-bound: the whole matrix
+    read and written) into one rank-64 product every 64 ticks; the result is the same up to rounding.
+    ``state_dict`` saves ``cov`` and the pending rows as they are (the rows in its extra state), never
+    folding them: folding early rounds differently, so a checkpoint would change what is learned
+    afterwards, and a run resumed from it would not continue bit for bit.
     """
 
     #: rows the covariance update waits for before it is applied
@@ -146,15 +148,40 @@ class RunningWhitening(nn.Module):
         self.cov.addmm_((rows * weights[:, None]).T, rows, beta=self._decay)
         self._pending, self._decay, self._coef = 0, 1.0, []
 
+    @torch.no_grad()
+    def covariance(self) -> torch.Tensor:
+        """The whole covariance (F, F), pending rows included, as a new tensor: nothing is folded."""
+        k = self._pending
+        if not k:
+            return self.cov.clone()
+        rows = self._rows[:k]
+        weights = torch.tensor(self._coef, dtype=rows.dtype, device=rows.device).mul_(self._decay)  # (k,)
+        return torch.addmm(self.cov, (rows * weights[:, None]).T, rows, beta=self._decay)
+
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        k = self._pending
+        return {
+            "rows": self._rows[:k].clone(),  # (k, F)
+            "coef": torch.tensor(self._coef, dtype=torch.float64),  # (k,): Python floats, kept exactly
+            "decay": torch.tensor(self._decay, dtype=torch.float64),
+        }
+
+    def set_extra_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is None:  # a state dict from before the pending rows were saved: cov is the whole covariance
+            self._pending, self._decay, self._coef = 0, 1.0, []
+            return
+        k = state["rows"].shape[0]
+        self._rows[:k] = state["rows"].to(self._rows)
+        self._pending, self._decay, self._coef = k, float(state["decay"]), state["coef"].tolist()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
-        self.flush()
         self.count.fill_(self.n_seen)
         self.updates.fill_(self.n_batches)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
-        self._pending, self._decay, self._coef = 0, 1.0, []  # the loaded cov is the whole covariance
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        state_dict.setdefault(prefix + "_extra_state", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.n_seen, self.n_batches = int(self.count), int(self.updates)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:

@@ -83,8 +83,15 @@ class Broker(ABC):
 
     # --- worker side (blocking) --------------------------------------------------------------
     @abstractmethod
-    def start_worker(self, decode: Decoder) -> None:
-        """Start receiving; ``decode`` turns undecoded payloads into patches off the tick thread."""
+    def start_worker(self, decode: Decoder, *, after: str | None = None) -> str | None:
+        """Start receiving; ``decode`` turns undecoded payloads into patches off the tick thread.
+
+        A broker that keeps its messages (Redis) first delivers again, in order, every input entry
+        after ``after`` (the input offset of the worker's checkpoint: every entry up to it is in the
+        checkpoint) that any consumer has already read, then new ones; with ``after=None`` (no
+        checkpoint) it starts before the oldest entry still unacknowledged. It returns the offset it
+        started from, or None when it keeps nothing to deliver again (the in-process queue).
+        """
 
     @abstractmethod
     def get(self, timeout: float) -> Message | None:
@@ -181,9 +188,10 @@ class LocalBroker(Broker):
         return True, "worker thread alive"
 
     # --- worker side ---
-    def start_worker(self, decode: Decoder) -> None:
+    def start_worker(self, decode: Decoder, *, after: str | None = None) -> str | None:
         self._decode = decode
         self._last_beat = time.time()
+        return None  # the queue dies with the process: nothing to deliver again
 
     def get(self, timeout: float) -> Message | None:
         try:

@@ -34,7 +34,12 @@ window, below),
 small for a usable gradient),
 ``foveate_update_seconds``, ``foveate_batch_size``, ``foveate_queue_depth``, ``foveate_active_streams``,
 ``foveate_resets_total``, ``foveate_checkpoints_total``, ``foveate_last_checkpoint_timestamp_seconds``,
-``foveate_rejected_messages_total{reason}``, ``foveate_effective_dimensionality``,
+``foveate_rejected_messages_total{reason}``,
+``foveate_duplicates_total`` (fixations whose ``(stream, seq)`` was already applied, answered without
+being applied again), ``foveate_seq_gaps_total`` (applied fixations whose ``seq`` skipped numbers)
+and ``foveate_seq_missing_total`` (the numbers skipped), ``foveate_replayed_fixations_total``
+(Redis entries re-read at start because they came after the last checkpoint),
+``foveate_effective_dimensionality``,
 ``foveate_embedding_norm``, ``foveate_hidden_norm``, ``foveate_trace_spectral_radius_max``,
 ``foveate_worker_up``, ``foveate_worker_heartbeat_timestamp_seconds``,
 ``foveate_worker_info{learner,device,trunk}``.
@@ -164,6 +169,26 @@ LAST_CHECKPOINT = Gauge(
 REJECTED_MESSAGES = Counter(
     "foveate_rejected_messages", "Fixations or commands the worker rejected, by reason.",
     ["reason"], registry=WORKER_REGISTRY,
+)  # fmt: skip
+DUPLICATES = Counter(
+    "foveate_duplicates",
+    "Fixations whose (stream, seq) was already applied (a retry or a re-delivery): answered with the "
+    "original result, or as already applied, and not applied again.",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
+SEQ_GAPS = Counter(
+    "foveate_seq_gaps", "Applied fixations whose seq skipped numbers after the stream's last seq.",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
+SEQ_MISSING = Counter(
+    "foveate_seq_missing", "Sequence numbers skipped by those gaps (fixations the worker never saw).",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
+REPLAYED = Counter(
+    "foveate_replayed_fixations",
+    "Redis entries re-read at start because they came after the last checkpoint (each is applied "
+    "again, or answered as a duplicate when the checkpoint already holds it).",
+    registry=WORKER_REGISTRY,
 )  # fmt: skip
 EFFECTIVE_DIM = Gauge(
     "foveate_effective_dimensionality", "Participation ratio of recent embeddings (collapse -> 1).",

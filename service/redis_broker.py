@@ -4,9 +4,12 @@ Keys (names from :class:`~service.config.Settings`; the format is in docs/redis-
 
 - ``foveate:fixations``: input stream, ``XADD … MAXLEN ~ stream_maxlen``; the API and rigs write it.
   Read by consumer group ``foveate-workers`` with ``XREADGROUP``; an entry is ``XACK``-ed only after
-  its result is published. Entries left pending by a dead consumer for ``claim_idle_ms`` are taken
-  over with ``XAUTOCLAIM``; a worker that comes back under its old name first re-reads its own
-  pending history.
+  its result is published. At start the worker first re-reads (``XRANGE``), in order, every entry
+  after its checkpoint's input offset up to the group's last delivered id, whichever consumer read
+  or acknowledged it: those were applied after the checkpoint (lost with the dead worker's memory)
+  or never; the worker's per-stream seq and entry id tell them from those the checkpoint holds.
+  Then it reads new entries. Entries left pending for ``claim_idle_ms`` outside that range (an
+  acknowledgement that failed) are taken over with ``XAUTOCLAIM`` and answered as duplicates.
 - ``foveate:control``: commands (reset, delete, checkpoint, queries), same group; a command past its
   ``deadline`` is acknowledged and dropped, since its caller has already timed out.
 - ``foveate:results`` and ``foveate:results:<stream_id>``: every result, capped streams (rigs XREAD).
@@ -33,6 +36,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from service import metrics
 from service.broker import Broker, Decoder, Message, new_request_id
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
@@ -44,6 +48,7 @@ from service.messages import (
     fixation_from_fields,
     fixation_to_fields,
 )
+from service.streams import entry_before, entry_key, entry_text
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,9 @@ def result_fields(fix: Fixation, payload: dict[str, Any]) -> dict[str, str]:
         out["seq"] = str(fix.seq)
     if payload.get("ok"):
         err = payload.get("error")
-        out["step"] = str(payload["step"])
+        out["status"] = str(payload.get("status", "applied"))
+        out["step"] = "" if payload.get("step") is None else str(payload["step"])
+        out["gap"] = str(payload.get("gap", 0))
         out["error"] = "nan" if err is None else repr(float(err))
         for name in ("repeat_error", "skill"):
             value = payload.get(name)
@@ -122,6 +129,7 @@ class RedisBroker(Broker):
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._decode: Decoder | None = None
+        self._replay: tuple[str, str] | None = None  # (after, until): entries to re-read at start
         self._backlog_cache = (0.0, 0)
         self._alive_cache: tuple[float, bool, str] = (0.0, False, "")
         self._last_error_log = 0.0
@@ -253,30 +261,72 @@ class RedisBroker(Broker):
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def start_worker(self, decode: Decoder) -> None:
+    def start_worker(self, decode: Decoder, *, after: str | None = None) -> str | None:
         self._decode = decode
-        self._ensure_group(self.settings.input_stream, "0")
+        s = self.settings
+        self._ensure_group(s.input_stream, "0")
         # Commands sent while no worker ran have timed out for their callers: start at the end.
-        self._ensure_group(self.settings.control_stream, "$")
+        self._ensure_group(s.control_stream, "$")
+        until = self._last_delivered()
+        if entry_key(after) is None:  # no checkpoint: from the oldest entry a dead consumer left pending
+            oldest = self.sync.xpending(s.input_stream, s.consumer_group).get("min")
+            oldest_key = entry_key(None if oldest is None else _id(oldest))
+            after = until if oldest_key is None else entry_text(entry_before(oldest_key))
+        after_key, until_key = entry_key(after), entry_key(until)
+        assert after is not None and after_key is not None and until_key is not None
+        self._replay = (after, until) if until_key > after_key else None
+        if self._replay is not None:
+            self._warn_if_trimmed(after_key)
         self._pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="foveate-decode")
         self._stop.clear()
         self._thread = threading.Thread(target=self._intake, name="foveate-intake", daemon=True)
         self._thread.start()
+        return after
+
+    def _last_delivered(self) -> str:
+        """The group's last delivered entry id: entries after it were never read by any consumer."""
+        for group in self.sync.xinfo_groups(self.settings.input_stream):
+            info = _fields(group)
+            if _id(info["name"]) == self.settings.consumer_group:
+                return _id(info["last-delivered-id"])
+        raise RuntimeError(f"consumer group {self.settings.consumer_group} vanished")  # created just before
+
+    def _warn_if_trimmed(self, after: tuple[int, int]) -> None:
+        info = _fields(self.sync.xinfo_stream(self.settings.input_stream))
+        deleted = entry_key(_id(info.get("max-deleted-entry-id") or b""))
+        if deleted is not None and deleted > after:
+            logger.error(
+                "entries of %s after the checkpoint (offset %s) were trimmed or deleted before this "
+                "restart (up to %s): those fixations are lost; raise FOVEATE_STREAM_MAXLEN or "
+                "checkpoint more often (FOVEATE_CHECKPOINT_INTERVAL_S)",
+                self.settings.input_stream, entry_text(after), entry_text(deleted),
+            )  # fmt: skip
+
+    def _replay_some(self) -> None:
+        """Re-read the next entries of the start's replay range (``_replay``), in order."""
+        assert self._replay is not None
+        s = self.settings
+        after, until = self._replay
+        entries: Any = self.sync.xrange(s.input_stream, min="(" + after, max=until, count=256)
+        if entries:
+            self._accept([[s.input_stream.encode(), entries]])
+            metrics.REPLAYED.inc(len(entries))
+            after = _id(entries[-1][0])
+        if len(entries) < 256 or after == until:
+            logger.info("re-read the entries after the checkpoint up to %s", until)
+            self._replay = None
+        else:
+            self._replay = (after, until)
 
     def _intake(self) -> None:
-        """Read entries (own history first, then claims and new ones), decode, queue them in order."""
+        """Read entries (the start's replay first, then claims and new ones), decode, queue them in order."""
         s = self.settings
-        own_history = True
         last_claim = 0.0
         resp: Any
         while not self._stop.is_set():
             try:
-                if own_history:
-                    resp = self.sync.xreadgroup(
-                        s.consumer_group, s.consumer_name, {s.input_stream: "0"}, count=256
-                    )
-                    own_history = bool(resp and resp[0][1])
-                    self._accept(resp)
+                if self._replay is not None:
+                    self._replay_some()
                     continue
                 if time.monotonic() - last_claim > s.claim_idle_ms / 2000.0:
                     last_claim = time.monotonic()
@@ -354,7 +404,7 @@ class RedisBroker(Broker):
             if isinstance(msg, Fixation):
                 fields = result_fields(msg, payload)
                 pipe.xadd(s.results_stream, fields, maxlen=s.results_maxlen, approximate=True)  # type: ignore[arg-type]
-                if payload.get("ok"):
+                if payload.get("ok") and payload.get("status", "applied") == "applied":
                     key = f"{s.results_stream}:{msg.stream_id}"
                     pipe.xadd(key, fields, maxlen=s.stream_results_maxlen, approximate=True)  # type: ignore[arg-type]
                     pipe.expire(key, _RESULTS_TTL_S)

@@ -1,9 +1,11 @@
 """``StreamRecord``: what the worker keeps about each stream beside the learner's own state.
 
 The learner holds h, c, traces and step counts; the record holds the service's bookkeeping: the
-client's last sequence number and timestamp, the Redis entry id of the last applied message (so
-that a re-delivered entry is never applied twice), error statistics (the model's, and the repeat
-baseline's: predicting the next embedding to be the current one), and wall-clock times. Records
+client's last sequence number and the results of its last fixations (service/dedup.py: a retry is
+answered with its original result, never applied twice), the last timestamp, the Redis entry id of
+the last applied message (so that a re-delivered entry is never applied twice), error statistics
+(the model's, and the repeat baseline's: predicting the next embedding to be the current one), and
+wall-clock times. Records
 travel inside every checkpoint's ``extra`` as plain types.
 """
 
@@ -15,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.dedup import ResultCache
 from service.metrics import skill
 
 #: Weight of the newest error in ``running_error`` (an exponential moving average).
@@ -27,7 +30,13 @@ def _number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def entry_key(entry_id: str | None) -> tuple[int, int] | None:
+EntryKey = tuple[int, int]
+
+#: The largest sequence part of a Redis stream entry id.
+_MAX_ENTRY_SEQ = 2**64 - 1
+
+
+def entry_key(entry_id: str | None) -> EntryKey | None:
     """A Redis stream entry id ``"ms-seq"`` as a comparable tuple; ``None`` for other ids."""
     if not entry_id:
         return None
@@ -35,6 +44,23 @@ def entry_key(entry_id: str | None) -> tuple[int, int] | None:
     if not (ms.isdigit() and seq.isdigit()):
         return None
     return int(ms), int(seq)
+
+
+def entry_text(key: EntryKey) -> str:
+    """The Redis entry id of a key: ``entry_text(entry_key(x)) == x``."""
+    return f"{key[0]}-{key[1]}"
+
+
+def entry_before(key: EntryKey) -> EntryKey:
+    """The greatest entry id below ``key`` (``0-0`` stays ``0-0``): "every entry before this one".
+
+    >>> entry_before((1700000000000, 0)), entry_before((5, 3))
+    ((1699999999999, 18446744073709551615), (5, 2))
+    """
+    ms, seq = key
+    if seq:
+        return ms, seq - 1
+    return (ms - 1, _MAX_ENTRY_SEQ) if ms else (0, 0)
 
 
 @dataclass
@@ -68,6 +94,8 @@ class StreamRecord:
     last_repeat_error: float | None = None
     skipped: int = 0  # scored fixations the learner did not learn from (ill-conditioned)
     recent: deque[tuple[int, float, float | None]] = field(default_factory=lambda: deque(maxlen=RECENT))
+    #: results of the last fixations with a seq, to answer their retries (service/dedup.py)
+    results: ResultCache = field(default_factory=ResultCache, repr=False)
 
     def observe(
         self,
@@ -107,6 +135,11 @@ class StreamRecord:
         prev = self.running_error
         self.running_error = error if prev is None else prev + RUNNING_ALPHA * (error - prev)
         self.recent.append((step, error, self.last_repeat_error))
+
+    def forget_seq(self) -> None:
+        """Start the seq numbering afresh (a reset, or a client's new run): any seq is applied next."""
+        self.last_seq = None
+        self.results.clear()
 
     def is_replay(self, entry_id: str | None) -> bool:
         """True when a Redis entry at or before the last applied one comes again (a re-delivery)."""
@@ -158,14 +191,16 @@ class StreamRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, for a checkpoint's ``extra``."""
-        out = {k: v for k, v in self.__dict__.items() if k != "recent"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("recent", "results")}
         out["recent"] = [list(entry) for entry in self.recent]
+        out["results"] = self.results.to_list()
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamRecord:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "recent"}
-        rec = cls(**known)
+        plain = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = {k: v for k, v in plain.items() if k not in ("recent", "results")}
+        rec = cls(**known, results=ResultCache.from_list(data.get("results", [])))
         for entry in data.get("recent", []):  # [step, error] in records saved before repeat errors
             repeat = entry[2] if len(entry) > 2 else None
             rec.recent.append((int(entry[0]), float(entry[1]), None if repeat is None else float(repeat)))

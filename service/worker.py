@@ -14,6 +14,15 @@ Each loop iteration
 
 A bad message is answered with its error, counted, acknowledged, and never stops the loop.
 
+Exactly once. A fixation is applied at most once per ``(stream_id, seq)``: before a tick each
+fixation goes through the rule of service/dedup.py, and a retry is answered with its original result
+instead of being applied again. Over Redis, the worker also keeps the *input offset*: the greatest
+entry id up to which every entry it read has been answered. A checkpoint saves it atomically with
+the weights, the stream states and each stream's last seq, cached results and last entry id; a
+restarted worker (any consumer name) has the broker re-read every entry after it, in order, so the
+fixations applied after the checkpoint are applied again and those before it are recognised as
+duplicates. A reset or delete command is not in the input stream, so it is checkpointed at once.
+
 Examples
 --------
 >>> worker = Worker(Settings(), LocalBroker(Settings()))  # doctest: +SKIP
@@ -28,7 +37,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,13 +48,15 @@ from service import metrics
 from service.broker import Broker, Message
 from service.config import Settings
 from service.decode import decode_source
+from service.dedup import APPLY, Decision, decide, fingerprint
 from service.errors import TooManyStreams, UnknownStream, WorkerError, error_payload, status_of
 from service.messages import Control, Fixation
-from service.streams import StreamRecord
+from service.streams import EntryKey, StreamRecord, entry_before, entry_key, entry_text
 
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.1  # how long an idle loop waits for a message before housekeeping
+_TOMBSTONES = 10_000  # deleted streams remembered, so that a re-read entry does not bring one back
 
 
 def build_learner(settings: Settings) -> StreamLearner:
@@ -95,6 +106,22 @@ def _reason(exc: Exception) -> str:
     return status_of(type(exc))[1] if isinstance(exc, FoveateError) else "internal"
 
 
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+class _Accepted(NamedTuple):
+    """A fixation to apply in this tick, with its rule's decision and its image's fingerprint."""
+
+    fix: Fixation
+    decision: Decision
+    print_: int
+
+
 class Worker:
     """Owns the learner; consumes fixations and commands from a broker (see the module docstring).
 
@@ -114,6 +141,15 @@ class Worker:
         self.learner = learner if learner is not None else build_learner(settings)
         self.records: dict[str, StreamRecord] = {}
         self.last_checkpoint: dict[str, Any] | None = None
+        # Redis entry ids (service/streams.py entry_key): the input offset, below which every entry
+        # read has been answered; the entries received but not answered yet; the greatest answered
+        self._through: EntryKey | None = None
+        self._open: set[EntryKey] = set()
+        self._answered_max: EntryKey | None = None
+        # deleted streams' last applied entry: a re-read entry must not bring them back (the newest
+        # _TOMBSTONES deletions are kept)
+        self._deleted: dict[str, EntryKey] = {}
+        self._saved_offset: str | None = None  # the restored checkpoint's input offset
         self._held: OrderedDict[str, deque[Fixation]] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,14 +161,19 @@ class Worker:
     # ------------------------------------------------------------------ life cycle
 
     def start(self, *, thread: bool = True) -> None:
-        """Restore the checkpoint if there is one, start receiving, and (``thread``) run in a thread."""
-        self.restore()
+        """Restore the checkpoint if there is one, start receiving (a Redis broker first re-reads what
+        came after the checkpoint), and (``thread``) run in a thread."""
+        restored = self.restore()
         threads = self.settings.torch_threads
         if not threads and self.settings.redis_url is None and self.learner.device.type == "cpu":
             threads = max(1, (os.cpu_count() or 2) - 1)
         if threads:
             torch.set_num_threads(threads)
-        self.broker.start_worker(self._decode)
+        offset = self.broker.start_worker(self._decode, after=self._saved_offset)
+        self._through = entry_key(offset)
+        if offset is not None and not restored:
+            # the starting point: a crash before the first periodic checkpoint re-reads from here
+            self._checkpoint_quietly("at start")
         metrics.WORKER_UP.set(1)
         dev = self.learner.device.type
         metrics.WORKER_INFO.labels(learner=self.settings.learner, device=dev, trunk=self.settings.trunk).set(
@@ -187,6 +228,9 @@ class Worker:
         extra = load_checkpoint(path, self.learner)
         saved = extra.get("service", {})
         self.records = {sid: StreamRecord.from_dict(rec) for sid, rec in saved.get("records", {}).items()}
+        self._saved_offset = saved.get("input_offset")
+        deleted = {sid: entry_key(eid) for sid, eid in saved.get("deleted", {}).items()}
+        self._deleted = {sid: key for sid, key in deleted.items() if key is not None}
         for sid in self.learner.stream_ids():
             self.records.setdefault(sid, StreamRecord(sid))
         for sid in [s for s in self.records if s not in set(self.learner.stream_ids())]:
@@ -208,7 +252,14 @@ class Worker:
                                     "updates_applied": self.learner.updates_applied,
                                     "streams": len(self.records)}  # fmt: skip
             records = {s: r.to_dict() for s, r in self.records.items()}
-            extra = {"service": {"records": records, "checkpoint": dict(info)}}
+            through = self._through
+            service = {
+                "records": records,
+                "checkpoint": dict(info),
+                "input_offset": None if through is None else entry_text(through),
+                "deleted": {sid: entry_text(key) for sid, key in self._deleted.items()},
+            }
+            extra = {"service": service}
             save_checkpoint(path, self.learner, extra)
             info["seconds"] = time.perf_counter() - start
         self.last_checkpoint = info
@@ -258,6 +309,9 @@ class Worker:
                 break
             if deadline is None:
                 deadline = time.monotonic() + s.max_wait_ms / 1000.0
+            key = entry_key(msg.entry_id)
+            if key is not None:
+                self._open.add(key)
             sid = msg.stream_id
             if sid in batch or sid in self._held:
                 self._held.setdefault(sid, deque()).append(msg)
@@ -269,20 +323,93 @@ class Worker:
 
     def _tick(self, batch: list[Fixation]) -> None:
         replies: list[tuple[Message, dict[str, Any]]] = []
-        accepted: list[Fixation] = []
-        for fix in batch:
-            problem = fix.problem or self._admission(
-                fix, sum(f.stream_id not in self.records for f in accepted)
-            )
-            if problem is not None:
-                metrics.REJECTED_MESSAGES.labels(reason=_reason(problem)).inc()
-                logger.info("rejected fixation of %r: %s", fix.stream_id[:140], problem)
-                replies.append((fix, _fail(problem)))
-            else:
-                accepted.append(fix)
+        accepted: list[_Accepted] = []
         with self._lock:
+            for fix in batch:
+                problem = fix.problem
+                if problem is None and fix.patch is None:
+                    problem = InputError("the fixation carries no decoded image")
+                patch = fix.patch
+                print_ = 0 if patch is None or problem is not None or fix.seq is None else fingerprint(patch)
+                decision = APPLY if problem is not None else self._decide(fix, print_)
+                if decision.action == "reused":
+                    problem = InputError(
+                        f"seq {fix.seq} of stream {fix.stream_id!r} was already applied with another "
+                        "image: number a stream's fixations 0, 1, 2, ... without reusing one, or reset the "
+                        "stream (POST /v1/streams/{id}/reset, or reset=true) to number it afresh"
+                    )
+                elif decision.action != "apply":
+                    metrics.DUPLICATES.inc()
+                    replies.append((fix, self._repeat(fix, decision)))
+                    continue
+                if problem is None:
+                    problem = self._admission(fix, sum(a.fix.stream_id not in self.records for a in accepted))
+                if problem is not None:
+                    metrics.REJECTED_MESSAGES.labels(reason=_reason(problem)).inc()
+                    logger.info("rejected fixation of %r: %s", fix.stream_id[:140], problem)
+                    replies.append((fix, _fail(problem)))
+                else:
+                    accepted.append(_Accepted(fix, decision, print_))
             replies.extend(self._apply(accepted))
         self.broker.reply(replies)
+        self._answered(batch)
+
+    def _answered(self, batch: list[Fixation]) -> None:
+        """Advance the input offset past the entries just answered (see the module docstring)."""
+        for fix in batch:
+            key = entry_key(fix.entry_id)
+            if key is not None:
+                self._open.discard(key)
+                if self._answered_max is None or key > self._answered_max:
+                    self._answered_max = key
+        # Entries arrive in id order (the broker reads them so), so everything below the oldest one
+        # still open has been answered; stale entries claimed late are below the offset already.
+        done = entry_before(min(self._open)) if self._open else self._answered_max
+        if done is not None and (self._through is None or done > self._through):
+            self._through = done
+
+    def _decide(self, fix: Fixation, print_: int) -> Decision:
+        """Apply, or answer as a duplicate (service/dedup.py); a re-delivered Redis entry is a duplicate."""
+        rec = self.records.get(fix.stream_id)
+        key = entry_key(fix.entry_id)
+        if rec is None:
+            gone = self._deleted.get(fix.stream_id)
+            if gone is not None and key is not None and key <= gone:
+                return Decision("already_applied")  # applied, then the stream was deleted
+            return APPLY
+        if rec.is_replay(fix.entry_id):
+            original = None if fix.seq is None else rec.results.get(fix.seq)
+            if original is not None and original["fingerprint"] == print_:
+                return Decision("duplicate", original=original)
+            return Decision("already_applied")
+        return decide(rec.last_seq, rec.results, fix.seq, print_, fix.reset)
+
+    def _repeat(self, fix: Fixation, decision: Decision) -> dict[str, Any]:
+        """The answer to a fixation that was applied before: its original result, or "already applied"."""
+        rec = self.records.get(fix.stream_id)
+        payload: dict[str, Any] = {"ok": True, "stream_id": fix.stream_id, "seq": fix.seq}
+        original = decision.original
+        if original is None:
+            logger.info("fixation seq %s of %r was already applied", fix.seq, fix.stream_id[:140])
+            payload.update(status="already_applied", step=None, **fixation_scores(math.nan, math.nan, False))
+            running = None if rec is None else rec.running_error
+            payload.update(gap=0, running_error=running, updates_applied=self.learner.updates_applied)
+            payload["request_id"] = fix.request_id
+            return payload
+        payload.update(
+            status="duplicate",
+            step=original["step"],
+            **fixation_scores(_nan(original["error"]), _nan(original["repeat_error"]), original["skipped"]),
+            running_error=original["running_error"],
+            updates_applied=original["updates_applied"],
+            gap=original["gap"],
+            request_id=fix.request_id,
+        )
+        if fix.return_prediction and rec is not None and rec.last_seq == fix.seq:
+            pred = self.learner.prediction(fix.stream_id)  # still the one made at this fixation
+            if pred is not None:
+                payload["prediction"] = pred.detach().cpu().tolist()
+        return payload
 
     def _admission(self, fix: Fixation, new_in_tick: int) -> Exception | None:
         rec = self.records.get(fix.stream_id)
@@ -290,16 +417,12 @@ class Worker:
             return TooManyStreams(
                 f"the worker holds {len(self.records)} streams (FOVEATE_MAX_STREAMS); delete idle ones first"
             )
-        if rec is not None and rec.is_replay(fix.entry_id):
-            return InputError(f"entry {fix.entry_id} was already applied to {fix.stream_id!r} "
-                              f"(last applied {rec.last_entry_id}); not applied again")  # fmt: skip
-        if fix.patch is None:
-            return InputError("the fixation carries no decoded image")
         return None
 
-    def _apply(self, fixes: list[Fixation]) -> list[tuple[Message, dict[str, Any]]]:
-        if not fixes:
+    def _apply(self, accepted: list[_Accepted]) -> list[tuple[Message, dict[str, Any]]]:
+        if not accepted:
             return []
+        fixes = [a.fix for a in accepted]
         ids = [f.stream_id for f in fixes]
         patches: Any = [f.patch for f in fixes]
         if len({p.shape for p in patches}) == 1:
@@ -312,7 +435,7 @@ class Worker:
                 metrics.REJECTED_MESSAGES.labels(reason=_reason(exc)).inc()
                 return [(fixes[0], _fail(exc))]
             # Find the bad one: apply each alone, so the others are still learned from.
-            return [pair for fix in fixes for pair in self._apply([fix])]
+            return [pair for one in accepted for pair in self._apply([one])]
         except RuntimeError as exc:  # torch failures (out of memory, device lost): answer, keep running
             logger.exception("learner tick failed on %d fixations", len(fixes))
             metrics.REJECTED_MESSAGES.labels(reason="internal").inc(len(fixes))
@@ -327,25 +450,36 @@ class Worker:
         pred_of = dict(zip(want, preds, strict=True))
         updates = self.learner.updates_applied
         replies: list[tuple[Message, dict[str, Any]]] = []
-        for i, fix in enumerate(fixes):
+        for i, (fix, decision, print_) in enumerate(accepted):
             rec = self.records.get(fix.stream_id)
             if rec is None:
                 rec = self.records[fix.stream_id] = StreamRecord(fix.stream_id)
+                self._deleted.pop(fix.stream_id, None)
             if fix.reset:
                 rec.resets += 1
                 metrics.RESETS.inc()
+            if decision.new_run:
+                rec.forget_seq()
+            if decision.gap:
+                metrics.SEQ_GAPS.inc()
+                metrics.SEQ_MISSING.inc(decision.gap)
             rec.observe(step=steps[i], error=errors[i], seq=fix.seq, t=fix.t, entry_id=fix.entry_id,
                         repeat_error=repeats[i], skipped=skipped[i])  # fmt: skip
             payload: dict[str, Any] = {
                 "ok": True,
                 "stream_id": fix.stream_id,
                 "seq": fix.seq,
+                "status": "applied",
                 "step": steps[i],
                 **fixation_scores(errors[i], repeats[i], skipped[i]),
                 "running_error": rec.running_error,
                 "updates_applied": updates,
+                "gap": decision.gap,
                 "request_id": fix.request_id,
             }
+            if fix.seq is not None:
+                rec.results.put({**payload, "fingerprint": print_, "error": _number(errors[i]),
+                                 "repeat_error": _number(repeats[i])})  # fmt: skip
             if i in pred_of:
                 payload["prediction"] = pred_of[i]
             replies.append((fix, payload))
@@ -365,7 +499,19 @@ class Worker:
         except FoveateError as exc:
             metrics.REJECTED_MESSAGES.labels(reason=_reason(exc)).inc()
             payload = _fail(exc)
+        if payload["ok"] and ctl.command in ("reset", "delete") and self._through is not None:
+            # Not in the input stream, so a replay after a crash could not repeat it: make it durable
+            # before answering (only with a replaying broker: then _through is set).
+            self._checkpoint_quietly(f"after the {ctl.command} command")
         self.broker.reply([(ctl, payload)])
+
+    def _checkpoint_quietly(self, when: str) -> None:
+        if self.settings.checkpoint_path is None:
+            return
+        try:
+            self.checkpoint()
+        except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval
+            logger.error("checkpoint %s failed: %s", when, exc)
 
     def _record(self, args: dict[str, Any]) -> StreamRecord:
         sid = str(args.get("stream_id", ""))
@@ -400,12 +546,18 @@ class Worker:
             learner.reset(rec.stream_id)
             rec.resets += 1
             rec.step = 0
+            rec.forget_seq()  # a reset starts the seq numbering afresh
             metrics.RESETS.inc()
             return {"stream_id": rec.stream_id, "step": 0}
         if command == "delete":
             rec = self._record(args)
             learner.drop(rec.stream_id)
             del self.records[rec.stream_id]
+            last = entry_key(rec.last_entry_id)
+            if last is not None:
+                self._deleted[rec.stream_id] = last
+                if len(self._deleted) > _TOMBSTONES:
+                    del self._deleted[next(iter(self._deleted))]
             self.broker.forget_stream(rec.stream_id)
             metrics.ACTIVE_STREAMS.set(len(self.records))
             return {"stream_id": rec.stream_id, "deleted": True}
@@ -453,11 +605,8 @@ class Worker:
             self.settings.checkpoint_path is not None
             and now - self._last_ckpt >= self.settings.checkpoint_interval_s
         ):
-            try:
-                self.checkpoint()
-            except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval
-                logger.error("periodic checkpoint failed: %s", exc)
-                self._last_ckpt = now
+            self._checkpoint_quietly("periodic")
+            self._last_ckpt = time.monotonic()
 
     def _export_diagnostics(self) -> None:
         diag = self.learner.diagnostics

@@ -112,7 +112,7 @@ class OutgoingFixation:
 class PostResult:
     """What the server answered: the stream's step and this fixation's prediction error."""
 
-    step: int
+    step: int | None  # None: the server had applied this seq long before (a late retry)
     error: float | None
 
 

@@ -64,8 +64,14 @@ class FixationResult:
     ----------
     stream_id, seq
         The stream and the client's sequence number (None if none was sent).
+    status
+        ``"applied"``; ``"duplicate"``: this ``seq`` was applied before (a retry), the fields are the
+        original result's; ``"already_applied"``: applied before, its result no longer kept.
+    gap
+        Sequence numbers skipped before this one (fixations the server never saw).
     step
-        Fixations since the stream's last reset, this one included (1 = first after a reset).
+        Fixations since the stream's last reset, this one included (1 = first after a reset); None
+        when ``status`` is ``"already_applied"``.
     error
         This fixation's prediction error; None where nothing was predicted (step 1).
     repeat_error
@@ -85,7 +91,7 @@ class FixationResult:
     """
 
     stream_id: str
-    step: int
+    step: int | None
     error: float | None
     running_error: float | None
     updates_applied: int
@@ -95,6 +101,8 @@ class FixationResult:
     repeat_error: float | None = None
     skill: float | None = None
     skipped: bool = False
+    status: str = "applied"
+    gap: int = 0
 
     @classmethod
     def from_json(cls, data: Any) -> FixationResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -92,7 +92,22 @@ class FixationResult(BaseModel):
 
     stream_id: str
     seq: int | None = None
-    step: int = Field(description="Fixations since the stream's last reset, this one included.")
+    status: Literal["applied", "duplicate", "already_applied"] = Field(
+        default="applied",
+        description="applied: learned from now. duplicate: this (stream, seq) was applied before with "
+        "the same image (a retry); the fields are the original result's and nothing was applied again. "
+        "already_applied: applied before, too long ago for its result to be kept; nothing applied, "
+        "step and scores null.",
+    )
+    gap: int = Field(
+        default=0,
+        description="Sequence numbers skipped between the stream's last applied seq and this one "
+        "(fixations the worker never saw); 0 without seq.",
+    )
+    step: int | None = Field(
+        description="Fixations since the stream's last reset, this one included; null when "
+        "status is already_applied."
+    )
     error: float | None = Field(
         description="This fixation's prediction error; null at step 1 (nothing predicted)."
     )

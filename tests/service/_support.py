@@ -170,14 +170,17 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def learn_passes(client: httpx.Client, paths: list[Scanpath], passes: int) -> list[float]:
     """Post every patch of ``paths`` ``passes`` times (one stream per path, reset at each start).
 
-    Returns the mean prediction error of each pass; checks the step counts on the way.
+    Returns the mean prediction error of each pass; checks the step counts on the way. The seq
+    numbers go on across passes: a pass that numbered from 0 again would be answered as duplicates.
     """
     means = []
-    for _ in range(passes):
+    for p in range(passes):
         errors = []
         for k, path in enumerate(paths):
             for i, patch in enumerate(path.patches):
-                out = post_patch(client, f"learn-{k}", patch, seq=i, reset=i == 0)
+                seq = p * len(path.patches) + i
+                out = post_patch(client, f"learn-{k}", patch, seq=seq, reset=i == 0)
+                assert out["status"] == "applied" and out["gap"] == 0
                 assert out["step"] == i + 1
                 if out["error"] is not None:
                     errors.append(out["error"])

@@ -15,6 +15,7 @@ from service.broker import LocalBroker
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
 from service.messages import Control, Fixation
 from service.redis_broker import RedisBroker
+from service.streams import entry_key
 from tests.service._support import free_port, small_settings
 
 
@@ -211,18 +212,83 @@ def test_redis_bad_rig_message_is_delivered_with_its_problem(redis_server: str) 
         worker_side.stop_worker()
 
 
-def test_redis_reclaims_entries_of_a_dead_consumer(redis_server: str) -> None:
+def _entry(r: redis.Redis, settings: Any, seq: int) -> str:
+    fields = {"stream_id": "s", "seq": seq, "raw": bytes([seq]) * 12, "shape": "2,2,3"}
+    return str(r.xadd(settings.input_stream, fields).decode())  # type: ignore[arg-type]
+
+
+def test_redis_rereads_everything_after_the_checkpoint_whoever_read_it(redis_server: str) -> None:
+    # A claim would wait a minute: the entries come at once, because the offset says what to re-read.
+    settings = _redis_settings(redis_server, claim_idle_ms=60_000, consumer_name="new-name")
+    r = redis.Redis.from_url(redis_server)
+    r.xgroup_create(settings.input_stream, settings.consumer_group, id="0", mkstream=True)
+    ids = [_entry(r, settings, seq) for seq in range(5)]
+    # A dead worker read all five, applied and acknowledged 0-2 (its checkpoint holds 0 and 1 only),
+    # and died with 3 and 4 pending.
+    r.xreadgroup(settings.consumer_group, "dead", {settings.input_stream: ">"}, count=10)
+    r.xack(settings.input_stream, settings.consumer_group, *ids[:3])
+    survivor = RedisBroker(settings)
+    assert survivor.start_worker(_decode_into, after=ids[1]) == ids[1]
+    try:
+        got = [_get(survivor) for _ in range(3)]
+        assert [(g.seq, g.entry_id) for g in got] == [(2, ids[2]), (3, ids[3]), (4, ids[4])]
+        survivor.reply([(g, {"ok": False, "error": "InputError", "detail": "test"}) for g in got])
+        assert r.xpending(settings.input_stream, settings.consumer_group)["pending"] == 0
+        assert survivor.get(0.3) is None  # each once
+        new = _entry(r, settings, 5)  # then new entries
+        assert _get(survivor).entry_id == new
+    finally:
+        survivor.stop_worker()
+
+
+def test_redis_without_checkpoint_rereads_from_the_oldest_pending_entry(redis_server: str) -> None:
+    settings = _redis_settings(redis_server, claim_idle_ms=60_000)
+    r = redis.Redis.from_url(redis_server)
+    r.xgroup_create(settings.input_stream, settings.consumer_group, id="0", mkstream=True)
+    ids = [_entry(r, settings, seq) for seq in range(3)]
+    r.xreadgroup(settings.consumer_group, "dead", {settings.input_stream: ">"}, count=10)
+    r.xack(settings.input_stream, settings.consumer_group, ids[0])
+    survivor = RedisBroker(settings)
+    start = survivor.start_worker(_decode_into)
+    try:
+        # everything before the oldest pending entry was answered
+        assert entry_key(ids[0]) <= entry_key(start) < entry_key(ids[1])  # type: ignore[operator]
+        assert [_get(survivor).seq for _ in range(2)] == [1, 2]
+    finally:
+        survivor.stop_worker()
+
+
+def test_redis_worker_under_its_old_name_reads_its_pending_entry_once(redis_server: str) -> None:
+    # Reading its own history with XREADGROUP 0 until nothing was pending re-read the one entry in
+    # flight about a hundred times a second (each read counts a delivery).
+    settings = _redis_settings(redis_server, consumer_name="w1")
+    r = redis.Redis.from_url(redis_server)
+    r.xgroup_create(settings.input_stream, settings.consumer_group, id="0", mkstream=True)
+    eid = _entry(r, settings, 4)
+    r.xreadgroup(settings.consumer_group, "w1", {settings.input_stream: ">"}, count=10)  # read, then "crash"
+    again = RedisBroker(settings)  # the same consumer name comes back (a restarted container)
+    again.start_worker(_decode_into)
+    try:
+        got = _get(again)
+        assert isinstance(got, Fixation) and got.seq == 4
+        assert again.get(0.5) is None
+        (pending,) = r.xpending_range(settings.input_stream, settings.consumer_group, "-", "+", 10)
+        assert pending["message_id"].decode() == eid and pending["times_delivered"] == 1
+    finally:
+        again.stop_worker()
+
+
+def test_redis_claims_stale_entries_before_the_offset(redis_server: str) -> None:
+    # An entry the checkpoint holds whose acknowledgement failed stays pending: it is claimed once
+    # idle and delivered again (the worker answers it as a duplicate), so the backlog does not keep it.
     settings = _redis_settings(redis_server, claim_idle_ms=200, consumer_name="survivor")
     r = redis.Redis.from_url(redis_server)
     r.xgroup_create(settings.input_stream, settings.consumer_group, id="0", mkstream=True)
-    patch = np.zeros((2, 2, 3), np.uint8)
-    r.xadd(settings.input_stream, {"stream_id": "s", "seq": 1, "raw": patch.tobytes(), "shape": "2,2,3"})
-    # A consumer reads the entry, then dies without acknowledging it.
-    taken = r.xreadgroup(settings.consumer_group, "dead", {settings.input_stream: ">"}, count=10)
-    assert len(taken[0][1]) == 1
+    eid = _entry(r, settings, 1)
+    r.xreadgroup(settings.consumer_group, "dead", {settings.input_stream: ">"}, count=10)
     time.sleep(0.3)
     survivor = RedisBroker(settings)
-    survivor.start_worker(_decode_into)
+    survivor.start_worker(_decode_into, after=eid)
     try:
         got = _get(survivor)
         assert isinstance(got, Fixation) and got.seq == 1
@@ -230,21 +296,6 @@ def test_redis_reclaims_entries_of_a_dead_consumer(redis_server: str) -> None:
         assert [o["consumer"] for o in owners] == [b"survivor"]
     finally:
         survivor.stop_worker()
-
-
-def test_redis_worker_rereads_its_own_pending_history(redis_server: str) -> None:
-    settings = _redis_settings(redis_server, consumer_name="w1")
-    r = redis.Redis.from_url(redis_server)
-    r.xgroup_create(settings.input_stream, settings.consumer_group, id="0", mkstream=True)
-    r.xadd(settings.input_stream, {"stream_id": "s", "seq": 4, "raw": bytes(12), "shape": "2,2,3"})
-    r.xreadgroup(settings.consumer_group, "w1", {settings.input_stream: ">"}, count=10)  # read, then "crash"
-    again = RedisBroker(settings)  # the same consumer name comes back (a restarted container)
-    again.start_worker(_decode_into)
-    try:
-        got = _get(again)
-        assert isinstance(got, Fixation) and got.seq == 4
-    finally:
-        again.stop_worker()
 
 
 def test_redis_backpressure_and_liveness(redis_server: str) -> None:

@@ -107,7 +107,12 @@ def test_api_and_worker_over_redis(
     r.xadd("foveate:fixations", {"stream_id": "rig", "patch": b"not an image", "request_id": "bad"})
     assert _reply(r, "bad")["error"] == "PatchError"
     _xadd_frame(r, path, 3, "rig-3")
-    assert _reply(r, "rig-3")["step"] == 4
+    applied = _reply(r, "rig-3")
+    assert applied["step"] == 4
+    # The rig sends seq 3 again (it did not see the reply): the original result, nothing applied twice.
+    _xadd_frame(r, path, 3, "rig-3-again")
+    again = _reply(r, "rig-3-again")
+    assert again["status"] == "duplicate" and (again["step"], again["error"]) == (4, applied["error"])
     assert r.xpending("foveate:fixations", "foveate-workers")["pending"] == 0
 
     # --- reset and delete travel to the worker through the control stream
@@ -121,8 +126,8 @@ def test_api_and_worker_over_redis(
 
     # --- metrics: the worker's on its own port, the API's on /metrics
     wm, am = scrape(stack.metrics_url), scrape(stack.api_url + "/metrics")
-    n_fix = passes * sum(len(p.patches) for p in osie[:2]) + 4 + 1
-    assert wm[("foveate_fixations_total", ())] == n_fix
+    n_fix = passes * sum(len(p.patches) for p in osie[:2]) + 4 + 1  # the duplicate is not applied
+    assert wm[("foveate_fixations_total", ())] == n_fix and wm[("foveate_duplicates_total", ())] == 1
     assert wm[("foveate_rejected_messages_total", (("reason", "bad_input"),))] >= 1
     assert wm[("foveate_worker_up", ())] == 1 and wm[("foveate_active_streams", ())] == 2
     assert wm[("foveate_resets_total", ())] >= 1 and wm[("foveate_updates_total", ())] >= updates
@@ -156,7 +161,7 @@ def test_api_and_worker_over_redis(
 
     stack.start("worker")
     api.wait_http(stack.api_url + "/readyz")
-    assert _reply(r, "orphan")["step"] == steps_before + 1  # claimed after FOVEATE_CLAIM_IDLE_MS
+    assert _reply(r, "orphan")["step"] == steps_before + 1  # re-read at start: it came after the checkpoint
     deadline = time.monotonic() + 60
     while client.get("/v1/streams/rig").json()["step"] < steps_before + 2:
         assert time.monotonic() < deadline, "the queued fixation was not applied after the restart"

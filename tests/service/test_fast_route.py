@@ -82,8 +82,8 @@ def test_lean_and_full_paths_answer_alike(client: httpx.Client) -> None:
     assert lean.headers["content-type"] == full.headers["content-type"] == "application/json"
     a, b = lean.json(), full.json()
     assert list(a) == list(b) == [
-        "stream_id", "seq", "step", "error", "repeat_error", "skill", "skipped", "running_error",
-        "updates_applied", "request_id", "prediction"
+        "stream_id", "seq", "status", "gap", "step", "error", "repeat_error", "skill", "skipped",
+        "running_error", "updates_applied", "request_id", "prediction"
     ]  # fmt: skip
     assert (a["stream_id"], a["seq"], a["step"], a["error"]) == ("lean-a", 0, 1, None)
     assert (b["stream_id"], b["seq"], b["step"], b["error"]) == ("full-a", 0, 1, None)

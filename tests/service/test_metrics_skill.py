@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from learner.streaming import TickOutput
 from service import metrics
 from service.broker import LocalBroker
+from service.dedup import APPLY
 from service.messages import Fixation
-from service.worker import Worker
+from service.worker import Worker, _Accepted
 from tests.service._support import small_settings
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
@@ -133,7 +134,8 @@ def test_a_tick_output_becomes_replies_and_metrics(fresh_windows: metrics._Skill
     worker = Worker(settings, LocalBroker(settings), learner=_StubLearner(out))  # type: ignore[arg-type]
     patch = np.zeros((32, 32, 3), np.uint8)
     before = _samples()
-    replies = [payload for _, payload in worker._apply([Fixation(s, patch=patch) for s in out.stream_ids])]
+    fixes = [_Accepted(Fixation(s, patch=patch), APPLY, 0) for s in out.stream_ids]
+    replies = [payload for _, payload in worker._apply(fixes)]
     after = _samples()
     scores = [{k: r[k] for k in ("error", "repeat_error", "skill", "skipped")} for r in replies]
     assert scores == [

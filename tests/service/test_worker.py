@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
 from learner.errors import ArchitectureMismatch
 from service import metrics
 from service.broker import LocalBroker
 from service.errors import PatchError
 from service.messages import Control, Fixation
+from service.redis_broker import RedisBroker
 from service.worker import Worker
 from tests.service._support import small_settings
 
@@ -121,14 +125,58 @@ def test_commands(running: Running) -> None:
     assert running.command("nonsense")["error"] == "InputError"
 
 
-def test_too_many_streams_and_replays_are_refused(running: Running) -> None:
+def test_too_many_streams_and_redeliveries_are_refused(running: Running) -> None:
     out = running.send([_fix(s, 1) for s in ("a", "b", "c", "d")])
     assert [o["ok"] for o in out] == [True, True, True, False]
     assert out[3]["error"] == "TooManyStreams"
     first = running.send_as_redis(_fix("a", 2), "1700000000000-5")
-    replay = running.send_as_redis(_fix("a", 2), "1700000000000-5")
-    assert first["ok"] and not replay["ok"] and "already applied" in replay["detail"]
-    assert running.command("stream", stream_id="a")["stream"]["step"] == 2  # not applied twice
+    again = running.send_as_redis(_fix("a", 2), "1700000000000-5")  # the same Redis entry, re-delivered
+    assert first["status"] == "applied" and again["status"] == "duplicate"
+    assert {k: v for k, v in again.items() if k not in ("status", "request_id")} == {
+        k: v for k, v in first.items() if k not in ("status", "request_id")
+    }
+    # without seq, a re-delivered entry is recognised by its entry id alone
+    running.send_as_redis(Fixation("a", patch=_patch(7)), "1700000000000-6")
+    late = running.send_as_redis(Fixation("a", patch=_patch(7)), "1700000000000-6")
+    assert late["status"] == "already_applied" and late["step"] is None
+    assert running.command("stream", stream_id="a")["stream"]["step"] == 3  # none applied twice
+
+
+def _same_result(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {k: v for k, v in a.items() if k not in ("status", "request_id")} == {
+        k: v for k, v in b.items() if k not in ("status", "request_id")
+    }
+
+
+def test_seq_rule_resets_new_runs_and_reuse(running: Running) -> None:
+    first = running.send([_fix("a", 0), _fix("a", 1), _fix("a", 2, return_prediction=True)])
+    retry = running.send([_fix("a", 2, return_prediction=True)])[0]
+    assert retry["status"] == "duplicate" and _same_result(retry, first[2])  # the prediction too
+    # another image under a seq already applied, without a reset: the client's numbering is broken
+    reused = running.send([Fixation("a", seq=1, patch=_patch(99))])[0]
+    assert reused["ok"] is False and reused["error"] == "InputError" and "already applied" in reused["detail"]
+    # the reset route forgets the numbering: seq 0 is applied again, even with the same image
+    running.command("reset", stream_id="a")
+    again = running.send([_fix("a", 0), _fix("a", 1)])
+    assert [(o["status"], o["step"]) for o in again] == [("applied", 1), ("applied", 2)]
+    # a new run (a restarted client numbering from 0) sends reset=true with a new image: applied
+    new_run = running.send([Fixation("a", seq=0, patch=_patch(50), reset=True), _fix("a", 1)])
+    assert [(o["status"], o["step"], o["gap"]) for o in new_run] == [("applied", 1, 0), ("applied", 2, 0)]
+    # ... and a retry of the reset fixation itself is a duplicate
+    assert running.send([Fixation("a", seq=0, patch=_patch(50), reset=True)])[0]["status"] == "duplicate"
+    assert running.command("stream", stream_id="a")["stream"]["fixations"] == 7
+
+
+def test_old_duplicates_are_answered_already_applied(running: Running) -> None:
+    from service.dedup import CACHE_SIZE
+
+    out = running.send([_fix("a", seq) for seq in range(CACHE_SIZE + 2)])
+    updates = out[-1]["updates_applied"]
+    old, recent = running.send([_fix("a", 0), _fix("a", 2)])
+    assert old["status"] == "already_applied" and old["step"] is None and old["error"] is None
+    assert old["updates_applied"] == updates  # nothing applied
+    assert recent["status"] == "duplicate" and _same_result(recent, out[2])
+    assert running.command("stream", stream_id="a")["stream"]["fixations"] == CACHE_SIZE + 2
 
 
 def test_checkpoint_restores_steps_and_updates(tmp_path: Path) -> None:
@@ -142,6 +190,8 @@ def test_checkpoint_restores_steps_and_updates(tmp_path: Path) -> None:
     second = Running(checkpoint_path=ckpt)
     try:
         assert second.worker.learner.updates_applied == updates
+        retry = second.send([_fix("a", 2)])[0]  # the seq and the results came back with the checkpoint
+        assert retry["status"] == "duplicate" and _same_result(retry, out[1])
         nxt = second.send([_fix("a", 4)])[0]
         assert nxt["step"] == 4 and nxt["updates_applied"] == updates + 1
         info = second.command("stream", stream_id="a")["stream"]
@@ -158,3 +208,54 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
     worker = Worker(settings, LocalBroker(settings))
     with pytest.raises(ArchitectureMismatch, match="n_units"):
         worker.start()
+
+
+def test_a_deleted_stream_is_not_brought_back_by_a_redelivery(running: Running) -> None:
+    running.send_as_redis(_fix("a", 1), "1700000000000-5")
+    running.command("delete", stream_id="a")
+    late = running.send_as_redis(_fix("a", 1), "1700000000000-5")  # re-read after a restart
+    assert late["status"] == "already_applied"
+    assert running.command("stream", stream_id="a")["error"] == "UnknownStream"
+    assert running.send_as_redis(_fix("a", 1), "1700000000000-7")["step"] == 1  # a new entry: a new stream
+
+
+def _xadd(r: redis.Redis, stream: str, seq: int) -> None:
+    fields = {"stream_id": stream, "seq": seq, "raw": _patch(seq).tobytes(), "shape": "32,32,3",
+              "request_id": f"{stream}-{seq}"}  # fmt: skip
+    r.xadd("foveate:fixations", fields)  # type: ignore[arg-type]
+
+
+def _reply(r: redis.Redis, request_id: str) -> dict[str, Any]:
+    item = r.blpop([f"foveate:result:{request_id}"], timeout=60)
+    assert item is not None, request_id
+    return dict(json.loads(item[1]))
+
+
+def test_reset_command_survives_a_crash(redis_server: str, tmp_path: Path) -> None:
+    # A reset is not in the input stream, so re-reading it after a crash cannot repeat it: the
+    # worker checkpoints right after it.
+    def worker(name: str) -> Worker:
+        settings = small_settings(redis_url=redis_server, checkpoint_path=tmp_path / "ckpt.pt", max_batch=1,
+                                  consumer_name=name, checkpoint_interval_s=3600)  # fmt: skip
+        return Worker(settings, RedisBroker(settings))
+
+    r = redis.Redis.from_url(redis_server)
+    first = worker("w1")
+    first.start()
+    for seq in range(3):
+        _xadd(r, "a", seq)
+    assert [_reply(r, f"a-{seq}")["step"] for seq in range(3)] == [1, 2, 3]
+    api = RedisBroker(first.settings)
+    r.set(first.settings.heartbeat_key, json.dumps({"ts": time.time()}))
+    assert asyncio.run(api.command(Control("reset", {"stream_id": "a"}), 30.0))["step"] == 0
+    _xadd(r, "a", 3)
+    assert _reply(r, "a-3")["step"] == 1
+    first.stop(checkpoint=False)  # a crash: what is not in a checkpoint is lost
+
+    second = worker("w2")
+    second.start()
+    try:
+        assert _reply(r, "a-3")["step"] == 1  # re-read (after the reset's checkpoint) and applied again
+        assert second.execute("stream", {"stream_id": "a"})["stream"]["fixations"] == 4
+    finally:
+        second.stop()

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service._support import Scanpath, ThreadedServer, png
+from tests.service._support import Scanpath, ThreadedServer, png, scrape
 
 
 def b64(data: bytes) -> str:
@@ -249,3 +249,53 @@ def test_batch_limits(client: httpx.Client) -> None:
     r = client.post("/v1/fixations/batch", json={"fixations": [{**item, "stream_id": "bad id"}]})
     assert r.status_code == 422 and "fixations.0.stream_id" in r.json()["detail"]
     assert client.post("/v1/fixations/batch", json={"fixations": []}).status_code == 422
+
+
+def _counters(url: str) -> dict[str, float]:
+    got = scrape(url + "/metrics")
+    names = ("duplicates", "seq_gaps", "seq_missing", "fixations")
+    return {n: got.get((f"foveate_{n}_total", ()), 0.0) for n in names}
+
+
+def test_a_seq_is_applied_once_and_its_retries_get_the_original_result(
+    client: httpx.Client, embedded: ThreadedServer, osie: list[Scanpath]
+) -> None:
+    # A client that retries (its connection dropped after the server applied the fixation) sends the
+    # same seq and image again: the answer is the first one, and nothing is learned twice.
+    patches = osie[0].patches
+    before = _counters(embedded.url)
+    body = []
+    for seq in [0, 1, 2, 2, 1, 0, 5]:
+        patch = patches[seq % len(patches)]
+        r = client.post(
+            "/v1/streams/once/fixations", json={"seq": seq, "reset": seq == 0, "patch_b64": b64(png(patch))}
+        )
+        assert r.status_code == 200, r.text
+        body.append(r.json())
+    assert [b["status"] for b in body] == ["applied"] * 3 + ["duplicate"] * 3 + ["applied"]
+    assert [b["step"] for b in body] == [1, 2, 3, 3, 2, 1, 4]
+    assert [b["gap"] for b in body] == [0, 0, 0, 0, 0, 0, 2]  # seqs 3 and 4 never came
+    for dup, first in ((3, 2), (4, 1), (5, 0)):
+        assert body[dup]["request_id"] != body[first]["request_id"]
+        same = {k: v for k, v in body[dup].items() if k not in ("status", "request_id")}
+        assert same == {k: v for k, v in body[first].items() if k not in ("status", "request_id")}
+    info = client.get("/v1/streams/once").json()
+    assert (info["step"], info["fixations"], info["last_seq"]) == (4, 4, 5)
+    after = _counters(embedded.url)
+    assert {k: after[k] - before[k] for k in after} == {
+        "duplicates": 3, "seq_gaps": 1, "seq_missing": 2, "fixations": 4
+    }  # fmt: skip
+
+    # A retried batch is answered from the same results, in order.
+    items = [
+        {"stream_id": "once-batch", "seq": i, "reset": i == 0, "patch_b64": b64(png(patches[i]))}
+        for i in range(3)
+    ]
+    first = client.post("/v1/fixations/batch", json={"fixations": items}).json()["results"]
+    again = client.post("/v1/fixations/batch", json={"fixations": items}).json()["results"]
+    assert [a["result"]["status"] for a in again] == ["duplicate"] * 3
+    for a, b in zip(first, again, strict=True):
+        assert {k: v for k, v in a["result"].items() if k not in ("status", "request_id")} == {
+            k: v for k, v in b["result"].items() if k not in ("status", "request_id")
+        }
+    assert client.get("/v1/streams/once-batch").json()["fixations"] == 3
