@@ -299,3 +299,31 @@ def test_zero_weights_still_get_gradient() -> None:
     learner = make_learner(loss="cosine", phi="identity", weights="zero")
     got, _ = run_rfp(learner, inputs(7))
     assert float(got["rgc.gains"].abs().min(dim=1).values.max()) > 0
+
+
+def test_online_deviation_shrinks_with_the_learning_rate() -> None:
+    """Spec 3.10: learning at every fixation, the traces mix derivatives taken under older weights,
+    so the last step's RFP gradient is not the gradient at the current weights; the deviation
+    shrinks roughly linearly with the learning rate (measured: about 10x per decade)."""
+    u = inputs(21, batch=1)
+    deviation = {}
+    for lr in (1e-2, 1e-3, 1e-4):
+        learner = make_learner(loss="mse", phi="tanh", weights="random")
+        learner.cfg = learner.cfg.replace(update_mode="every_fixation", lr=lr)
+        for group, group_lr in zip(learner.optimizer.param_groups, learner.group_lrs(), strict=True):
+            group["lr"] = group_lr
+        for t in range(T - 1):  # a step after every fixation
+            learner.tick_features(["s"], u[:, t])
+        assert learner.updates_applied == T - 2
+        learner.cfg = learner.cfg.replace(update_mode="segment", segment_len=0)  # the last: no step
+        learner.tick_features(["s"], u[:, T - 1])
+        online = split_groups(learner.grads())
+        _, per_step = bptt_grads(learner.model, u)  # the whole history at the final weights
+        exact = split_groups(per_step[-1])
+        rgc = [n for n in exact if n.startswith(("rgc.", "w_", "beta_"))]
+        deviation[lr] = max(
+            float((online[n] - exact[n]).norm() / exact[n].norm()) for n in rgc if exact[n].norm() > 0
+        )
+    assert deviation[1e-2] > 1e-4, deviation  # online learning is not exact: the test can see it
+    assert deviation[1e-3] < deviation[1e-2] / 4, deviation
+    assert deviation[1e-4] < deviation[1e-3] / 4, deviation
