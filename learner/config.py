@@ -124,7 +124,8 @@ class ModelConfig:
     update_mode
         ``every_fixation``: one optimizer step per tick (the service's mode; online RTRL).
         ``segment``: accumulate, step every ``segment_len`` ticks or at ``end_segment()``;
-        exact, equal to BPTT.
+        exact, equal to BPTT, for streams in lockstep (a tick that would step while another stream
+        is in the middle of its segment is refused with ``InputError``).
     segment_len
         Fixations after which a stream starts a new segment (h, c and traces reset together).
         0 means never.

@@ -206,6 +206,8 @@ class StreamLearner:
             starts |= torch.as_tensor(list(reset), dtype=torch.bool, device=self.device)
         if cfg.segment_len:
             starts |= self.states.step[slots] >= cfg.segment_len
+            if learn and cfg.update_mode == "segment":
+                self._check_lockstep(slots, starts)
         self._reset_slots(slots[starts])
         scored = ~starts  # (B,) this fixation scores the prediction made at the previous one
         u = self.model.normalize(u.to(self.dtype), update=learn)  # (B, M)
@@ -236,6 +238,33 @@ class StreamLearner:
             self.diagnostics.observe(step, scores.error, z, h_now, radius, scores.repeat)
         skipped = scored & ~scores.ok
         return TickOutput(list(stream_ids), step, scores.error, pred, updated, scores.repeat, skipped, radius)
+
+    def _check_lockstep(self, slots: torch.Tensor, starts: torch.Tensor) -> None:
+        """Segment mode steps the optimizer when a stream ends its segment; the gradient is exact
+        only if no stream is then in the middle of one (its later ticks would carry traces taken
+        under the old weights). Refuse such a tick before anything changes (docs/math.md, section 5)."""
+        if all(group["lr"] == 0 for group in self.optimizer.param_groups):
+            return  # the step leaves the weights as they are: every segment stays exact
+        seg = self.cfg.segment_len
+        after = torch.where(starts, 0, self.states.step[slots]) + 1  # (B,) each stream's step after it
+        if not bool((after >= seg).any()):
+            return
+        middle = [sid for sid, n in zip(self._ids_of(slots), after.tolist(), strict=True) if n < seg]
+        ticking = set(slots.tolist())
+        for sid in self.states.stream_ids():
+            slot = self.states.slot_of(sid)
+            if slot not in ticking and 0 < int(self.states.step[slot]) < seg:
+                middle.append(sid)
+        if middle:
+            raise InputError(
+                f"segment mode is exact only for streams in lockstep: this tick ends a segment (an "
+                f"optimizer step) while {sorted(middle)[:5]} are in the middle of theirs; feed every "
+                "stream in every tick, or use update_mode='every_fixation'"
+            )
+
+    def _ids_of(self, slots: torch.Tensor) -> list[str]:
+        by_slot = {self.states.slot_of(sid): sid for sid in self.states.stream_ids()}
+        return [by_slot[s] for s in slots.tolist()]
 
     def end_segment(self) -> bool:
         """Segment mode: apply the accumulated gradient (mean over scored ticks). True if stepped."""

@@ -32,6 +32,13 @@ VARIANTS: dict[str, Callable[..., StreamLearner]] = {
 }
 
 
+def resets(learner: StreamLearner, now: bool) -> list[bool]:
+    """Reset stream x alone when ``now``; in segment mode, all three (it refuses streams out of
+    lockstep, test_segment_mode_refuses_streams_out_of_lockstep)."""
+    lockstep = learner.cfg.update_mode == "segment"
+    return [now, now and lockstep, now and lockstep]
+
+
 def feats(seed: int, b: int = 3) -> torch.Tensor:
     return torch.randn(b, M, generator=torch.Generator().manual_seed(seed))
 
@@ -55,7 +62,7 @@ def test_checkpoint_then_next_step_is_bit_identical(make, tmp_path) -> None:  # 
     a = make()
     ids = ["x", "y", "z"]
     for t in range(6):
-        a.tick_features(ids, feats(t), reset=[t == 3, False, False])
+        a.tick_features(ids, feats(t), reset=resets(a, t == 3))
     save_checkpoint(tmp_path / "ck.pt", a, extra={"seq": {"x": 6}})
     b = make()
     assert load_checkpoint(tmp_path / "ck.pt", b) == {"seq": {"x": 6}}
@@ -79,7 +86,7 @@ def test_taking_state_dicts_does_not_change_learning(make, request) -> None:  # 
     for t in range(60):  # 180 rows: the whitenings' pending buffers (64 rows) fill and recompute
         live = [a, b] if t < 30 else [a, b, resumed]
         for learner in live:
-            learner.tick_features(ids, feats(t), reset=[t % 25 == 0, False, False])
+            learner.tick_features(ids, feats(t), reset=resets(learner, t % 25 == 0))
         if t % 7 == 3:
             b.state_dict()
         if t == 29:
@@ -199,3 +206,23 @@ def test_rfp_and_bptt_segment_modes_take_the_same_step() -> None:
     assert rfp.updates_applied == bptt.updates_applied == 2
     for (name, p), q in zip(rfp.model.named_parameters(), bptt.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("learner_cls", [RFPLearner, BPTTLearner])
+def test_segment_mode_refuses_streams_out_of_lockstep(learner_cls: type[StreamLearner]) -> None:
+    """Segment mode steps when a stream ends its segment; a stream in the middle of its own would
+    continue with traces (RFP) or a stored history (BPTT) from the old weights. The tick is refused
+    before anything changes; lockstep streams (the test above) step as usual."""
+    learner = learner_cls(cfg(update_mode="segment", segment_len=4, optimizer="sgd", lr=0.05))
+    learner.tick_features(["a"], feats(0, 1))  # a is one fixation ahead of b
+    for t in range(1, 3):
+        learner.tick_features(["a", "b"], feats(t, 2)[:2])
+    before = (snapshot(learner, "a"), snapshot(learner, "b"), learner.updates_applied)
+    params = [p.clone() for p in learner.model.parameters()]
+    with pytest.raises(InputError, match="lockstep"):  # a would end its segment, b reach step 3 of 4
+        learner.tick_features(["a", "b"], feats(3, 2))
+    assert same(snapshot(learner, "a"), before[0]) and same(snapshot(learner, "b"), before[1])
+    assert learner.updates_applied == before[2]
+    assert all(torch.equal(p, q) for p, q in zip(learner.model.parameters(), params, strict=True))
+    with pytest.raises(InputError, match="lockstep"):  # a alone: b, not in the tick, is mid-segment
+        learner.tick_features(["a"], feats(4, 1))
