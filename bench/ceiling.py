@@ -141,11 +141,16 @@ def retrieval_ceiling(
     inp, y, hard = [], [], []
     gen = torch.Generator().manual_seed(1)
     for p in train:
+        if len(p.u) < 3:  # no other fixation to contrast with
+            continue
         w = f(p.u).float()  # (T, k)
         means = w.cumsum(0) / torch.arange(1, len(w) + 1)[:, None]
         inp.append(torch.cat([w[:-1], means[:-1]], 1))
         y.append(w[1:])
-        hard.append(w[torch.randint(len(w), (len(w) - 1, 5), generator=gen)])  # same scanpath
+        # 5 other fixations of the same scanpath for each pair (t, t+1): neither t nor t+1
+        others = torch.stack([torch.randint(len(w) - 2, (5,), generator=gen) for _ in range(len(w) - 1)])
+        others += (others >= torch.arange(len(w) - 1)[:, None]).long() * 2  # skip t and t+1
+        hard.append(w[others])
     x_tr, y_tr, hard_tr = torch.cat(inp), torch.cat(y), torch.cat(hard)
     ones = x_tr.new_ones(len(x_tr), 1)
     x1 = torch.cat([x_tr, ones], 1).double()
@@ -174,6 +179,7 @@ def retrieval_ceiling(
         "ridge": nearest(ridge_pred),
         "ridge, likelihood ratio": nearest(ridge_pred, 1 / var) - c.pow(2).sum(-1),
     }
+    torch.manual_seed(0)  # the MLP's initialisation
     for name, model in (("contrastive linear", lin), ("contrastive MLP", _ContrastiveMLP(kdim))):
         contrastive(model, x_tr, y_tr, hard_tr, epochs, seed=0)
         with torch.no_grad():
@@ -212,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         imgs, subs = parse_range(images, ds.images), parse_range(subjects, ds.subjects)
         return scanpaths_of(cached_features(learner, ds, imgs, subs, 50, args.cache))
 
+    if set(parse_range(args.train_images, ds.images)) & set(parse_range(args.test_images, ds.images)) or set(
+        parse_range(args.train_subjects, ds.subjects)
+    ) & set(parse_range(args.test_subjects, ds.subjects)):
+        raise SystemExit("training and held-out people and images must not overlap")
     train = scanpaths(args.train_images, args.train_subjects)
     test = scanpaths(args.test_images, args.test_subjects)
     u = torch.cat([p.u for p in train]).double()

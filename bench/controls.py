@@ -32,6 +32,7 @@ Usage (the full run; ``tests/bench/test_controls.py`` runs a tiny one)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -67,13 +68,24 @@ class Scanpath:
 
 def config_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["rgc_inputs=256", "gate_bias=false"]`` -> ModelConfig keyword arguments of the fields' types."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     out: dict[str, Any] = {}
     for item in items:
         name, _, value = item.partition("=")
-        if not hasattr(ModelConfig, name):
+        if name not in fields:
             raise SystemExit(f"--set {item!r}: ModelConfig has no field {name!r}")
-        kind = type(getattr(ModelConfig, name))
-        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        default = fields[name].default
+        if isinstance(default, bool):
+            if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise SystemExit(f"--set {item!r}: {name} is true or false")
+            out[name] = value.lower() in ("1", "true", "yes")
+        elif default is None:  # in_features, trunk_weights: text, or none
+            out[name] = None if value.lower() == "none" else (int(value) if value.isdigit() else value)
+        else:
+            try:
+                out[name] = type(default)(value)
+            except ValueError:
+                raise SystemExit(f"--set {item!r}: {name} is a {type(default).__name__}") from None
     return out
 
 

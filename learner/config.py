@@ -211,7 +211,9 @@ class ModelConfig:
 
     def architecture(self) -> dict[str, Any]:
         """The fields a checkpoint must match."""
-        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        arch["rgc_inputs"] = self.K  # what shapes the weights: 0 and any K >= M both mean all of u
+        return arch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

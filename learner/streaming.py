@@ -366,8 +366,8 @@ class StreamLearner:
         params = dict(self.model.named_parameters())
         for name, g in sd["grads"].items():
             grad = params[name].grad
-            assert grad is not None  # every trainable parameter has one from the start
-            grad.copy_(g)
+            if grad is not None:  # None: fixed here (E at embed_lr_scale 0), learned by the writer
+                grad.copy_(g)
 
     def memory_per_stream(self) -> int:
         """Bytes of state each stream holds (independent of the stream's length for RFP)."""

@@ -226,3 +226,18 @@ def test_segment_mode_refuses_streams_out_of_lockstep(learner_cls: type[StreamLe
     assert all(torch.equal(p, q) for p, q in zip(learner.model.parameters(), params, strict=True))
     with pytest.raises(InputError, match="lockstep"):  # a alone: b, not in the tick, is mid-segment
         learner.tick_features(["a"], feats(4, 1))
+
+
+def test_a_checkpoint_of_a_learning_embedding_resumes_with_it_fixed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """embed_lr_scale is a learning setting: a checkpoint written while E learned (with E's
+    accumulated gradient) loads into a learner whose E is fixed (no .grad), and the reverse."""
+    for writer, reader in ((1.0, 0.0), (0.0, 1.0)):
+        a = RFPLearner(cfg(embed_lr_scale=writer, update_mode="segment", segment_len=0))
+        for t in range(5):
+            a.tick_features(["x", "y"], feats(t, 2))
+        save_checkpoint(tmp_path / "ck.pt", a)
+        b = RFPLearner(cfg(embed_lr_scale=reader, update_mode="segment", segment_len=0))
+        load_checkpoint(tmp_path / "ck.pt", b)
+        assert torch.equal(b.model.E.weight, a.model.E.weight)
+        assert (b.model.E.weight.grad is None) == (reader == 0.0)
+        b.tick_features(["x", "y"], feats(5, 2))  # and it goes on learning
