@@ -58,8 +58,10 @@ class EmbeddedServer:
         from service.api.main import create_app
         from service.config import Settings
 
-        # Embedded means no Redis, whatever FOVEATE_REDIS_URL says.
-        settings = Settings(**{**self.overrides, "redis_url": None, "host": _LOOPBACK})
+        # Embedded means no Redis, whatever FOVEATE_REDIS_URL says, and no keys: it listens on loopback only.
+        settings = Settings(
+            **{**self.overrides, "redis_url": None, "host": _LOOPBACK, "api_keys": None, "keys_file": None}
+        )
         app = create_app(settings)
         # Binding the socket here (port 0) gives a free port with no race against other processes.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

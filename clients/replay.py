@@ -401,8 +401,11 @@ def replay(
     progress: bool = False,
     retry: RetryPolicy | None = None,
     timeout: float = 60.0,
+    api_key: str | None = None,
 ) -> tuple[list[ReplayRecord], ReplaySummary]:
     """Replay to the server at ``base_url`` (blocking); ``out`` receives one JSON line per record.
+
+    ``api_key``: the server's key (ingest and read scopes); default ``$FOVEATE_API_KEY``.
 
     Returns the records in arrival order and a :class:`ReplaySummary`.
     """
@@ -412,7 +415,7 @@ def replay(
             out.write(record.to_json() + "\n")
 
     async def run() -> tuple[list[ReplayRecord], ReplaySummary]:
-        async with AsyncFoveateClient(base_url, timeout=timeout, retry=retry) as client:
+        async with AsyncFoveateClient(base_url, timeout=timeout, retry=retry, api_key=api_key) as client:
             return await replay_async(dataset, client, options, on_record=write, progress=progress)
 
     return asyncio.run(run())

@@ -136,15 +136,24 @@ class SdkSink:
         How long to wait for one answer (the server waits for its worker's tick).
     transport
         An httpx transport for the client (tests pass ``httpx.MockTransport``).
+    api_key
+        The server's API key; default ``$FOVEATE_API_KEY`` (none for a server without keys).
     """
 
     def __init__(
-        self, base_url: str, *, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         from clients.sdk import NO_RETRY, FoveateClient
 
         self.base_url = base_url
-        self._client = FoveateClient(base_url, timeout=timeout_s, retry=NO_RETRY, transport=transport)
+        self._client = FoveateClient(
+            base_url, timeout=timeout_s, retry=NO_RETRY, transport=transport, api_key=api_key
+        )
 
     def __call__(self, stream_id: str, fix: OutgoingFixation) -> PostResult:
         from clients.sdk import errors as sdk

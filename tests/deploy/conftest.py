@@ -44,6 +44,7 @@ SMALL_MODEL_ENV = {
     "FOVEATE_CHECKPOINT_PATH": "",  # empty: no checkpoints
     "FOVEATE_DIAGNOSTICS_INTERVAL_S": "1",
     "FOVEATE_LOG_LEVEL": "WARNING",
+    "FOVEATE_CONTROL_SECRET": "test-control-secret",  # signs the API's commands to the worker
     "OMP_NUM_THREADS": "1",
 }
 STARTUP_TIMEOUT_S = 120.0  # three processes import torch at once on a 2-core machine
