@@ -60,17 +60,13 @@ def _fields(raw: dict[Any, Any]) -> dict[str, bytes]:
 
 
 def redact_url(url: str) -> str:
-    """A Redis URL without its user and password, for log lines (responses name no URL at all).
+    """Where a Redis URL points, without its scheme, user and password: what log lines may show.
 
     >>> redact_url("redis://foveate:s3cret@redis:6379/0")
-    'redis://***@redis:6379/0'
+    'redis:6379/0'
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "(a Redis URL)"
-    netloc, slash, path = rest.partition("/")
-    host = netloc.rpartition("@")[2]
-    return f"{scheme}://{'***@' if '@' in netloc else ''}{host}{slash}{path}"
+    _, sep, rest = url.partition("://")
+    return rest.rpartition("@")[2] if sep else "(the Redis of FOVEATE_REDIS_URL)"
 
 
 def _id(raw: bytes | str) -> str:
@@ -129,7 +125,7 @@ class RedisBroker(Broker):
             raise ValueError("RedisBroker needs settings.redis_url")
         self.settings = settings
         self.url: str = settings.redis_url
-        self.safe_url = redact_url(self.url)  # what log lines may show
+        self.safe_url = redact_url(self.url)  # what log lines may show: host, port and database
         secret = settings.control_secret
         self._secret = secret.get_secret_value().encode() if secret is not None else None
         self._seen_commands: dict[str, float] = {}  # request id -> deadline: a signed command runs once
@@ -464,4 +460,4 @@ class RedisBroker(Broker):
         now = time.monotonic()
         if now - self._last_error_log > 5.0:  # one line per 5 s while Redis is down, not thousands
             self._last_error_log = now
-            logger.error("%s (%s): %s", what, self.safe_url, exc)
+            logger.error("%s (Redis at %s): %s", what, self.safe_url, exc)
