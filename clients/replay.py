@@ -38,7 +38,7 @@ import numpy as np
 
 from clients.recorded import Fixation, RecordedDataset
 from clients.sdk import AsyncFoveateClient, RetryPolicy
-from clients.sdk.errors import RequestRejected
+from clients.sdk.errors import Forbidden, RequestRejected, Unauthorized
 from clients.sdk.fixation import Encoding
 from learner.errors import InputError, PatchError
 from learner.patches import cut_patch, patch_size_px
@@ -312,6 +312,8 @@ class _Stream:
                         self.stream_id, patch, seq=seq, t=t, duration_ms=fix.duration_ms, reset=pending_reset,
                         encoding=self.opts.encoding,
                     )  # fmt: skip
+                except (Unauthorized, Forbidden):
+                    raise  # the key is wrong for every fixation: stop, with the server's message
                 except RequestRejected as exc:
                     logger.warning(
                         "%s: fixation %s of %s rejected: %s", self.stream_id, fix.fix_index, fix.image, exc

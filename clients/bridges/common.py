@@ -164,6 +164,9 @@ class SdkSink:
             )
         except (sdk.TransportError, sdk.Overloaded, sdk.WorkerUnavailable, sdk.WorkerTimeout) as exc:
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except (sdk.Unauthorized, sdk.Forbidden) as exc:
+            # The key is wrong for every fixation alike: keep them (bounded) until a good key is set.
+            raise SinkUnavailable(f"{type(exc).__name__}: {exc}; check --api-key / FOVEATE_API_KEY") from exc
         except (sdk.ServerError, sdk.ProtocolError) as exc:
             # A 500 or a proxy's error page: often a restart in progress, sometimes a bug this
             # fixation triggers every time; a few attempts tell which.

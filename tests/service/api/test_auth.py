@@ -221,3 +221,56 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
     env_token = next(line.split()[1] for line in env_line.stdout.splitlines() if line.startswith("key:"))
     store = KeyStore.from_settings(f"{stored}; ", None)
     assert store is not None and store.lookup(env_token) is not None
+
+
+def test_rate_limit_and_protected_operations(redis_server: str) -> None:
+    # The API alone (Redis mode, no worker): the key checks come before anything reaches the worker.
+    import clients.sdk as sdk
+    from service.api.main import create_app
+
+    slow, slow_key = new_key("lab-a", {"read"})
+    other, other_key = new_key("lab-b", {"read"})
+    settings = small_settings(redis_url=redis_server, api_keys=f"{slow_key.line()};{other_key.line()}",
+                              protect_ops=True, rate_limit_per_s=0.001, rate_limit_burst=2)  # fmt: skip
+    server = ThreadedServer(create_app(settings)).start()
+    try:
+        with httpx.Client(base_url=server.url) as anonymous:
+            assert anonymous.get("/healthz").status_code == 200
+            assert anonymous.get("/metrics").status_code == 401
+            assert anonymous.get("/readyz").status_code == 401
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {slow}"}) as client:
+            assert [client.get("/metrics").status_code for _ in range(2)] == [200, 200]
+            refused = client.get("/metrics")
+            assert refused.status_code == 429 and refused.json()["error"] == "RateLimited"
+            assert int(refused.headers["retry-after"]) >= 1 and "FOVEATE_RATE_LIMIT_PER_S" in refused.text
+        with sdk.FoveateClient(server.url, api_key=slow, retry=sdk.NO_RETRY) as client:
+            with pytest.raises(sdk.RateLimited):
+                client.ready()
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": other}) as client:
+            assert client.get("/metrics").status_code == 200  # each key has its own bucket
+    finally:
+        server.stop()
+
+
+def test_serving_beyond_loopback_needs_keys_or_a_loud_flag(redis_server: str, tmp_path: Path) -> None:
+    from tests.service._support import SMALL_ENV, ServiceProcess, free_port
+
+    env = {**os.environ, **SMALL_ENV, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("FOVEATE_REDIS_URL", None)
+    refused = subprocess.run([sys.executable, "-m", "foveate", "serve", "--host", "0.0.0.0", "--port", "9"],
+                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 1
+    assert "refusing to listen on 0.0.0.0 without API keys" in refused.stderr
+    assert "--insecure-no-auth" in refused.stderr
+    no_secret = subprocess.run([sys.executable, "-m", "foveate", "api", "--redis", redis_server],
+                               env={**env, "FOVEATE_CONTROL_SECRET": ""}, capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+    assert no_secret.returncode == 1 and "FOVEATE_CONTROL_SECRET" in no_secret.stderr
+    port = free_port()
+    api = ServiceProcess(["api", "--redis", redis_server, "--host", "0.0.0.0", "--port", str(port),
+                          "--insecure-no-auth"], {}, tmp_path / "api.log")  # fmt: skip
+    try:
+        api.wait_http(f"http://127.0.0.1:{port}/healthz")
+        assert "INSECURE" in api.log.read_text() and "WITHOUT API KEYS" in api.log.read_text()
+    finally:
+        api.stop()
