@@ -128,7 +128,7 @@ def new_key(namespace: str, scopes: Iterable[str]) -> tuple[str, ApiKey]:
 
 
 def _lines(text: str) -> list[str]:
-    out = []
+    out: list[str] = []
     for raw in re.split(r"[\n;]", text):
         line = raw.split("#", 1)[0].strip()
         out.extend(part for part in line.split() if part)

@@ -74,8 +74,8 @@ def _token(request: Request) -> str | None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    value = request.headers.get("x-api-key")
-    return value.strip() if value and value.strip() else None
+    api_key = request.headers.get("x-api-key")
+    return api_key.strip() if api_key and api_key.strip() else None
 
 
 def authorize(request: Request, scope: str) -> Principal:

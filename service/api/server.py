@@ -93,7 +93,7 @@ class _Guard:
 
 if HttpToolsProtocol is not None:
 
-    class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):  # type: ignore[misc]
+    class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
         """uvicorn's httptools protocol with the header deadline and size limit."""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
