@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -238,6 +239,8 @@ def start_worker(
     """``foveate worker --redis URL`` with its metrics on a free port, once its heartbeat is in Redis."""
     port = free_port()
     args = ["worker", "--redis", redis_url, "--metrics-host", LOOPBACK, "--metrics-port", str(port)]
+    # The worker refuses to run without the secret that signs an API's commands; none is sent here.
+    env = {"FOVEATE_CONTROL_SECRET": secrets.token_hex(16), **env}
     proc = FoveateProcess(args, workdir, "worker", env)
     proc.metrics_url = f"http://{LOOPBACK}:{port}/metrics"
     client = redis.Redis.from_url(redis_url)

@@ -63,6 +63,11 @@ def register(subparsers: Any) -> None:
         "--stream-prefix", default="", metavar="P", help="prefix of the stream ids (P + subject-ID)"
     )
     replay.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="the server's API key, scopes ingest and read (default $FOVEATE_API_KEY; --embedded needs none)",
+    )
+    replay.add_argument(
         "--encoding",
         choices=("raw", "png", "jpeg"),
         default="raw",
@@ -178,7 +183,8 @@ def _run(
             from tqdm.contrib.logging import logging_redirect_tqdm  # type: ignore[import-untyped]
 
             stack.enter_context(logging_redirect_tqdm())
-        records, summary = replay(dataset, base_url, opts, out=sink, progress=progress)
+        api_key = None if embedded else getattr(args, "api_key", None)
+        records, summary = replay(dataset, base_url, opts, out=sink, progress=progress, api_key=api_key)
     figures: list[Path] = []
     if plot is not None:
         from clients.plots import plot_replay

@@ -56,10 +56,13 @@ class EmbeddedServer:
         import uvicorn
 
         from service.api.main import create_app
+        from service.api.server import uvicorn_config
         from service.config import Settings
 
-        # Embedded means no Redis, whatever FOVEATE_REDIS_URL says.
-        settings = Settings(**{**self.overrides, "redis_url": None, "host": _LOOPBACK})
+        # Embedded means no Redis, whatever FOVEATE_REDIS_URL says, and no keys: it listens on loopback only.
+        settings = Settings(
+            **{**self.overrides, "redis_url": None, "host": _LOOPBACK, "api_keys": None, "keys_file": None}
+        )
         app = create_app(settings)
         # Binding the socket here (port 0) gives a free port with no race against other processes.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -67,7 +70,8 @@ class EmbeddedServer:
         sock.bind((_LOOPBACK, 0))
         port = int(sock.getsockname()[1])
         self.url = f"http://{_LOOPBACK}:{port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        # the service's own server limits (header deadline, keep-alive, connections), on this socket
+        config = uvicorn_config(app, settings, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, args=(sock,), name="foveate-embedded", daemon=True)
         self._thread.start()

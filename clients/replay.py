@@ -38,7 +38,7 @@ import numpy as np
 
 from clients.recorded import Fixation, RecordedDataset
 from clients.sdk import AsyncFoveateClient, RetryPolicy
-from clients.sdk.errors import RequestRejected
+from clients.sdk.errors import Forbidden, RequestRejected, Unauthorized
 from clients.sdk.fixation import Encoding
 from learner.errors import InputError, PatchError
 from learner.patches import cut_patch, patch_size_px
@@ -312,6 +312,8 @@ class _Stream:
                         self.stream_id, patch, seq=seq, t=t, duration_ms=fix.duration_ms, reset=pending_reset,
                         encoding=self.opts.encoding,
                     )  # fmt: skip
+                except (Unauthorized, Forbidden):
+                    raise  # the key is wrong for every fixation: stop, with the server's message
                 except RequestRejected as exc:
                     logger.warning(
                         "%s: fixation %s of %s rejected: %s", self.stream_id, fix.fix_index, fix.image, exc
@@ -401,8 +403,11 @@ def replay(
     progress: bool = False,
     retry: RetryPolicy | None = None,
     timeout: float = 60.0,
+    api_key: str | None = None,
 ) -> tuple[list[ReplayRecord], ReplaySummary]:
     """Replay to the server at ``base_url`` (blocking); ``out`` receives one JSON line per record.
+
+    ``api_key``: the server's key (ingest and read scopes); default ``$FOVEATE_API_KEY``.
 
     Returns the records in arrival order and a :class:`ReplaySummary`.
     """
@@ -412,7 +417,7 @@ def replay(
             out.write(record.to_json() + "\n")
 
     async def run() -> tuple[list[ReplayRecord], ReplaySummary]:
-        async with AsyncFoveateClient(base_url, timeout=timeout, retry=retry) as client:
+        async with AsyncFoveateClient(base_url, timeout=timeout, retry=retry, api_key=api_key) as client:
             return await replay_async(dataset, client, options, on_record=write, progress=progress)
 
     return asyncio.run(run())

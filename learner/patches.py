@@ -20,12 +20,14 @@ torch.Size([1, 3, 64, 64])
 
 from __future__ import annotations
 
+import io
 import math
-import struct
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from learner.errors import ConfigError, PatchError
 
@@ -51,56 +53,60 @@ _BORDERS = {
 _ACCEPTED_IMAGES = "PNG or JPEG file bytes (8-bit grey, RGB or RGBA)"
 
 
-def _declared_pixels(data: bytes) -> int | None:
-    """Height * width written in a PNG or JPEG header, read before decoding (decompression bombs)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return int(width) * int(height)
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 <= len(data):
-            if data[i] != 0xFF:
-                return None
-            marker = data[i + 1]
-            if marker == 0xFF:  # fill byte
-                i += 1
-                continue
-            (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-            # Start-of-frame markers (C0-CF, except DHT C4, JPG C8, DAC CC) carry the size.
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-                return int(width) * int(height)
-            i += 2 + length
-    return None
-
-
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode PNG or JPEG bytes to an RGB ``uint8`` array (H, W, 3).
 
-    Grey images are repeated to 3 channels; an alpha channel is dropped. Only PNG and JPEG are
-    accepted, which keeps the decoders reachable from the network few.
+    Grey images are repeated to 3 channels; an alpha channel is dropped; 16-bit samples keep their
+    high byte. Only PNG and JPEG are accepted, which keeps the decoders reachable from the network few.
+
+    The size is read from the header by the decoder itself (Pillow, which then allocates exactly
+    that size and decodes into it), so the pixel limit is enforced before any pixel is decoded: a
+    header that hides its size from a simpler parser (a stray byte after a JPEG's APP0 segment,
+    which libjpeg skips) cannot make a huge image decode.
 
     Raises
     ------
     PatchError
-        The bytes are empty, not PNG/JPEG, corrupt, or the image has more than ``max_pixels``.
+        The bytes are empty, not PNG/JPEG, corrupt or truncated, or the image has more than
+        ``max_pixels``.
     """
     data = bytes(data)
     if not data:
         raise PatchError(f"empty image: send {_ACCEPTED_IMAGES}")
-    if not (data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff"):
-        raise PatchError(f"cannot decode image ({len(data)} bytes, unknown format): send {_ACCEPTED_IMAGES}")
-    declared = _declared_pixels(data)
-    if declared is not None and declared > max_pixels:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))
+    except Image.DecompressionBombError as exc:
+        raise PatchError(f"image has too many pixels ({exc}); the limit is {max_pixels}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise PatchError(
-            f"image has {declared} pixels, more than the limit of {max_pixels}; send a smaller one"
-        )
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)  # grey and RGBA -> BGR, 8 bit
-    if bgr is None or bgr.size == 0:
-        raise PatchError(f"cannot decode image ({len(data)} bytes, corrupt): send {_ACCEPTED_IMAGES}")
-    if bgr.shape[0] * bgr.shape[1] > max_pixels:  # a header the peek above did not understand
-        raise PatchError(f"image has {bgr.shape[0] * bgr.shape[1]} pixels, more than the limit {max_pixels}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            f"cannot decode image ({len(data)} bytes, unknown format or corrupt header: {exc}): send "
+            f"{_ACCEPTED_IMAGES}"
+        ) from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise PatchError(
+                f"image is {width} x {height} = {width * height} pixels, more than the limit of {max_pixels}; "
+                "send a smaller one"
+            )
+        if width == 0 or height == 0:
+            raise PatchError(f"image is empty ({width} x {height}): send {_ACCEPTED_IMAGES}")
+        try:
+            image.load()  # allocates width * height for the mode read from the header, then decodes
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: the high byte, as OpenCV
+                grey = (np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            out = np.asarray(rgb)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise PatchError(
+                f"cannot decode image ({len(data)} bytes, corrupt or truncated: {exc}): send {_ACCEPTED_IMAGES}"
+            ) from None
+    if out.shape != (height, width, 3) or out.dtype != np.uint8:
+        raise PatchError(f"cannot decode image: decoded shape {out.shape}, send {_ACCEPTED_IMAGES}")
+    return out
 
 
 def _to_rgb_uint8(array: Any, max_pixels: int, what: str) -> np.ndarray:

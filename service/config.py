@@ -18,13 +18,16 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from learner.config import ModelConfig
 
-#: Stream ids allowed in URLs, Redis messages and metrics-free logs.
+#: Stream ids allowed in URLs and request bodies.
 STREAM_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+#: Stream ids on the wire between the API and the worker (Redis messages): a client's id, possibly
+#: qualified by its key's namespace (``lab-a:rig1``, 32 + 1 + 128 characters at most).
+QUALIFIED_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,161}$"
 
 # Settings fields that are passed through to ModelConfig under the same name.
 _MODEL_FIELDS = (
@@ -89,6 +92,25 @@ class Settings(BaseSettings):
     max_body_bytes, max_pixels, max_batch_fixations, sync_timeout_s, max_streams, max_queue
         Limits: request body (413), decoded image pixels (413), fixations per batch request,
         the wait for a synchronous result (504), live streams (429), queued fixations (429).
+    max_patch_px, decode_threads
+        The largest patch cut from a frame (``size_px``, or ``size_deg * px_per_deg``), and how many
+        images the API decodes at once: together with ``max_pixels`` they bound a request's memory.
+    keys_file, api_keys, allow_no_auth, protect_ops
+        API keys (service/auth.py): a keys file and/or stored key lines. With neither, every request
+        is allowed, which the server accepts only on a loopback address unless ``allow_no_auth``.
+        ``protect_ops``: ``/metrics`` and ``/readyz`` need a key with ``read`` too.
+    rate_limit_per_s, rate_limit_burst, max_streams_per_key
+        Per key: requests per second (a token bucket of ``rate_limit_burst``; 0: no limit), and live
+        streams of its namespace (429 with ``Retry-After``).
+    cors_origins
+        Comma-separated origins that browsers may call the API from (CORS); none by default.
+    header_timeout_s, body_timeout_s, keep_alive_s, max_header_bytes, max_connections
+        The HTTP server's limits: a request's headers must arrive within ``header_timeout_s`` and
+        its body within ``body_timeout_s`` (408); idle keep-alive connections close after
+        ``keep_alive_s``; headers over ``max_header_bytes`` get 431; more concurrent connections 503.
+    control_secret
+        Shared by API and worker in Redis mode: commands on the control stream are signed with it
+        (HMAC-SHA256) and the worker drops unsigned or forged ones.
     """
 
     model_config = SettingsConfigDict(env_prefix="FOVEATE_", extra="ignore", validate_default=True)
@@ -131,12 +153,12 @@ class Settings(BaseSettings):
     # --- HTTP ---
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    worker_metrics_host: str = "0.0.0.0"
+    worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- Redis Streams ---
-    redis_url: str | None = None
+    redis_url: str | None = Field(default=None, repr=False)  # may hold a password
     input_stream: str = "foveate:fixations"
     control_stream: str = "foveate:control"
     results_stream: str = "foveate:results"
@@ -162,8 +184,29 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(default=10.0, gt=0.0)
     max_streams: int = Field(default=10_000, ge=1)
     max_queue: int = Field(default=10_000, ge=1)
+    max_patch_px: int = Field(default=1024, ge=2)
+    decode_threads: int = Field(default=2, ge=1, le=64)
 
-    @field_validator("redis_url", "checkpoint_path", "trunk_weights", mode="before")
+    # --- authentication and per-key quotas ---
+    keys_file: Path | None = None
+    api_keys: str | None = Field(default=None, repr=False)
+    allow_no_auth: bool = False
+    protect_ops: bool = False
+    rate_limit_per_s: float = Field(default=1000.0, ge=0.0)
+    rate_limit_burst: int = Field(default=2000, ge=1)
+    max_streams_per_key: int = Field(default=1000, ge=1)
+    cors_origins: str = ""
+    control_secret: SecretStr | None = None
+
+    # --- the HTTP server (uvicorn) ---
+    header_timeout_s: float = Field(default=10.0, gt=0.0)
+    body_timeout_s: float = Field(default=60.0, gt=0.0)
+    keep_alive_s: int = Field(default=5, ge=1)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_connections: int = Field(default=1000, ge=1)
+
+    @field_validator("redis_url", "checkpoint_path", "trunk_weights", "keys_file", "control_secret",
+                     mode="before")  # fmt: skip
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # FOVEATE_REDIS_URL= (set but empty) in a compose file means "not set", not "the URL ''".
@@ -172,6 +215,11 @@ class Settings(BaseSettings):
     def model_config_obj(self) -> ModelConfig:
         """The :class:`ModelConfig` these settings describe (raises ``ConfigError`` if out of range)."""
         return ModelConfig(**{name: getattr(self, name) for name in _MODEL_FIELDS})
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``cors_origins`` as a list (empty: CORS off)."""
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def embedded(self) -> bool:

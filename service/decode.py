@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from learner.errors import PatchError
-from learner.patches import as_patch, cut_patch, decode_image, resize_patch
+from learner.patches import as_patch, cut_patch, decode_image, patch_size_px, resize_patch
 from service.messages import PatchSource
 
 
@@ -23,7 +23,13 @@ def fit(patch: np.ndarray, size: int | None) -> np.ndarray:
     return patch if size is None else resize_patch(patch, size)
 
 
-def decode_source(source: PatchSource, *, max_pixels: int, size: int | None = None) -> np.ndarray:
+#: The default largest patch side cut from a frame (``FOVEATE_MAX_PATCH_PX``).
+MAX_PATCH_PX = 1024
+
+
+def decode_source(
+    source: PatchSource, *, max_pixels: int, size: int | None = None, max_patch_px: int = MAX_PATCH_PX
+) -> np.ndarray:
     """Decode (and for a frame, cut) an image payload into an RGB uint8 patch (size, size, 3).
 
     Parameters
@@ -34,6 +40,9 @@ def decode_source(source: PatchSource, *, max_pixels: int, size: int | None = No
         Largest height * width accepted for a decoded image or raw array.
     size
         Side to resize the patch to (the model's ``input_size``); ``None`` keeps its size.
+    max_patch_px
+        Largest side of a patch cut from a frame: checked before the frame is decoded, since a
+        20000 px patch of a small frame would take 1.2 GB of padding.
 
     Raises
     ------
@@ -62,6 +71,12 @@ def decode_source(source: PatchSource, *, max_pixels: int, size: int | None = No
     elif source.kind == "frame":
         if source.x is None or source.y is None:
             raise PatchError("a frame needs the gaze point x and y")
+        side = patch_size_px(source.size_px, source.size_deg, source.px_per_deg)
+        if side > max_patch_px:
+            raise PatchError(
+                f"the patch to cut is {side} px wide, more than the limit of {max_patch_px} "
+                "(FOVEATE_MAX_PATCH_PX); send a smaller size_px (or size_deg * px_per_deg)"
+            )
         frame = decode_image(source.data, max_pixels=max_pixels)
         patch = cut_patch(
             frame, source.x, source.y, source.size_px, size_deg=source.size_deg, px_per_deg=source.px_per_deg

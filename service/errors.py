@@ -8,15 +8,20 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
     ├── InputError                      bad fixation data or request                    422 bad_input
     │   ├── PatchError                  undecodable image, wrong shape/channels, NaN    422 bad_input
     │   ├── MalformedRequest            body is not JSON / not multipart as declared    400 malformed
-    │   └── PayloadTooLarge             body, image pixels or batch over a limit        413 too_large
+    │   ├── PayloadTooLarge             body, image pixels or batch over a limit        413 too_large
+    │   ├── UnsupportedMediaType        a body that is not application/json (or form)   415 media_type
+    │   └── BodyTimeout                 the body took over ``body_timeout_s`` to arrive 408 timeout
     ├── TrunkWeightsError               trunk weights missing or unreadable             500 internal
     ├── CheckpointError                 a checkpoint cannot be read or written          500 internal
     │   └── ArchitectureMismatch        checkpoint of another architecture              500 internal
     └── ServiceError                    the service cannot take or answer the request
-        ├── UnknownStream               no such stream on the worker                    404 unknown_stream
+        ├── Unauthorized                no API key, or one that is unknown or revoked   401 unauthorized
+        ├── Forbidden                   the key lacks the scope, or a foreign Origin    403 forbidden
+        ├── UnknownStream               no such stream on the worker (or another key's) 404 unknown_stream
         ├── Overloaded                  back-pressure; retry later                      429 overloaded
         │   ├── QueueFull               too many fixations waiting for the worker       429 queue_full
-        │   └── TooManyStreams          ``max_streams`` live streams already            429 too_many_streams
+        │   ├── TooManyStreams          ``max_streams`` (or the key's quota) reached    429 too_many_streams
+        │   └── RateLimited             the key sent more than ``rate_limit_per_s``     429 rate_limited
         ├── WorkerUnavailable           no live worker, or the broker is unreachable    503 unavailable
         ├── WorkerTimeout               no result within ``sync_timeout_s``             504 timeout
         └── WorkerError                 the worker failed on valid input (a bug)        500 internal
@@ -24,7 +29,10 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
 FastAPI's own ``RequestValidationError`` (a field missing or of the wrong type, a stream id that does
 not match ``^[A-Za-z0-9_.:-]{1,128}$``) answers 422 as ``InputError``; a body that is not valid JSON
 answers **400** as ``MalformedRequest``; an unknown route 404, a wrong method 405, and an
-unexpected failure (a bug) 500 as ``InternalError``. Every error body has one shape::
+unexpected failure (a bug) 500 as ``InternalError``. A client that disconnects before its answer is
+counted with status 499 and logged at DEBUG (it is not a server error). A 401 carries
+``WWW-Authenticate: Bearer``; a 429 for a key's rate or stream quota ``Retry-After``. Every error
+body has one shape::
 
     {"error": "<class name>", "detail": "<what to fix>"}
 
@@ -36,13 +44,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from learner.errors import (
     ArchitectureMismatch,
@@ -59,8 +69,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ArchitectureMismatch",
+    "BodyTimeout",
     "CheckpointError",
     "ConfigError",
+    "Forbidden",
     "FoveateError",
     "InputError",
     "MalformedRequest",
@@ -68,10 +80,13 @@ __all__ = [
     "PatchError",
     "PayloadTooLarge",
     "QueueFull",
+    "RateLimited",
     "ServiceError",
     "TooManyStreams",
     "TrunkWeightsError",
+    "Unauthorized",
     "UnknownStream",
+    "UnsupportedMediaType",
     "WorkerError",
     "WorkerTimeout",
     "WorkerUnavailable",
@@ -86,8 +101,25 @@ class PayloadTooLarge(InputError):
     """A body, an image's pixel count or a batch is over its configured limit."""
 
 
+class UnsupportedMediaType(InputError):
+    """A body sent as something other than ``application/json`` (or ``multipart/form-data`` where a
+    route takes files): browsers send such "simple" requests cross-origin without asking first."""
+
+
+class BodyTimeout(InputError):
+    """The request's body did not arrive within ``FOVEATE_BODY_TIMEOUT_S``."""
+
+
 class ServiceError(FoveateError):
     """The service cannot take or answer a request that is itself fine."""
+
+
+class Unauthorized(ServiceError):
+    """No API key, or a key the server does not know (mistyped, revoked)."""
+
+
+class Forbidden(ServiceError):
+    """The key is valid but lacks the route's scope, or a browser sent the request from a foreign origin."""
 
 
 class UnknownStream(ServiceError, LookupError):
@@ -95,7 +127,11 @@ class UnknownStream(ServiceError, LookupError):
 
 
 class Overloaded(ServiceError):
-    """Back-pressure: the request was refused before it was queued; retry later."""
+    """Back-pressure: the request was refused before it was queued; retry after ``retry_after`` s."""
+
+    def __init__(self, detail: str = "", retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after  # seconds, when known: sent as Retry-After
 
 
 class QueueFull(Overloaded):
@@ -104,6 +140,10 @@ class QueueFull(Overloaded):
 
 class TooManyStreams(Overloaded):
     """The worker already holds ``FOVEATE_MAX_STREAMS`` streams; delete some first."""
+
+
+class RateLimited(Overloaded):
+    """The key sent more requests than ``FOVEATE_RATE_LIMIT_PER_S`` allows."""
 
 
 class WorkerUnavailable(ServiceError):
@@ -125,10 +165,15 @@ _STATUS: dict[type[FoveateError], tuple[int, str]] = {
     InputError: (422, "bad_input"),
     MalformedRequest: (400, "malformed"),
     PayloadTooLarge: (413, "too_large"),
+    UnsupportedMediaType: (415, "media_type"),
+    BodyTimeout: (408, "timeout"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
     UnknownStream: (404, "unknown_stream"),
     Overloaded: (429, "overloaded"),
     QueueFull: (429, "queue_full"),
     TooManyStreams: (429, "too_many_streams"),
+    RateLimited: (429, "rate_limited"),
     WorkerUnavailable: (503, "unavailable"),
     WorkerTimeout: (504, "timeout"),
 }
@@ -170,17 +215,41 @@ def error_from_payload(payload: dict[str, Any]) -> FoveateError:
     return klass(detail)
 
 
-def _respond(status: int, reason: str, name: str, detail: str) -> JSONResponse:
+def error_headers(exc: FoveateError) -> dict[str, str]:
+    """The headers an error answer carries: ``Retry-After`` on 429, ``WWW-Authenticate`` on 401."""
+    if isinstance(exc, Overloaded) and exc.retry_after is not None:
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": 'Bearer realm="foveate"'}
+    return {}
+
+
+def _respond(
+    status: int, reason: str, name: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
-    return JSONResponse({"error": name, "detail": detail}, status_code=status)
+    return JSONResponse({"error": name, "detail": detail}, status_code=status, headers=headers)
+
+
+def error_response(exc: FoveateError) -> JSONResponse:
+    """The JSON answer for an exception, counted in ``foveate_rejected_requests_total``."""
+    status, reason = status_of(type(exc))
+    return _respond(status, reason, type(exc).__name__, str(exc), error_headers(exc))
 
 
 async def _foveate_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FoveateError)
-    status, reason = status_of(type(exc))
+    status, _ = status_of(type(exc))
     if status >= 500:
         logger.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
-    return _respond(status, reason, type(exc).__name__, str(exc))
+    return error_response(exc)
+
+
+async def _disconnect_handler(request: Request, exc: Exception) -> Response:
+    # The client went away while its body was read: nobody is left to answer, and nothing failed
+    # here. 499 (nginx's "client closed request") keeps it apart from server errors in the metrics.
+    logger.debug("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=499)
 
 
 def _describe_validation(errors: list[Any]) -> tuple[bool, str]:
@@ -228,5 +297,6 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that give every error the ``{"error", "detail"}`` shape."""
     app.add_exception_handler(Exception, _unexpected_handler)
     app.add_exception_handler(FoveateError, _foveate_handler)
+    app.add_exception_handler(ClientDisconnect, _disconnect_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)

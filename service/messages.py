@@ -11,6 +11,8 @@ parser and :func:`fixation_to_fields` its writer.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import re
@@ -20,9 +22,10 @@ from typing import Any, Literal
 import numpy as np
 
 from learner.errors import InputError
-from service.config import STREAM_ID_PATTERN
+from service.config import QUALIFIED_ID_PATTERN, STREAM_ID_PATTERN
 
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
+_QUALIFIED_ID = re.compile(QUALIFIED_ID_PATTERN)
 
 #: Commands the worker answers (``Control.command``).
 COMMANDS = ("streams", "stream", "prediction", "reset", "delete", "model", "checkpoint", "ping")
@@ -81,17 +84,21 @@ class Control:
     entry_id: str | None = None
 
 
-def is_stream_id(stream_id: str) -> bool:
+def is_stream_id(stream_id: str, *, qualified: bool = True) -> bool:
     """Whether ``stream_id`` is 1-128 characters from ``A-Z a-z 0-9 _ . : -``, nothing else (the
-    whole string: a trailing newline does not pass, as it does not in the API's path validation)."""
-    return _STREAM_ID.fullmatch(stream_id) is not None
+    whole string: a trailing newline does not pass, as it does not in the API's path validation).
+
+    ``qualified``: an id on the wire to the worker, which may carry a key's namespace in front
+    (``lab-a:rig1``), so up to 161 characters."""
+    return (_QUALIFIED_ID if qualified else _STREAM_ID).fullmatch(stream_id) is not None
 
 
 def check_stream_id(stream_id: str) -> str:
-    """Return ``stream_id`` if ``is_stream_id``, else raise ``InputError``."""
+    """Return ``stream_id`` if it is a (qualified) stream id, else raise ``InputError``."""
     if not is_stream_id(stream_id):
         raise InputError(
-            f"stream_id {stream_id[:140]!r} is invalid: use 1-128 characters from A-Z a-z 0-9 _ . : -"
+            f"stream_id {stream_id[:170]!r} is invalid: use 1-128 characters from A-Z a-z 0-9 _ . : - "
+            "(up to 161 with a namespace in front, namespace:id)"
         )
     return stream_id
 
@@ -225,6 +232,28 @@ def fixation_to_fields(fix: Fixation) -> dict[str, bytes | str]:
 
 
 # ---------------------------------------------------------------- control messages
+
+
+_SIGNED = ("command", "args", "request_id", "deadline")
+
+
+def _digest(fields: dict[str, bytes], secret: bytes) -> str:
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for name in _SIGNED:
+        value = fields.get(name, b"")
+        mac.update(len(value).to_bytes(4, "big") + value)  # length-prefixed: no field can bleed into another
+    return mac.hexdigest()
+
+
+def sign_control(fields: dict[str, str], secret: bytes) -> None:
+    """Add ``sig``: HMAC-SHA256 of the command's fields with the API's and worker's shared secret."""
+    fields["sig"] = _digest({k: v.encode() for k, v in fields.items()}, secret)
+
+
+def verify_control(fields: dict[str, bytes], secret: bytes) -> bool:
+    """Whether a control entry carries a valid ``sig`` (compared in constant time)."""
+    sig = fields.get("sig", b"").decode("ascii", "replace")
+    return hmac.compare_digest(sig, _digest(fields, secret))
 
 
 def control_to_fields(ctl: Control) -> dict[str, str]:

@@ -78,6 +78,11 @@ REJECT_REASONS = (
     "timeout",
     "internal",
     "no_route",
+    "unauthorized",
+    "forbidden",
+    "media_type",
+    "rate_limited",
+    "unsigned_command",
 )
 
 #: Steps after a reset that get their own ``step`` label; later ones share ``"20+"``.

@@ -47,6 +47,8 @@ from service.messages import (
     control_to_fields,
     fixation_from_fields,
     fixation_to_fields,
+    sign_control,
+    verify_control,
 )
 from service.streams import entry_before, entry_key, entry_text
 
@@ -59,6 +61,16 @@ _RESULTS_TTL_S = 24 * 3600  # per-stream result streams of idle streams disappea
 
 def _fields(raw: dict[Any, Any]) -> dict[str, bytes]:
     return {(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v for k, v in raw.items()}
+
+
+def redact_url(url: str) -> str:
+    """Where a Redis URL points, without its scheme, user and password: what log lines may show.
+
+    >>> redact_url("redis://foveate:s3cret@redis:6379/0")
+    'redis:6379/0'
+    """
+    _, sep, rest = url.partition("://")
+    return rest.rpartition("@")[2] if sep else "(the Redis of FOVEATE_REDIS_URL)"
 
 
 def _id(raw: bytes | str) -> str:
@@ -119,6 +131,10 @@ class RedisBroker(Broker):
             raise ValueError("RedisBroker needs settings.redis_url")
         self.settings = settings
         self.url: str = settings.redis_url
+        self.safe_url = redact_url(self.url)  # what log lines may show: host, port and database
+        secret = settings.control_secret
+        self._secret = secret.get_secret_value().encode() if secret is not None else None
+        self._seen_commands: dict[str, float] = {}  # request id -> deadline: a signed command runs once
         self._decode_threads = decode_threads
         self._aio: aioredis.Redis | None = None
         self._sync: redis.Redis | None = None
@@ -135,8 +151,11 @@ class RedisBroker(Broker):
         self._last_error_log = 0.0
 
     def _unavailable(self, exc: Exception) -> WorkerUnavailable:
+        # The answer names neither the URL nor the server's message (either may carry a password or
+        # an address); the log has the address without credentials.
+        self._log_error("Redis is unreachable", exc)
         return WorkerUnavailable(
-            f"cannot reach Redis at {self.url}: {exc}; check FOVEATE_REDIS_URL and the server"
+            f"cannot reach Redis ({type(exc).__name__}); check FOVEATE_REDIS_URL and the Redis server"
         )
 
     # ------------------------------------------------------------------ API side
@@ -207,6 +226,8 @@ class RedisBroker(Broker):
     async def _send_control(self, control: Control, timeout: float) -> None:
         fields = control_to_fields(control)
         fields["deadline"] = repr(time.time() + timeout)
+        if self._secret is not None:
+            sign_control(fields, self._secret)
         try:
             await self.aio.xadd(self.settings.control_stream, fields,  # type: ignore[arg-type]
                                 maxlen=10_000, approximate=True)  # fmt: skip
@@ -235,7 +256,8 @@ class RedisBroker(Broker):
         try:
             raw = await self.aio.get(self.settings.heartbeat_key)
         except RedisError as exc:
-            alive, why = False, f"cannot reach Redis at {self.url}: {exc}"
+            self._log_error("reading the heartbeat failed", exc)
+            alive, why = False, f"cannot reach Redis ({type(exc).__name__}); check FOVEATE_REDIS_URL"
         else:
             if raw is None:
                 alive, why = False, f"no worker heartbeat in {self.settings.heartbeat_key}"
@@ -369,6 +391,9 @@ class RedisBroker(Broker):
             else:
                 for eid, f in entries:
                     fields = _fields(f)
+                    if not self._trusted(fields):
+                        self.sync.xack(s.control_stream, s.consumer_group, _id(eid))
+                        continue
                     ctl = control_from_fields(fields, _id(eid))
                     deadline = _deadline(fields)
                     if time.time() > deadline + _CONTROL_GRACE_S:
@@ -376,6 +401,21 @@ class RedisBroker(Broker):
                         self.sync.xack(s.control_stream, s.consumer_group, _id(eid))
                         continue
                     self._put(ctl)
+
+    def _trusted(self, fields: dict[str, bytes]) -> bool:
+        """Whether a control entry comes from an API holding the secret (and is not a replay)."""
+        if self._secret is None:
+            return True
+        now = time.time()
+        request_id = fields.get("request_id", b"").decode("utf-8", "replace")
+        if verify_control(fields, self._secret) and request_id not in self._seen_commands:
+            self._seen_commands = {r: d for r, d in self._seen_commands.items() if d + _CONTROL_GRACE_S > now}
+            self._seen_commands[request_id] = _deadline(fields)
+            return True
+        metrics.REJECTED_MESSAGES.labels(reason="unsigned_command").inc()
+        logger.warning("dropped a command on %s that is unsigned, forged or replayed",
+                       self.settings.control_stream)  # fmt: skip
+        return False
 
     def _decode_one(self, fix: Fixation) -> Fixation:
         if fix.problem is None and self._decode is not None:
@@ -469,4 +509,4 @@ class RedisBroker(Broker):
         now = time.monotonic()
         if now - self._last_error_log > 5.0:  # one line per 5 s while Redis is down, not thousands
             self._last_error_log = now
-            logger.error("%s (%s): %s", what, self.url, exc)
+            logger.error("%s (Redis at %s): %s", what, self.safe_url, exc)

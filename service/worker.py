@@ -276,8 +276,9 @@ class Worker:
             fix.problem = InputError("the fixation carries no image")
             return
         try:
+            s = self.settings
             fix.patch = decode_source(
-                fix.source, max_pixels=self.settings.max_pixels, size=self.settings.input_size
+                fix.source, max_pixels=s.max_pixels, size=s.input_size, max_patch_px=s.max_patch_px
             )
         except FoveateError as exc:
             fix.problem = exc
@@ -531,8 +532,10 @@ class Worker:
         learner = self.learner
         if command == "ping":
             return {}
-        if command == "streams":
-            return {"streams": [r.summary() for r in self.records.values()], "count": len(self.records)}
+        if command == "streams":  # "prefix": one namespace's streams (service/api/deps.py Principal)
+            prefix = str(args.get("prefix", ""))
+            found = [r.summary() for r in self.records.values() if r.stream_id.startswith(prefix)]
+            return {"streams": found, "count": len(found)}
         if command == "stream":
             rec = self._record(args)
             return {"stream": {**rec.info(), "state": learner.stream_info(rec.stream_id)}}

@@ -138,6 +138,12 @@ def _common_options(parser: argparse.ArgumentParser, default_stream: str) -> Non
         help="foveate server URL (default $FOVEATE_URL or http://127.0.0.1:8000)",
     )
     out.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="the server's API key with the ingest scope (default $FOVEATE_API_KEY; better there than "
+        "on a command line others can see)",
+    )
+    out.add_argument(
         "--stream-id", default=default_stream, help=f"stream to post to (default {default_stream})"
     )
     out.add_argument("--patch-px", type=int, metavar="N", help="patch side in pixels (default 64)")
@@ -188,7 +194,7 @@ def _poster(args: argparse.Namespace, bridge: str) -> Any:
     from clients.bridges.common import FixationPoster, SdkSink
 
     return FixationPoster(
-        SdkSink(args.server, timeout_s=args.timeout),
+        SdkSink(args.server, timeout_s=args.timeout, api_key=args.api_key),
         args.stream_id,
         bridge=bridge,
         max_backlog=args.backlog,

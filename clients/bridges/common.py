@@ -136,15 +136,24 @@ class SdkSink:
         How long to wait for one answer (the server waits for its worker's tick).
     transport
         An httpx transport for the client (tests pass ``httpx.MockTransport``).
+    api_key
+        The server's API key; default ``$FOVEATE_API_KEY`` (none for a server without keys).
     """
 
     def __init__(
-        self, base_url: str, *, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         from clients.sdk import NO_RETRY, FoveateClient
 
         self.base_url = base_url
-        self._client = FoveateClient(base_url, timeout=timeout_s, retry=NO_RETRY, transport=transport)
+        self._client = FoveateClient(
+            base_url, timeout=timeout_s, retry=NO_RETRY, transport=transport, api_key=api_key
+        )
 
     def __call__(self, stream_id: str, fix: OutgoingFixation) -> PostResult:
         from clients.sdk import errors as sdk
@@ -155,6 +164,9 @@ class SdkSink:
             )
         except (sdk.TransportError, sdk.Overloaded, sdk.WorkerUnavailable, sdk.WorkerTimeout) as exc:
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except (sdk.Unauthorized, sdk.Forbidden) as exc:
+            # The key is wrong for every fixation alike: keep them (bounded) until a good key is set.
+            raise SinkUnavailable(f"{type(exc).__name__}: {exc}; check --api-key / FOVEATE_API_KEY") from exc
         except (sdk.ServerError, sdk.ProtocolError) as exc:
             # A 500 or a proxy's error page: often a restart in progress, sometimes a bug this
             # fixation triggers every time; a few attempts tell which.

@@ -22,16 +22,18 @@
 The SDK needs httpx and numpy (and OpenCV to encode numpy patches), not PyTorch.
 """
 
-from clients.sdk._core import DEFAULT_URL
+from clients.sdk._core import API_KEY_ENV, DEFAULT_URL
 from clients.sdk.aclient import AsyncFoveateClient
 from clients.sdk.client import FoveateClient
 from clients.sdk.errors import (
     APIError,
     ArchitectureMismatch,
+    BodyTimeout,
     CheckpointError,
     ClientError,
     ConfigError,
     ConnectError,
+    Forbidden,
     InputError,
     MalformedRequest,
     Overloaded,
@@ -39,13 +41,16 @@ from clients.sdk.errors import (
     PayloadTooLarge,
     ProtocolError,
     QueueFull,
+    RateLimited,
     RequestRejected,
     RequestTimeout,
     ServerError,
     TooManyStreams,
     TransportError,
     TrunkWeightsError,
+    Unauthorized,
     UnknownStream,
+    UnsupportedMediaType,
     WorkerError,
     WorkerTimeout,
     WorkerUnavailable,
@@ -68,6 +73,7 @@ from clients.sdk.models import (
 from clients.sdk.retry import NO_RETRY, RetryEvent, RetryPolicy
 
 __all__ = [
+    "API_KEY_ENV",
     "DEFAULT_URL",
     "NO_RETRY",
     "APIError",
@@ -75,6 +81,7 @@ __all__ = [
     "ArchitectureMismatch",
     "AsyncFoveateClient",
     "BatchItem",
+    "BodyTimeout",
     "CheckpointError",
     "CheckpointInfo",
     "ClientError",
@@ -82,6 +89,7 @@ __all__ = [
     "ConnectError",
     "FixationItem",
     "FixationResult",
+    "Forbidden",
     "FoveateClient",
     "Health",
     "InputError",
@@ -93,6 +101,7 @@ __all__ = [
     "Prediction",
     "ProtocolError",
     "QueueFull",
+    "RateLimited",
     "Ready",
     "RequestRejected",
     "RequestTimeout",
@@ -106,7 +115,9 @@ __all__ = [
     "TooManyStreams",
     "TransportError",
     "TrunkWeightsError",
+    "Unauthorized",
     "UnknownStream",
+    "UnsupportedMediaType",
     "WorkerError",
     "WorkerTimeout",
     "WorkerUnavailable",

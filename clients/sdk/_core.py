@@ -35,11 +35,25 @@ T = TypeVar("T")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_PREFIX = "/v1"
+#: The environment variable the clients read their API key from when none is passed.
+API_KEY_ENV = "FOVEATE_API_KEY"
 
 
 def default_base_url() -> str:
     """``$FOVEATE_URL`` if set, else ``http://127.0.0.1:8000``."""
     return os.environ.get("FOVEATE_URL", "").strip() or DEFAULT_URL
+
+
+def auth_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """``headers`` plus ``Authorization: Bearer <key>``: the key given, else ``$FOVEATE_API_KEY``, else none
+    (a server on 127.0.0.1 without keys needs none)."""
+    out = dict(headers or {})
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "").strip()
+    if key:
+        if any(c in key for c in "\r\n"):
+            raise errors.InputError("the API key must be one line (it goes into an HTTP header)")
+        out["Authorization"] = f"Bearer {key}"
+    return out
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,7 @@ def prediction_call(stream_id: str) -> Call[Prediction]:
 
 
 def reset_call(stream_id: str) -> Call[ResetResult]:
-    return Call("POST", _stream_path(stream_id, "/reset"), ResetResult.from_json)
+    return Call("POST", _stream_path(stream_id, "/reset"), ResetResult.from_json, {})
 
 
 def delete_call(stream_id: str) -> Call[bool]:
@@ -144,7 +158,7 @@ def model_call() -> Call[ModelInfo]:
 
 
 def checkpoint_call() -> Call[CheckpointInfo]:
-    return Call("POST", f"{API_PREFIX}/model/checkpoint", CheckpointInfo.from_json)
+    return Call("POST", f"{API_PREFIX}/model/checkpoint", CheckpointInfo.from_json, {})
 
 
 def health_call() -> Call[Health]:

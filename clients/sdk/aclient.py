@@ -66,6 +66,9 @@ class AsyncFoveateClient:
         honouring ``Retry-After``); ``RetryPolicy(max_retries=0)`` never retries.
     encoding : {"png", "jpeg", "raw"}
         How numpy patches are sent: PNG (lossless, the default), JPEG (quality 95), or raw pixels.
+    api_key : str, optional
+        The API key, sent as ``Authorization: Bearer <key>``; default ``$FOVEATE_API_KEY``, and none
+        when that is unset too (a server on 127.0.0.1 without keys). It is never logged or shown.
     headers : mapping, optional
         Extra headers for every request (a proxy's authorisation, say).
     transport : httpx.AsyncBaseTransport, optional
@@ -87,6 +90,7 @@ class AsyncFoveateClient:
         timeout: float | httpx.Timeout = 30.0,
         retry: RetryPolicy | None = None,
         encoding: Encoding = "png",
+        api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         on_retry: Callable[[RetryEvent], None] | None = None,
@@ -96,7 +100,10 @@ class AsyncFoveateClient:
         self.encoding: Encoding = encoding
         self.on_retry = on_retry
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, headers=headers, transport=transport
+            base_url=self.base_url,
+            timeout=timeout,
+            headers=_core.auth_headers(api_key, headers),
+            transport=transport,
         )
 
     # ------------------------------------------------------------ plumbing

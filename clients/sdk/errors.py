@@ -14,12 +14,17 @@ the wire. The tree, with the status the server answers (``service/errors.py`` dr
         │   ├── InputError              422  bad fields or request
         │   │   ├── PatchError          422  undecodable image, wrong shape or channels, gaze off frame
         │   │   ├── MalformedRequest    400  body is not valid JSON / multipart
-        │   │   └── PayloadTooLarge     413  body, image or batch over a server limit
+        │   │   ├── PayloadTooLarge     413  body, image or batch over a server limit
+        │   │   ├── UnsupportedMediaType 415 a body that is not JSON (or multipart)
+        │   │   └── BodyTimeout         408  the body arrived too slowly
         │   ├── ConfigError             422  a server setting out of range (e.g. checkpoints disabled)
-        │   ├── UnknownStream           404  no such stream on the worker
+        │   ├── Unauthorized            401  no API key, or an unknown or revoked one
+        │   ├── Forbidden               403  the key lacks the route's scope
+        │   ├── UnknownStream           404  no such stream on the worker (in the key's namespace)
         │   └── Overloaded              429  back-pressure: retried, then raised
         │       ├── QueueFull           429  too many fixations waiting for the worker
-        │       └── TooManyStreams      429  the worker holds its maximum of streams
+        │       ├── TooManyStreams      429  the worker (or the key's namespace) holds its maximum
+        │       └── RateLimited         429  the key sent more requests a second than allowed
         └── ServerError                 any other 5xx
             ├── WorkerUnavailable       503  no live worker, or Redis unreachable: retried, then raised
             ├── WorkerTimeout           504  no result in time; the fixation may still be applied
@@ -47,10 +52,12 @@ import httpx
 __all__ = [
     "APIError",
     "ArchitectureMismatch",
+    "BodyTimeout",
     "CheckpointError",
     "ClientError",
     "ConfigError",
     "ConnectError",
+    "Forbidden",
     "InputError",
     "MalformedRequest",
     "Overloaded",
@@ -58,13 +65,16 @@ __all__ = [
     "PayloadTooLarge",
     "ProtocolError",
     "QueueFull",
+    "RateLimited",
     "RequestRejected",
     "RequestTimeout",
     "ServerError",
     "TooManyStreams",
     "TransportError",
     "TrunkWeightsError",
+    "Unauthorized",
     "UnknownStream",
+    "UnsupportedMediaType",
     "WorkerError",
     "WorkerTimeout",
     "WorkerUnavailable",
@@ -149,8 +159,25 @@ class PayloadTooLarge(InputError):
     """A body, image or batch over a server limit (413); send a cut patch, or smaller batches."""
 
 
+class UnsupportedMediaType(InputError):
+    """The body is not ``application/json`` (or multipart where files are taken) (415)."""
+
+
+class BodyTimeout(InputError):
+    """The request's body did not arrive within the server's time (408)."""
+
+
 class ConfigError(RequestRejected):
     """A server setting makes the request impossible (422), e.g. a checkpoint with checkpoints disabled."""
+
+
+class Unauthorized(RequestRejected):
+    """No API key was sent, or the server does not know it (401): pass ``api_key=`` or set
+    ``FOVEATE_API_KEY``."""
+
+
+class Forbidden(RequestRejected):
+    """The key is valid but lacks the route's scope (403), e.g. ``read`` for ``GET /v1/streams``."""
 
 
 class UnknownStream(RequestRejected, LookupError):
@@ -166,7 +193,11 @@ class QueueFull(Overloaded):
 
 
 class TooManyStreams(Overloaded):
-    """The worker holds its maximum number of streams; delete idle ones."""
+    """The worker (or the key's namespace) holds its maximum number of streams; delete idle ones."""
+
+
+class RateLimited(Overloaded):
+    """The key sent more requests a second than the server allows; retried after ``Retry-After``."""
 
 
 class ServerError(APIError):

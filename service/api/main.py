@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 import anyio
 from fastapi import APIRouter, FastAPI
 
-from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.api.middleware import BodyLimitMiddleware, BrowserGuardMiddleware, MetricsMiddleware
+from service.api.quotas import RateLimiter, StreamQuota
 from service.api.routes import fixations, health, model, streams
+from service.auth import KeyStore
 from service.broker import Broker, make_broker
 from service.config import Settings
 from service.errors import install_error_handlers
@@ -74,8 +76,32 @@ def create_app(
     app.state.settings = settings
     app.state.broker = broker
     app.state.worker = worker
+    app.state.keys = KeyStore.from_settings(settings.api_keys, settings.keys_file)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app.state.stream_quota = StreamQuota(settings.max_streams_per_key)
+    # Decoding a frame takes up to max_pixels * 3 bytes a few times over: at most this many at once.
+    app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added innermost first: metrics see every answer, the browser rules come before any body is read.
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
+    app.add_middleware(
+        BrowserGuardMiddleware,
+        allowed_origins=settings.cors_origin_list,
+        multipart_suffixes=("/fixations",),
+        keys_required=app.state.keys is not None,
+    )
+    if settings.cors_origin_list:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            max_age=600,
+        )
     app.add_middleware(MetricsMiddleware)
     v1 = APIRouter(prefix=f"/{API_VERSION}")
     for module in (fixations, streams, model):

@@ -121,7 +121,8 @@ async def read_fixation(request: Request, stream_id: str, settings: Settings) ->
     """Parse the body of ``POST /v1/streams/{id}/fixations`` and decode its image (small raw patches
     on the event loop, anything else in a thread).
 
-    JSON (any content type but multipart) or ``multipart/form-data`` with a file part.
+    JSON (``application/json``; service/api/middleware.py refuses other types) or
+    ``multipart/form-data`` with a file part.
     """
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
@@ -139,12 +140,16 @@ async def read_fixation(request: Request, stream_id: str, settings: Settings) ->
     if source.kind == "raw" and len(source.data) <= _INLINE_RAW_BYTES:
         fix.patch = _decode(source, settings)  # a small copy: cheaper than a hop to a thread
     else:
-        fix.patch = await anyio.to_thread.run_sync(_decode, source, settings)  # PNG/JPEG, frames
+        fix.patch = await anyio.to_thread.run_sync(  # PNG/JPEG, frames
+            _decode, source, settings, limiter=request.app.state.decode_limiter
+        )
     return fix
 
 
 def _decode(source: PatchSource, settings: Settings) -> Any:
-    return decode_source(source, max_pixels=settings.max_pixels, size=settings.input_size)
+    return decode_source(
+        source, max_pixels=settings.max_pixels, size=settings.input_size, max_patch_px=settings.max_patch_px
+    )
 
 
 def decode_item(item: FixationIn, stream_id: str, settings: Settings) -> Fixation:

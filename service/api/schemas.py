@@ -250,3 +250,12 @@ class Ready(BaseModel):
     status: str
     mode: str
     detail: str
+
+
+class CommandIn(BaseModel):
+    """The body of ``POST .../reset`` and ``POST /v1/model/checkpoint``: a JSON object, ``{}``.
+
+    A state-changing POST needs a JSON body so that a browser cannot send it cross-origin as a
+    "simple" request (one sent without asking the server first)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})

@@ -36,6 +36,7 @@ SMALL_ENV = {
     "FOVEATE_DEVICE": "cpu",
     "FOVEATE_CHECKPOINT_PATH": "",  # empty means None: no checkpoint files, a fresh model each run
     "FOVEATE_LOG_LEVEL": "WARNING",
+    "FOVEATE_CONTROL_SECRET": "test-control-secret",  # `foveate api` and `worker` need the same one
 }
 
 

@@ -3,8 +3,9 @@
 ``live_stack`` (module scope) starts, all on 127.0.0.1 with a small model:
 
 - a ``redis-server`` started with the command line of docker-compose.yml's ``redis`` service
-  (append-only, password), and a ``foveate worker`` (its own ``/metrics``) and a ``foveate api`` over it:
-  the Redis mode that ``docker-compose.yml`` runs, with the stack's ``FOVEATE_REDIS_URL``;
+  (append-only, ACL user ``foveate`` with a password, the default user off), and a ``foveate
+  worker`` (its own ``/metrics``) and a ``foveate api`` over it: the Redis mode that
+  ``docker-compose.yml`` runs, with the stack's ``FOVEATE_REDIS_URL``;
 - a ``foveate serve`` (embedded mode: one process, one ``/metrics``);
 - a ``prometheus`` whose config is ``docker/prometheus/prometheus.yml`` with its targets pointed
   at those processes (same job names, so ``alerts.yml``'s selectors mean what they mean in the
@@ -33,7 +34,7 @@ import redis
 import yaml
 
 from tests.conftest import LOOPBACK, REPO_ROOT, find_free_port, require_server_binary
-from tests.deploy.tools import ALERTS_FILE, COMPOSE_FILE, PROMETHEUS_CONFIG, compose_model
+from tests.deploy.tools import ALERTS_FILE, COMPOSE_FILE, PROMETHEUS_CONFIG, compose_model, write_env_file
 
 SMALL_MODEL_ENV = {
     "FOVEATE_N_UNITS": "64",
@@ -44,6 +45,7 @@ SMALL_MODEL_ENV = {
     "FOVEATE_CHECKPOINT_PATH": "",  # empty: no checkpoints
     "FOVEATE_DIAGNOSTICS_INTERVAL_S": "1",
     "FOVEATE_LOG_LEVEL": "WARNING",
+    "FOVEATE_CONTROL_SECRET": "test-control-secret",  # signs the API's commands to the worker
     "OMP_NUM_THREADS": "1",
 }
 STARTUP_TIMEOUT_S = 120.0  # three processes import torch at once on a 2-core machine
@@ -195,14 +197,14 @@ class ComposeRedis:
     url: str  # FOVEATE_REDIS_URL of the compose api/worker, pointed at this server
     password: str
     healthcheck: list[str]  # the compose service's healthcheck test
+    workdir: Path  # its --dir: the append-only files
 
 
 def _start_compose_redis(binary: str, tmp: Path, procs: list[Process]) -> ComposeRedis:
     """redis-server with the compose service's flags (append-only, password), as compose resolves them."""
     password = "live-test-pw"
-    empty = tmp / "empty.env"
-    empty.write_text("")
-    services = compose_model([COMPOSE_FILE], env={"REDIS_PASSWORD": password}, env_file=empty)["services"]
+    env_file = write_env_file(tmp / "compose.env", REDIS_PASSWORD=password)
+    services = compose_model([COMPOSE_FILE], env_file=env_file)["services"]
     urls = {services[name]["environment"]["FOVEATE_REDIS_URL"] for name in ("api", "worker")}
     assert len(urls) == 1, f"api and worker get different Redis URLs: {urls}"
     command = services["redis"]["command"]
@@ -224,7 +226,7 @@ def _start_compose_redis(binary: str, tmp: Path, procs: list[Process]) -> Compos
 
     _wait_for("redis-server", pong, procs, STARTUP_TIMEOUT_S)
     client.close()
-    return ComposeRedis(procs[-1], port, url, password, services["redis"]["healthcheck"]["test"])
+    return ComposeRedis(procs[-1], port, url, password, services["redis"]["healthcheck"]["test"], workdir)
 
 
 @pytest.fixture(scope="module")

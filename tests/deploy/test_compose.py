@@ -9,8 +9,15 @@ import pytest
 
 from foveate.cli import build_parser
 from service.config import Settings
-from tests.conftest import REPO_ROOT
-from tests.deploy.tools import COMPOSE_CPU_FILE, COMPOSE_FILE, compose_model, run_compose
+from tests.conftest import LOOPBACK, REPO_ROOT, find_free_port, require_server_binary
+from tests.deploy.tools import (
+    COMPOSE_CPU_FILE,
+    COMPOSE_FILE,
+    REQUIRED_ENV,
+    compose_model,
+    run_compose,
+    write_env_file,
+)
 
 CORE_SERVICES = {"redis", "api", "worker", "prometheus", "grafana"}
 GPU = [COMPOSE_FILE]
@@ -19,10 +26,9 @@ CPU = [COMPOSE_FILE, COMPOSE_CPU_FILE]
 
 @pytest.fixture
 def env_file(tmp_path: Path) -> Path:
-    """An empty env file instead of the project's `.env`, so a developer's settings do not leak in."""
-    path = tmp_path / "empty.env"
-    path.write_text("")
-    return path
+    """An env file with only the required variables instead of the project's `.env`, so that a
+    developer's settings do not leak in."""
+    return write_env_file(tmp_path / "required.env")
 
 
 def _model(env_file: Path, files: list[Path] = GPU, *args: str, **env: str) -> dict[str, Any]:
@@ -53,19 +59,72 @@ def test_services_and_demo_profile(env_file: Path) -> None:
     assert set(_model(env_file, GPU, "--profile", "demo")["services"]) == CORE_SERVICES | {"demo"}
 
 
-def test_redis_is_persistent_and_password_protected(env_file: Path) -> None:
-    services = _model(env_file, REDIS_PASSWORD="s3cret-pw")["services"]
+def test_redis_is_persistent_and_password_protected(tmp_path: Path) -> None:
+    services = _model(write_env_file(tmp_path / "e.env", REDIS_PASSWORD="s3cret-pw"))["services"]
     redis = services["redis"]
     command = redis["command"]
     assert command[0] == "redis-server"
     assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--requirepass") + 1] == "s3cret-pw"
+    users = [i for i, arg in enumerate(command) if arg == "--user"]
+    assert command[users[0] + 1 : users[0] + 3] == ["default", "off"]  # no password-less user
+    assert command[users[1] + 1 : users[1] + 4] == ["foveate", "on", ">s3cret-pw"]
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
-    assert redis["healthcheck"]["test"]
-    # The same password reaches both halves of the service, in the URL they read.
+    assert "--user foveate" in " ".join(redis["healthcheck"]["test"])
+    # The same user, password and control secret reach both halves of the service.
     for name in ("api", "worker"):
-        assert services[name]["environment"]["FOVEATE_REDIS_URL"] == "redis://:s3cret-pw@redis:6379/0"
+        environment = services[name]["environment"]
+        assert environment["FOVEATE_REDIS_URL"] == "redis://foveate:s3cret-pw@redis:6379/0"
+        assert environment["FOVEATE_CONTROL_SECRET"] == REQUIRED_ENV["FOVEATE_CONTROL_SECRET"]
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["api"]["environment"]["FOVEATE_API_KEYS"] == REQUIRED_ENV["FOVEATE_API_KEYS"]
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_ENV))
+def test_compose_stops_without_a_required_secret(tmp_path: Path, name: str) -> None:
+    # No default password anywhere: a missing one is an error that says what to set.
+    proc = run_compose(
+        [COMPOSE_FILE], "config", "--quiet", env_file=write_env_file(tmp_path / "e.env", **{name: ""})
+    )
+    assert proc.returncode != 0
+    assert f"set {name} in .env" in proc.stderr, proc.stderr
+
+
+def test_the_compose_redis_acl_on_a_real_redis_server(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    import redis
+
+    binary = require_server_binary("redis-server")
+    command = _model(write_env_file(tmp_path / "e.env"))["services"]["redis"]["command"]
+    port = find_free_port()
+    args = [binary, *command[1:], "--port", str(port), "--bind", LOOPBACK, "--dir", str(tmp_path),
+            "--appendonly", "no"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        service = redis.Redis(
+            host=LOOPBACK, port=port, username="foveate", password=REQUIRED_ENV["REDIS_PASSWORD"]
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert service.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=LOOPBACK, port=port).ping()  # the default user is off
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=LOOPBACK, port=port, username="foveate", password="guess").ping()
+        assert service.xadd("foveate:fixations", {"stream_id": "s"})
+        for refused in (lambda: service.set("other:key", 1), lambda: service.keys("*"),
+                        lambda: service.config_get("*"), lambda: service.flushall()):  # fmt: skip
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_published_ports_stay_on_loopback_by_default(env_file: Path) -> None:
@@ -110,6 +169,7 @@ def test_worker_volumes_and_checkpoint_path(env_file: Path) -> None:
 def test_service_environment_is_known_to_settings(env_file: Path) -> None:
     # A misspelt FOVEATE_ variable would be silently ignored by pydantic-settings; catch it here.
     known = {f"FOVEATE_{name.upper()}" for name in Settings.model_fields}
+    known.add("FOVEATE_API_KEY")  # the clients' key (the demo's replay), not a server setting
     model = _model(env_file, GPU, "--profile", "demo")
     for name, service in model["services"].items():
         unknown = {k for k in service.get("environment") or {} if k.startswith("FOVEATE_")} - known
@@ -145,6 +205,7 @@ def test_monitoring_mounts_exist_in_the_repository(env_file: Path) -> None:
     assert (Path(dash_mount["source"]) / Path(home).relative_to(dash_mount["target"])).is_file()
 
 
-def test_grafana_admin_password_comes_from_the_environment(env_file: Path) -> None:
-    grafana = _model(env_file, GRAFANA_ADMIN_PASSWORD="not-admin")["services"]["grafana"]
+def test_grafana_admin_password_comes_from_the_environment(tmp_path: Path) -> None:
+    env_file = write_env_file(tmp_path / "e.env", GRAFANA_ADMIN_PASSWORD="not-admin")
+    grafana = _model(env_file)["services"]["grafana"]
     assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "not-admin"

@@ -10,7 +10,7 @@ from tests.deploy.tools import COMPOSE_CPU_FILE, COMPOSE_FILE, DOCKERFILES, comp
 
 DEPLOY_DOC = REPO_ROOT / "docs" / "deploy.md"
 _VAR = re.compile(r"\bFOVEATE_[A-Z0-9_]+\b")
-_INTERPOLATED = re.compile(r"\$\{([A-Z0-9_]+)(?::?-[^}]*)?\}")
+_INTERPOLATED = re.compile(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
 
 
 def _compose_text() -> str:
@@ -19,6 +19,7 @@ def _compose_text() -> str:
 
 def test_every_foveate_variable_is_a_setting_or_a_compose_knob() -> None:
     settings = {f"FOVEATE_{name.upper()}" for name in Settings.model_fields}
+    settings |= {"FOVEATE_API_KEY", "FOVEATE_URL"}  # the clients' own (the demo's replay)
     knobs = set(_INTERPOLATED.findall(_compose_text()))
     sources = {
         path.name: path.read_text() for path in (DEPLOY_DOC, COMPOSE_FILE, COMPOSE_CPU_FILE, *DOCKERFILES)

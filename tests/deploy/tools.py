@@ -56,6 +56,22 @@ def require_tool(name: str, installer: str) -> str:
     return path
 
 
+#: The variables docker-compose.yml requires in `.env` (compose stops without them), with test values.
+REQUIRED_ENV = {
+    "REDIS_PASSWORD": "test-redis-pw",
+    "FOVEATE_CONTROL_SECRET": "test-control-secret",
+    "FOVEATE_API_KEYS": "3f9a0c1d:lab-a:ingest,read:" + "ab" * 32 + ":0",
+    "GRAFANA_ADMIN_PASSWORD": "test-grafana-pw",
+}
+
+
+def write_env_file(path: Path, **values: str) -> Path:
+    """An env file with the required variables (``values`` override or add; an empty value drops one)."""
+    merged = {**REQUIRED_ENV, **values}
+    path.write_text("".join(f"{k}={v}\n" for k, v in merged.items() if v))
+    return path
+
+
 def compose_command() -> list[str]:
     """The Compose v2 command: the standalone ``docker-compose``, else the ``docker compose`` plugin."""
     standalone = find_tool("docker-compose")
@@ -86,6 +102,8 @@ def run_compose(files: list[Path], *args: str, env: dict[str, str] | None = None
     if env_file is not None:
         cmd += ["--env-file", str(env_file)]
     base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    if env_file is None:  # no .env given: the required secrets, so that the files resolve at all
+        base.update(REQUIRED_ENV)
     return subprocess.run(
         [*cmd, *args], cwd=REPO_ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=60
     )

@@ -42,6 +42,8 @@ SMALL = {
     "loss": "cosine",
     "max_wait_ms": 2.0,
     "heartbeat_timeout_s": 5.0,
+    # signs the API's commands to a separate worker over Redis (`foveate api` and `worker` need one)
+    "control_secret": "test-control-secret",
 }
 SMALL_ENV = {f"FOVEATE_{k.upper()}": str(v) for k, v in SMALL.items()}
 

@@ -90,6 +90,6 @@ def test_serve_with_redis_takes_http_and_rig_fixations(
     assert item is not None and json.loads(item[1])["step"] == 2
     metrics = scrape(url + "/metrics")
     assert metrics[("foveate_fixations_total", ())] == 2
-    unavailable = client.post("/v1/model/checkpoint")
+    unavailable = client.post("/v1/model/checkpoint", json={})
     assert unavailable.status_code == 422 and "FOVEATE_CHECKPOINT_PATH" in unavailable.json()["detail"]
     assert serve.stop(signal.SIGTERM) in GRACEFUL

@@ -116,7 +116,7 @@ def test_api_and_worker_over_redis(
     assert r.xpending("foveate:fixations", "foveate-workers")["pending"] == 0
 
     # --- reset and delete travel to the worker through the control stream
-    assert client.post("/v1/streams/learn-0/reset").json()["step"] == 0
+    assert client.post("/v1/streams/learn-0/reset", json={}).json()["step"] == 0
     assert post_patch(client, "learn-0", osie[0].patches[0])["step"] == 1
     assert client.delete("/v1/streams/learn-1").json()["deleted"] is True
     assert client.get("/v1/streams/learn-1").status_code == 404

@@ -81,7 +81,8 @@ def test_bad_messages_carry_a_problem(fields: dict[str, object], message: str) -
 
 def test_stream_ids() -> None:
     assert check_stream_id("rig-1.p07:run_2") == "rig-1.p07:run_2"
-    for bad in ("", "a b", "x" * 129, "é"):
+    assert check_stream_id("lab-a:" + "x" * 128)  # qualified by a key's namespace
+    for bad in ("", "a b", "x" * 162, "é"):
         with pytest.raises(ValueError, match="stream_id"):
             check_stream_id(bad)
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from learner.errors import FoveateError
-from service.api.deps import BrokerDep, SettingsDep, StreamId
+from service.api.deps import BrokerDep, IngestKey, Principal, SettingsDep, StreamId, ask_worker, authorize
 from service.api.lean import NOT_LEAN, lean_route
 from service.api.payloads import decode_item, read_fixation
 from service.api.schemas import (
@@ -34,9 +34,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "Malformed JSON or multipart body",
+        401: "No API key, or an unknown one",
+        403: "The key lacks the ingest scope, or a browser sent the request from a foreign origin",
+        408: "The body did not arrive within FOVEATE_BODY_TIMEOUT_S",
         413: "Body over FOVEATE_MAX_BODY_BYTES, or too many fixations in a batch",
+        415: "The body is neither application/json nor multipart/form-data",
         422: "Invalid fields or image (undecodable, wrong shape, too many pixels, gaze off the frame)",
-        429: "Queue full or too many streams; retry later",
+        429: "Queue full, too many streams, or the key's rate; retry after Retry-After seconds",
         503: "No live worker (wait=true) or Redis unreachable",
         504: "The worker did not answer within FOVEATE_SYNC_TIMEOUT_S",
     }.items()
@@ -66,13 +70,27 @@ _BODY = {
 }
 
 
-def _result(payload: dict[str, Any], with_prediction: bool) -> FixationResult:
+def _result(payload: dict[str, Any], with_prediction: bool, stream_id: str) -> FixationResult:
     if not payload.get("ok"):
         raise error_from_payload(payload)
     fields = {k: v for k, v in payload.items() if k in FixationResult.model_fields}
+    fields["stream_id"] = stream_id  # the caller's id, not the worker's qualified one
     if not with_prediction:
         fields.pop("prediction", None)
     return FixationResult(**fields)
+
+
+async def admit_streams(request: Request, key: Principal, qualified: list[str]) -> None:
+    """The key's stream quota (service/api/quotas.py); nothing to check without keys."""
+    if key.key_id is None:
+        return
+    broker: Broker = request.app.state.broker
+
+    async def list_streams(namespace: str) -> list[str]:
+        reply = await ask_worker(broker, "streams", prefix=f"{namespace}:")
+        return [str(s["stream_id"]) for s in reply["streams"]]
+
+    await request.app.state.stream_quota.admit(key.namespace or "", qualified, list_streams)
 
 
 async def _post_one(
@@ -82,8 +100,11 @@ async def _post_one(
     settings: Settings,
     wait: bool,
     return_prediction: bool,
+    key: Principal,
 ) -> Any:
-    fix = await read_fixation(request, stream_id, settings)
+    qualified = key.qualify(stream_id)
+    await admit_streams(request, key, [qualified])
+    fix = await read_fixation(request, qualified, settings)
     fix.return_prediction = return_prediction
     await broker.submit([fix], wait=wait)
     assert fix.request_id is not None
@@ -91,7 +112,7 @@ async def _post_one(
         accepted = Accepted(stream_id=stream_id, seq=fix.seq, request_id=fix.request_id, status="queued")
         return JSONResponse(accepted.model_dump(), status_code=202)
     payload = await broker.result(fix.request_id, settings.sync_timeout_s)
-    return _result(payload, return_prediction)
+    return _result(payload, return_prediction, stream_id)
 
 
 _BOOLS = {b"true": True, b"false": False, b"1": True, b"0": False}
@@ -124,10 +145,11 @@ async def lean_post_fixation(request: Request) -> Any:
     """
     stream_id = request.scope["path_params"].get("stream_id", "")
     flags = plain_flags(request.scope["query_string"])
-    if flags is None or not is_stream_id(stream_id):
+    if flags is None or not is_stream_id(stream_id, qualified=False):
         return NOT_LEAN
+    key = authorize(request, "ingest")
     state = request.app.state
-    return await _post_one(request, stream_id, state.broker, state.settings, *flags)
+    return await _post_one(request, stream_id, state.broker, state.settings, *flags, key)
 
 
 async def post_fixation(
@@ -135,6 +157,7 @@ async def post_fixation(
     request: Request,
     broker: BrokerDep,
     settings: SettingsDep,
+    key: IngestKey,
     wait: bool = Query(True, description="Wait for the worker's result (false: answer 202 at once)."),
     return_prediction: bool = Query(False, description="Include the predicted next embedding."),
 ) -> Any:
@@ -144,7 +167,7 @@ async def post_fixation(
     (against the prediction made at the previous fixation; null at step 1), the running error and
     the number of updates applied."""
     # Plain requests are answered by lean_post_fixation; this serves the rest (and documents the route).
-    return await _post_one(request, stream_id, broker, settings, wait, return_prediction)
+    return await _post_one(request, stream_id, broker, settings, wait, return_prediction, key)
 
 
 router.add_api_route(
@@ -160,12 +183,13 @@ router.add_api_route(
 )
 
 
-async def _answer(broker: BrokerDep, fix: Fixation, timeout: float, with_prediction: bool) -> BatchItem:
+async def _answer(
+    broker: BrokerDep, fix: Fixation, timeout: float, with_prediction: bool, stream_id: str
+) -> BatchItem:
     assert fix.request_id is not None
     try:
-        return BatchItem(
-            ok=True, result=_result(await broker.result(fix.request_id, timeout), with_prediction)
-        )
+        payload = await broker.result(fix.request_id, timeout)
+        return BatchItem(ok=True, result=_result(payload, with_prediction, stream_id))
     except FoveateError as exc:
         return BatchItem(ok=False, rejected=ErrorBody(**error_payload(exc)))
 
@@ -179,8 +203,10 @@ async def _answer(broker: BrokerDep, fix: Fixation, timeout: float, with_predict
 )
 async def post_batch(
     body: BatchIn,
+    request: Request,
     broker: BrokerDep,
     settings: SettingsDep,
+    key: IngestKey,
     wait: bool = Query(True, description="Wait for every result (false: every item answers 'accepted')."),
     return_prediction: bool = Query(False, description="Include each predicted next embedding."),
 ) -> BatchOut:
@@ -193,10 +219,12 @@ async def post_batch(
             f"{settings.max_batch_fixations}; split the batch"
         )
 
-    def decode_all() -> list[Fixation]:
-        return [decode_item(item, item.stream_id, settings) for item in body.fixations]
+    await admit_streams(request, key, [key.qualify(item.stream_id) for item in body.fixations])
 
-    fixes = await anyio.to_thread.run_sync(decode_all)
+    def decode_all() -> list[Fixation]:
+        return [decode_item(item, key.qualify(item.stream_id), settings) for item in body.fixations]
+
+    fixes = await anyio.to_thread.run_sync(decode_all, limiter=request.app.state.decode_limiter)
     good = [f for f in fixes if f.problem is None]
     for fix in good:
         fix.return_prediction = return_prediction
@@ -205,8 +233,9 @@ async def post_batch(
     answers: dict[int, BatchItem] = {}
     if wait and good:
         done = await asyncio.gather(
-            *(_answer(broker, f, settings.sync_timeout_s, return_prediction) for f in good)
-        )
+            *(_answer(broker, f, settings.sync_timeout_s, return_prediction, key.local(f.stream_id))
+              for f in good)
+        )  # fmt: skip
         answers = {id(f): a for f, a in zip(good, done, strict=True)}
     results: list[BatchItem] = []
     for fix in fixes:
@@ -217,6 +246,7 @@ async def post_batch(
             results.append(answers[id(fix)])
         else:
             assert fix.request_id is not None
-            acc = Accepted(stream_id=fix.stream_id, seq=fix.seq, request_id=fix.request_id, status="queued")
+            acc = Accepted(stream_id=key.local(fix.stream_id), seq=fix.seq, request_id=fix.request_id,
+                           status="queued")  # fmt: skip
             results.append(BatchItem(ok=True, accepted=acc))
     return BatchOut(results=results)

@@ -30,7 +30,7 @@ def test_model_info_and_checkpoint(embedded: ThreadedServer, osie: list[Scanpath
     assert 0 < info["trainable_parameters"] < info["parameters"]["trunk"]  # the trunk is frozen
     assert info["updates_applied"] >= 1 and info["streams"] >= 1 and info["bytes_per_stream"] > 0
 
-    ckpt = client.post("/v1/model/checkpoint").json()
+    ckpt = client.post("/v1/model/checkpoint", json={}).json()
     path = Path(ckpt["path"])
     assert path.exists() and ckpt["updates_applied"] == info["updates_applied"]
     saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -51,7 +51,7 @@ def test_stream_lifecycle(client: httpx.Client, osie: list[Scanpath]) -> None:
     pred = client.get("/v1/streams/life/prediction").json()
     assert pred["step"] == 3 and len(pred["prediction"]) == 16
 
-    assert client.post("/v1/streams/life/reset").json() == {"stream_id": "life", "step": 0}
+    assert client.post("/v1/streams/life/reset", json={}).json() == {"stream_id": "life", "step": 0}
     assert client.get("/v1/streams/life/prediction").json()["prediction"] is None
     after = _post(client, "life", patches[3])
     assert after["step"] == 1 and after["error"] is None  # a reset starts a new, unscored sequence
@@ -75,7 +75,7 @@ def test_reset_flag_on_a_fixation(client: httpx.Client, osie: list[Scanpath]) ->
     ("method", "path"), [("GET", ""), ("GET", "/prediction"), ("POST", "/reset"), ("DELETE", "")]
 )
 def test_unknown_stream_is_404(client: httpx.Client, method: str, path: str) -> None:
-    r = client.request(method, f"/v1/streams/never-seen{path}")
+    r = client.request(method, f"/v1/streams/never-seen{path}", json={} if method == "POST" else None)
     assert r.status_code == 404
     assert r.json() == {
         "error": "UnknownStream",
