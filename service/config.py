@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     max_body_bytes, max_pixels, max_batch_fixations, sync_timeout_s, max_streams, max_queue
         Limits: request body (413), decoded image pixels (413), fixations per batch request,
         the wait for a synchronous result (504), live streams (429), queued fixations (429).
+    max_state_mb
+        Memory for the streams' state (h, c, traces; about 1.05 MB a stream at the default model),
+        in whole chunks of 64 streams. Beyond it the least recently used streams spill to files next
+        to the checkpoint and come back on their next fixation; without a checkpoint path a new
+        stream past it is refused (429).
     """
 
     model_config = SettingsConfigDict(env_prefix="FOVEATE_", extra="ignore", validate_default=True)
@@ -161,6 +166,7 @@ class Settings(BaseSettings):
     max_batch_fixations: int = Field(default=256, ge=1)
     sync_timeout_s: float = Field(default=10.0, gt=0.0)
     max_streams: int = Field(default=10_000, ge=1)
+    max_state_mb: int = Field(default=4096, ge=1)
     max_queue: int = Field(default=10_000, ge=1)
 
     @field_validator("redis_url", "checkpoint_path", "trunk_weights", mode="before")

@@ -16,7 +16,9 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
         ├── UnknownStream               no such stream on the worker                    404 unknown_stream
         ├── Overloaded                  back-pressure; retry later                      429 overloaded
         │   ├── QueueFull               too many fixations waiting for the worker       429 queue_full
-        │   └── TooManyStreams          ``max_streams`` live streams already            429 too_many_streams
+        │   └── TooManyStreams          ``max_streams`` live streams already, or the    429 too_many_streams
+        │                               state memory cap (``max_state_mb``) reached
+    StateFull (learner)                 the same, found inside a tick                   429 too_many_streams
         ├── WorkerUnavailable           no live worker, or the broker is unreachable    503 unavailable
         ├── WorkerTimeout               no result within ``sync_timeout_s``             504 timeout
         └── WorkerError                 the worker failed on valid input (a bug)        500 internal
@@ -27,6 +29,8 @@ answers **400** as ``MalformedRequest``; an unknown route 404, a wrong method 40
 unexpected failure (a bug) 500 as ``InternalError``. Every error body has one shape::
 
     {"error": "<class name>", "detail": "<what to fix>"}
+
+Every 429 and 503 also carries ``Retry-After`` (seconds).
 
 The same two fields travel in worker results over Redis, so the API re-raises the worker's class
 (:func:`error_from_payload`).
@@ -51,6 +55,7 @@ from learner.errors import (
     FoveateError,
     InputError,
     PatchError,
+    StateFull,
     TrunkWeightsError,
 )
 from service import metrics
@@ -129,6 +134,7 @@ _STATUS: dict[type[FoveateError], tuple[int, str]] = {
     Overloaded: (429, "overloaded"),
     QueueFull: (429, "queue_full"),
     TooManyStreams: (429, "too_many_streams"),
+    StateFull: (429, "too_many_streams"),
     WorkerUnavailable: (503, "unavailable"),
     WorkerTimeout: (504, "timeout"),
 }
@@ -170,9 +176,13 @@ def error_from_payload(payload: dict[str, Any]) -> FoveateError:
     return klass(detail)
 
 
+RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait before it tries again
+
+
 def _respond(status: int, reason: str, name: str, detail: str) -> JSONResponse:
     metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
-    return JSONResponse({"error": name, "detail": detail}, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse({"error": name, "detail": detail}, status_code=status, headers=headers)
 
 
 async def _foveate_handler(request: Request, exc: Exception) -> JSONResponse:
