@@ -47,7 +47,15 @@ def main(argv: list[str] | None = None) -> None:
             cap = learner.limit_memory(args.max_state_mb * 2**20, spill)
         print(f"bytes per stream: {per:,} ({per / 2**20:.2f} MB); chunk {learner.states.chunk} streams; "
               f"cap {cap if cap is not None else 'none'} streams resident")  # fmt: skip
-        print(f"{'streams':>8} {'resident':>9} {'spilled':>8} {'state MB':>9} {'RSS MB':>8} {'s/new tick':>11}")
+        head = (
+            ("streams", 8),
+            ("resident", 9),
+            ("spilled", 8),
+            ("state MB", 9),
+            ("RSS MB", 8),
+            ("s/new tick", 11),
+        )
+        print(" ".join(f"{name:>{width}}" for name, width in head))
         gc.collect()
         print(f"{0:>8} {0:>9} {0:>8} {0:>9.0f} {rss_mb():>8.0f} {'':>11}")
         made = 0
@@ -67,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
             learner.drop(sid)
         gc.collect()
         st = learner.states
-        print(f"after deleting every third stream: {len(st)} streams, state {st.allocated_bytes() / 2**20:.0f} MB, "
-              f"RSS {rss_mb():.0f} MB")  # fmt: skip
+        print(f"after deleting every third stream: {len(st)} streams, "
+              f"state {st.allocated_bytes() / 2**20:.0f} MB, RSS {rss_mb():.0f} MB")  # fmt: skip
         for sid in learner.stream_ids()[: len(st) // 2]:
             learner.drop(sid)
         gc.collect()

@@ -278,6 +278,9 @@ class Worker:
             extra = {"service": service}
             save_checkpoint(path, self.learner, extra)
             info["seconds"] = time.perf_counter() - start
+            info["bytes"] = path.stat().st_size
+        metrics.CHECKPOINT_SECONDS.observe(info["seconds"])
+        metrics.CHECKPOINT_BYTES.set(info["bytes"])
         self.last_checkpoint = info
         self._last_ckpt = time.monotonic()
         metrics.CHECKPOINTS.inc()
