@@ -30,7 +30,7 @@ unexpected failure (a bug) 500 as ``InternalError``. Every error body has one sh
 
     {"error": "<class name>", "detail": "<what to fix>"}
 
-Every 429 and 503 also carries ``Retry-After`` (seconds).
+A 429 ``too_many_streams`` also carries ``Retry-After`` (seconds).
 
 The same two fields travel in worker results over Redis, so the API re-raises the worker's class
 (:func:`error_from_payload`).
@@ -176,12 +176,12 @@ def error_from_payload(payload: dict[str, Any]) -> FoveateError:
     return klass(detail)
 
 
-RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait before it tries again
+RETRY_AFTER_S = 1  # what a refused new stream (429 too_many_streams) is told to wait before it retries
 
 
 def _respond(status: int, reason: str, name: str, detail: str) -> JSONResponse:
     metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if reason == "too_many_streams" else None
     return JSONResponse({"error": name, "detail": detail}, status_code=status, headers=headers)
 
 

@@ -70,7 +70,7 @@ def test_unknown_class_name_becomes_worker_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("exc", "retry"), [(TooManyStreams, "1"), (WorkerUnavailable, "1"), (InputError, None)]
+    ("exc", "retry"), [(TooManyStreams, "1"), (WorkerUnavailable, None), (InputError, None)]
 )
 def test_back_pressure_answers_carry_retry_after(exc: type[FoveateError], retry: str | None) -> None:
     from fastapi import FastAPI
