@@ -39,6 +39,8 @@ class BPTTLearner(StreamLearner):
     (5, 4)
     """
 
+    can_spill = False  # the windows below are keyed by slot, and spilling moves streams between slots
+
     def __init__(self, *args, window: int | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         if window is not None and window < 1:

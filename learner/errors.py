@@ -7,6 +7,8 @@ The whole tree, with the HTTP status the service maps each one to, is drawn in
     ├── ConfigError                   a ModelConfig value is out of range          (422)
     ├── InputError                    bad fixation data                            (422)
     │   └── PatchError                undecodable image, wrong shape or channels, NaN
+    ├── StateFull                     the stream-state memory cap is reached and no
+    │                                 stream can be spilled                        (429)
     ├── TrunkWeightsError             a trunk weights file is missing, unreadable,
     │                                 or its keys do not match the architecture    (500 at start-up)
     └── CheckpointError               a checkpoint is unreadable or malformed
@@ -30,6 +32,10 @@ class InputError(FoveateError, ValueError):
 
 class PatchError(InputError):
     """An image or patch that cannot be decoded, cut, or has the wrong shape."""
+
+
+class StateFull(FoveateError):
+    """No memory for another stream's state: the cap is reached and no idle stream can be spilled."""
 
 
 class TrunkWeightsError(FoveateError):

@@ -13,7 +13,12 @@ in ``rfp.py`` and ``docs/math.md``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from learner.state import Slab
 
 
 def mix(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -28,7 +33,7 @@ def mix(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def advance_w_traces(
-    trace_w: torch.Tensor,
+    trace_w: Slab | torch.Tensor,
     slots: torch.Tensor,
     idx: torch.Tensor,
     delta: torch.Tensor | None,
@@ -43,9 +48,10 @@ def advance_w_traces(
 ) -> None:
     """Add the scored rows' gradient of ``[W | b]`` and advance its traces, in place.
 
-    ``trace_w`` (S, 2, N, K+1) every slot's traces; ``slots`` (B,) this tick's; ``idx`` (Bs,) the
-    scored rows of the tick and ``delta`` (Bs, N) their dE/dh_{t-1}; ``a`` (B, N, 2, 2) the blocks,
-    ``k`` (B, 2, N) the drive's factors, ``v1`` (B, K+1) the input [v, 1]; ``scratch`` (N, 2, K+1).
+    ``trace_w`` (S, 2, N, K+1) every slot's traces (a chunked ``Slab``, indexed by slot); ``slots``
+    (B,) this tick's; ``idx`` (Bs,) the scored rows of the tick and ``delta`` (Bs, N) their
+    dE/dh_{t-1}; ``a`` (B, N, 2, 2) the blocks, ``k`` (B, 2, N) the drive's factors, ``v1`` (B, K+1)
+    the input [v, 1]; ``scratch`` (N, 2, K+1).
     Plain form::
 
         p = trace_w[slots]                                   # the traces of step t-1

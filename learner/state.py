@@ -1,30 +1,99 @@
-"""Per-stream state: every stream's h, c, RFP traces, step count and last prediction, in slot tensors.
+"""Per-stream state: every stream's h, c, RFP traces, step count and last prediction, in chunked slabs.
 
-One stream is one participant's session. Each stream owns one slot (a row of every tensor below);
-slots are reused after a stream is dropped, and the slab doubles when full. A reset zeroes h, c and
-the traces of a stream together (spec A12: resetting only some of them gives the gradient of a
-different function) and leaves every other slot untouched.
+One stream is one participant's session. Each resident stream owns one slot (a row of every
+:class:`Slab` below). Slabs are stored in fixed-size chunks of ``chunk`` slots (64 by default: about
+70 MB of RFP traces at the default model), allocated when every slot is taken and never copied:
+adding the 2,049th stream allocates one more chunk instead of doubling (and copying) everything.
+Dropping a stream frees its slot for the next new stream (the lowest free slot is handed out first,
+so the chunks stay dense), and a chunk whose every slot is free is released, so memory falls again.
 
-Memory per stream is fixed: it does not grow with the length of the stream.
+A cap (``max_resident`` streams, which the service derives from megabytes) bounds the chunks. At
+the cap, with a spill folder, the least recently used stream not in the current tick is written to
+one file there and its slot reused; its next fixation (or any query) reads it back bit for bit.
+Without a spill folder a new stream past the cap is refused with :class:`StateFull`.
+
+A reset zeroes h, c and the traces of a stream together (spec A12: resetting only some of them gives
+the gradient of a different function) and leaves every other slot untouched. Memory per stream is
+fixed: it does not grow with the length of the stream.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import hashlib
+import heapq
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
-from learner.errors import InputError
+from learner.errors import InputError, StateFull
+
+Plan = list[
+    tuple[int, torch.Tensor | None, torch.Tensor]
+]  # (chunk, rows of the tick or None: all, rows in it)
+
+
+class Slab:
+    """One per-stream quantity of shape (S, ...) kept in chunks of ``chunk`` rows.
+
+    Indexed like a tensor by slot: ``slab[slots]`` with a LongTensor (B,) gives a copy (B, ...),
+    ``slab[slots] = x`` writes rows, ``slab[s]`` with an int gives a view of one row.
+    """
+
+    def __init__(self, owner: StreamStates, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._owner, self.shape, self.dtype = owner, shape, dtype
+        self.chunks: list[torch.Tensor | None] = []  # each (chunk, *shape), None: released
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def row_bytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.element_size()
+
+    def _chunk(self, c: int) -> torch.Tensor:
+        t = self.chunks[c]
+        assert t is not None, "slot in a released chunk"
+        return t
+
+    def __getitem__(self, slots: torch.Tensor | int) -> torch.Tensor:
+        size = self._owner.chunk
+        if isinstance(slots, int):
+            return self._chunk(slots // size)[slots % size]  # a view
+        plan = self._owner.plan(slots)
+        if len(plan) == 1:
+            c, _, rows = plan[0]
+            return self._chunk(c)[rows]  # a copy
+        out = torch.empty(len(slots), *self.shape, dtype=self.dtype, device=self._owner.device)
+        for c, pos, rows in plan:
+            out[pos] = self._chunk(c)[rows]
+        return out
+
+    def __setitem__(self, slots: torch.Tensor | int, value: torch.Tensor | float) -> None:
+        size = self._owner.chunk
+        if isinstance(slots, int):
+            self._chunk(slots // size)[slots % size] = value
+            return
+        for c, pos, rows in self._owner.plan(slots):
+            self._chunk(c)[rows] = value if pos is None or not torch.is_tensor(value) else value[pos]
+
+    def data_ptrs(self) -> list[int]:
+        return [0 if t is None else t.data_ptr() for t in self.chunks]
 
 
 class StreamStates:
-    """Slot-indexed state of many streams.
+    """Slot-indexed state of many streams, in chunks; optionally capped, with idle streams spilled.
 
     ``traces`` maps a trace name to its per-slot shape (e.g. ``{"W": (2, N, M + 1)}``); the learner
     that owns the states decides which traces exist (none for BPTT). ``inputs`` (M) keeps each
     stream's last normalised trunk features in ``u``, which the context-list embedding reads when
-    it scores the next fixation (0: none kept).
+    it scores the next fixation (0: none kept). ``max_resident`` caps the streams held in memory and
+    ``spill_dir`` (see the module docstring) is where the others wait.
 
     Examples
     --------
@@ -45,131 +114,287 @@ class StreamStates:
         inputs: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        capacity: int = 8,
+        chunk: int = 64,
+        max_resident: int | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.n_units, self.embed_dim, self.inputs = n_units, embed_dim, inputs
         self.trace_shapes = dict(traces or {})
         self.device, self.dtype = torch.device(device), dtype
-        self._allocate(capacity)
+        self.chunk = chunk
+        self.max_resident: int | None = None
+        self.spill_dir: Path | None = None
+        self._clear_all()
+        self.limit(max_resident, spill_dir)
 
-    def _allocate(self, capacity: int) -> None:
-        """Empty slab of ``capacity`` free slots."""
-        dev, dt, n = self.device, self.dtype, self.n_units
-        self._slot_of: dict[str, int] = {}
-        self._free: list[int] = []
-        self.capacity = 0
-        self.h = torch.empty(0, n, device=dev, dtype=dt)  # (S, N)
-        self.c = torch.empty(0, n, device=dev, dtype=dt)  # (S, N)
-        self.pred = torch.empty(0, self.embed_dim, device=dev, dtype=dt)  # (S, D)
+    def _clear_all(self) -> None:
+        dt = self.dtype
+        self.h = Slab(self, (self.n_units,), dt)  # (S, N)
+        self.c = Slab(self, (self.n_units,), dt)  # (S, N)
+        self.pred = Slab(self, (self.embed_dim,), dt)  # (S, D)
         # the last fixation's normalised trunk features, read by the context-list embedding (S, M)
-        self.u = torch.empty(0, self.inputs, device=dev, dtype=dt)
-        self.step = torch.empty(0, dtype=torch.long, device=dev)  # (S,) fixations since reset
-        self.total = torch.empty(0, dtype=torch.long, device=dev)  # (S,) fixations ever
-        self.trace: dict[str, torch.Tensor] = {
-            k: torch.empty(0, *shape, device=dev, dtype=dt) for k, shape in self.trace_shapes.items()
-        }
-        self._grow(capacity)
+        self.u = Slab(self, (self.inputs,), dt)
+        self.step = Slab(self, (), torch.long)  # (S,) fixations since reset
+        self.total = Slab(self, (), torch.long)  # (S,) fixations ever
+        self.trace: dict[str, Slab] = {k: Slab(self, shape, dt) for k, shape in self.trace_shapes.items()}
+        self._slot_of: dict[str, int] = {}
+        self._free: list[int] = []  # a heap: the lowest free slot first
+        self._live: list[int] = []  # live slots per chunk
+        self._lru: OrderedDict[str, None] = OrderedDict()  # resident streams, least recently used first
+        self._spilled: set[str] = set()
+        self._plan: tuple[torch.Tensor, Plan] | None = None
+        self.spills = self.unspills = 0  # counters, for metrics
+
+    def limit(self, max_resident: int | None, spill_dir: str | os.PathLike[str] | None = None) -> None:
+        """Cap the resident streams; with ``spill_dir``, spill the least recently used beyond it.
+
+        The folder is swap space, emptied here: a checkpoint holds every stream, spilled or not.
+        """
+        if max_resident is not None and max_resident < 1:
+            raise ValueError("max_resident must be at least 1")
+        if self._spilled:
+            raise RuntimeError("cannot change the spill folder while streams are spilled")
+        self.max_resident = max_resident
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
 
     # --- slots ---------------------------------------------------------------------------------
-    def _grow(self, capacity: int) -> None:
-        old = self.capacity
-        if capacity <= old:
-            return
+    def plan(self, slots: torch.Tensor) -> Plan:
+        """Which chunk rows ``slots`` (B,) are; cached for the tensor ``slots()`` returned last."""
+        cached = self._plan
+        if cached is not None and cached[0] is slots:
+            return cached[1]
+        return self._make_plan(slots)
 
-        def extend(t: torch.Tensor) -> torch.Tensor:
-            fresh = t.new_zeros(capacity - old, *t.shape[1:])
-            return torch.cat([t, fresh]) if old else fresh
+    def _make_plan(self, slots: torch.Tensor) -> Plan:
+        size, dev = self.chunk, self.device
+        listed = slots.tolist()
+        by_chunk: dict[int, list[int]] = {}
+        for i, s in enumerate(listed):
+            by_chunk.setdefault(s // size, []).append(i)
+        if len(by_chunk) == 1:
+            (c,) = by_chunk
+            return [(c, None, slots if c == 0 else slots - c * size)]
+        return [
+            (
+                c,
+                torch.tensor(pos, dtype=torch.long, device=dev),
+                torch.tensor([listed[i] - c * size for i in pos], dtype=torch.long, device=dev),
+            )
+            for c, pos in by_chunk.items()
+        ]
 
-        self.h, self.c, self.pred, self.u = extend(self.h), extend(self.c), extend(self.pred), extend(self.u)
-        self.step, self.total = extend(self.step), extend(self.total)
-        self.trace = {k: extend(v) for k, v in self.trace.items()}
-        self._free.extend(range(capacity - 1, old - 1, -1))  # pop() hands out the lowest first
-        self.capacity = capacity
+    def _named_slabs(self) -> Iterator[tuple[str, Slab]]:
+        yield from (("h", self.h), ("c", self.c), ("pred", self.pred), ("u", self.u))
+        yield from (("step", self.step), ("total", self.total))
+        yield from ((f"trace.{k}", v) for k, v in self.trace.items())
+
+    def _add_chunk(self) -> None:
+        c = next((i for i, n in enumerate(self._live) if self.h.chunks[i] is None), len(self._live))
+        for _, slab in self._named_slabs():
+            fresh = torch.zeros(self.chunk, *slab.shape, dtype=slab.dtype, device=self.device)
+            if c == len(slab.chunks):
+                slab.chunks.append(fresh)
+            else:
+                slab.chunks[c] = fresh
+        if c == len(self._live):
+            self._live.append(0)
+        for s in range(c * self.chunk, (c + 1) * self.chunk):
+            heapq.heappush(self._free, s)
+
+    def _release_chunk(self, c: int) -> None:
+        for _, slab in self._named_slabs():
+            slab.chunks[c] = None
+        lo, hi = c * self.chunk, (c + 1) * self.chunk
+        self._free = [s for s in self._free if not lo <= s < hi]
+        heapq.heapify(self._free)
+
+    def _take_slot(self, sid: str, busy: set[str]) -> int:
+        """A slot for ``sid``: free, a new chunk's, or (at the cap) the least recently used one's."""
+        if self.max_resident is not None and len(self._slot_of) >= self.max_resident:
+            victim = next((s for s in self._lru if s not in busy), None)
+            if victim is None or self.spill_dir is None:
+                raise StateFull(
+                    f"{len(self._slot_of)} streams fill the state memory"
+                    + ("" if self.spill_dir is None else " and every one is in this tick")
+                )
+            self._spill(victim)
+        if not self._free:
+            self._add_chunk()
+        slot = heapq.heappop(self._free)
+        self._slot_of[sid] = slot
+        self._live[slot // self.chunk] += 1
+        self._lru[sid] = None
+        return slot
+
+    def _free_slot(self, sid: str) -> int:
+        slot = self._slot_of.pop(sid)
+        del self._lru[sid]
+        c = slot // self.chunk
+        self._live[c] -= 1
+        if self._live[c]:
+            heapq.heappush(self._free, slot)
+        else:
+            self._release_chunk(c)
+        self._plan = None
+        return slot
 
     def slots(self, stream_ids: Sequence[str], *, create: bool = True) -> torch.Tensor:
         """Slot index of each stream, allocating slots for new ones: LongTensor (B,)."""
         if len(set(stream_ids)) != len(stream_ids):
             raise InputError("a stream may appear at most once in a tick")
         out = []
+        busy = set(stream_ids)
         for sid in stream_ids:
             slot = self._slot_of.get(sid)
             if slot is None:
-                if not create:
+                if sid in self._spilled:
+                    slot = self._unspill(sid, busy)
+                elif not create:
                     raise KeyError(sid)
-                if not self._free:
-                    self._grow(max(8, 2 ** math.ceil(math.log2(self.capacity + 1))))
-                slot = self._free.pop()
-                self._slot_of[sid] = slot
-                self._clear(torch.tensor([slot], device=self.device))
-                self.total[slot] = 0
+                else:
+                    slot = self._take_slot(sid, busy)
+                    for _, slab in self._named_slabs():
+                        slab[slot] = 0
+            else:
+                self._lru.move_to_end(sid)
             out.append(slot)
-        return torch.tensor(out, dtype=torch.long, device=self.device)
+        slots = torch.tensor(out, dtype=torch.long, device=self.device)
+        self._plan = (slots, self._make_plan(slots))
+        return slots
+
+    def can_admit(self, new: int) -> bool:
+        """Whether ``new`` more streams fit (always, with a spill folder and room to spill)."""
+        if self.max_resident is None or self.spill_dir is not None:
+            return True
+        return len(self._slot_of) + new <= self.max_resident
 
     def __contains__(self, stream_id: str) -> bool:
-        return stream_id in self._slot_of
+        return stream_id in self._slot_of or stream_id in self._spilled
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return len(self._slot_of) + len(self._spilled)
 
     def stream_ids(self) -> list[str]:
-        return sorted(self._slot_of, key=self._slot_of.__getitem__)
+        """Resident streams in slot order, then the spilled ones by name."""
+        return sorted(self._slot_of, key=self._slot_of.__getitem__) + sorted(self._spilled)
 
     def slot_of(self, stream_id: str) -> int:
-        return self._slot_of[stream_id]
+        """The stream's slot (a spilled stream is read back first)."""
+        slot = self._slot_of.get(stream_id)
+        if slot is None:
+            if stream_id not in self._spilled:
+                raise KeyError(stream_id)
+            slot = self._unspill(stream_id, {stream_id})
+        return slot
+
+    @property
+    def resident(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def spilled(self) -> int:
+        return len(self._spilled)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the chunks held (what the state costs in memory, free slots included)."""
+        chunks = sum(t is not None for t in self.h.chunks)
+        return chunks * self.chunk * self.nbytes_per_stream()
+
+    # --- spilling ----------------------------------------------------------------------------------
+    def _spill_path(self, sid: str) -> Path:
+        assert self.spill_dir is not None
+        return self.spill_dir / f"{hashlib.sha256(sid.encode()).hexdigest()[:32]}.pt"
+
+    def row(self, sid: str) -> dict[str, torch.Tensor]:
+        """One stream's tensors by name (copies, on the CPU), resident or spilled."""
+        slot = self._slot_of.get(sid)
+        if slot is None:
+            if sid not in self._spilled:
+                raise KeyError(sid)
+            saved = torch.load(self._spill_path(sid), map_location="cpu", weights_only=True)
+            return {k: v for k, v in saved.items() if k != "id"}
+        return {name: slab[slot].to("cpu", copy=True) for name, slab in self._named_slabs()}
+
+    def _spill(self, sid: str) -> None:
+        rows: dict[str, object] = {"id": sid, **self.row(sid)}
+        torch.save(rows, self._spill_path(sid))
+        self._free_slot(sid)
+        self._spilled.add(sid)
+        self.spills += 1
+
+    def _unspill(self, sid: str, busy: set[str]) -> int:
+        path = self._spill_path(sid)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        slot = self._take_slot(sid, busy)  # may raise StateFull: then the stream stays spilled
+        self._spilled.discard(sid)
+        for name, slab in self._named_slabs():
+            slab[slot] = saved[name].to(self.device)
+        path.unlink()
+        self.unspills += 1
+        return slot
 
     # --- resets --------------------------------------------------------------------------------
-    def _clear(self, slots: torch.Tensor) -> None:
-        self.h[slots] = 0
-        self.c[slots] = 0
-        self.pred[slots] = 0
-        self.u[slots] = 0
-        self.step[slots] = 0
-        for t in self.trace.values():
-            t[slots] = 0
-
     def reset(self, slots: torch.Tensor) -> None:
         """Start a new sequence in these slots: h, c, traces and step count to zero, together."""
         if slots.numel():
-            self._clear(slots)
+            for name, slab in self._named_slabs():
+                if name != "total":
+                    slab[slots] = 0
 
     def drop(self, stream_id: str) -> None:
-        """Forget a stream and free its slot."""
-        slot = self._slot_of.pop(stream_id)
-        self._clear(torch.tensor([slot], device=self.device))
-        self.total[slot] = 0
-        self._free.append(slot)
+        """Forget a stream and free its slot (and its chunk, when that was the chunk's last stream)."""
+        if stream_id in self._spilled:
+            self._spilled.discard(stream_id)
+            self._spill_path(stream_id).unlink(missing_ok=True)
+            return
+        self._free_slot(stream_id)
 
     def nbytes_per_stream(self) -> int:
-        per = [self.h, self.c, self.pred, self.u, self.step, self.total, *self.trace.values()]
-        return sum(t[0].numel() * t.element_size() for t in per)
+        return sum(slab.row_bytes() for _, slab in self._named_slabs())
 
     # --- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
-        """Tensors of the live streams only, in slot order, plus their ids: plain types for safe loading."""
+        """Tensors of every stream (resident in slot order, then spilled), plus their ids: plain types."""
         ids = self.stream_ids()
-        idx = torch.tensor([self._slot_of[s] for s in ids], dtype=torch.long, device=self.device)
+        rows = [self.row(sid) for sid in ids]
         out: dict[str, object] = {"ids": ids}
-        for name, t in self._named_tensors().items():
-            out[name] = t[idx].cpu()
+        for name, slab in self._saved_slabs().items():
+            out[name] = (
+                torch.stack([r[name] for r in rows])
+                if rows
+                else torch.empty(0, *slab.shape, dtype=slab.dtype)
+            )
         return out
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         ids = sd["ids"]
         assert isinstance(ids, list)
-        self._allocate(max(8, len(ids)))
-        idx = self.slots(ids)
-        for name, t in self._named_tensors().items():
+        saved = self._saved_slabs()
+        for name, slab in saved.items():
             src = sd[name]
             assert isinstance(src, torch.Tensor)
-            if src.shape[1:] != t.shape[1:]:
+            if tuple(src.shape[1:]) != slab.shape:
                 raise ValueError(
-                    f"stream state {name!r} has shape {tuple(src.shape[1:])}, expected {tuple(t.shape[1:])}"
+                    f"stream state {name!r} has shape {tuple(src.shape[1:])}, expected {slab.shape}"
                 )
-            t[idx] = src.to(device=t.device, dtype=t.dtype)
+        self._clear_all()
+        self.limit(self.max_resident, self.spill_dir)
+        for i, sid in enumerate(ids):
+            slot = self.slots([sid])
+            for name, slab in saved.items():
+                src = sd[name]
+                assert isinstance(src, torch.Tensor)
+                getattr_slab = self._slab(name)
+                getattr_slab[int(slot[0])] = src[i].to(device=self.device, dtype=slab.dtype)
 
-    def _named_tensors(self) -> dict[str, torch.Tensor]:
-        named = {"h": self.h, "c": self.c, "pred": self.pred, "step": self.step, "total": self.total}
-        if self.inputs:  # checkpoints of a state-only embedding keep their old keys
-            named["u"] = self.u
-        named.update({f"trace.{k}": v for k, v in self.trace.items()})
+    def _slab(self, name: str) -> Slab:
+        return dict(self._named_slabs())[name]
+
+    def _saved_slabs(self) -> dict[str, Slab]:
+        named = dict(self._named_slabs())
+        if not self.inputs:  # checkpoints of a state-only embedding keep their old keys
+            del named["u"]
         return named

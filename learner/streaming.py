@@ -15,6 +15,7 @@ by one step and leave the gradients of this tick's mean loss in ``param.grad``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from learner.config import ModelConfig
 from learner.diagnostics import Diagnostics
-from learner.errors import InputError
+from learner.errors import ConfigError, InputError
 from learner.kernels import FusedAdamStep
 from learner.model import RJEPA, Scores
 from learner.patches import preprocess
@@ -368,6 +369,25 @@ class StreamLearner:
             grad = params[name].grad
             if grad is not None:  # None: fixed here (E at embed_lr_scale 0), learned by the writer
                 grad.copy_(g)
+
+    can_spill = True  # whether every per-stream quantity lives in ``self.states`` (see BPTTLearner)
+
+    def limit_memory(self, max_bytes: int, spill_dir: str | os.PathLike[str] | None = None) -> int:
+        """Hold at most ``max_bytes`` of stream state (whole chunks); return the streams that fit.
+
+        With ``spill_dir`` the least recently used streams beyond it wait in files there (see
+        learner/state.py); without it a new stream past the cap raises ``StateFull``.
+        """
+        if spill_dir is not None and not self.can_spill:
+            raise ConfigError(f"{type(self).__name__} keeps per-stream state outside its slabs: no spilling")
+        st = self.states
+        per = self.memory_per_stream()
+        streams = max(1, max_bytes // per)
+        if not len(st):
+            st.chunk = min(st.chunk, streams)
+        streams = max(st.chunk, streams // st.chunk * st.chunk)
+        st.limit(streams, spill_dir)
+        return streams
 
     def memory_per_stream(self) -> int:
         """Bytes of state each stream holds (independent of the stream's length for RFP)."""

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     control_secret
         Shared by API and worker in Redis mode: commands on the control stream are signed with it
         (HMAC-SHA256) and the worker drops unsigned or forged ones.
+    max_state_mb
+        Memory for the streams' state (h, c, traces; about 1.05 MB a stream at the default model),
+        in whole chunks of 64 streams. Beyond it the least recently used streams spill to files next
+        to the checkpoint and come back on their next fixation; without a checkpoint path a new
+        stream past it is refused (429).
     """
 
     model_config = SettingsConfigDict(env_prefix="FOVEATE_", extra="ignore", validate_default=True)
@@ -183,6 +188,7 @@ class Settings(BaseSettings):
     max_batch_fixations: int = Field(default=256, ge=1)
     sync_timeout_s: float = Field(default=10.0, gt=0.0)
     max_streams: int = Field(default=10_000, ge=1)
+    max_state_mb: int = Field(default=4096, ge=1)
     max_queue: int = Field(default=10_000, ge=1)
     max_patch_px: int = Field(default=1024, ge=2)
     decode_threads: int = Field(default=2, ge=1, le=64)

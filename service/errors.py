@@ -20,8 +20,10 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
         ├── UnknownStream               no such stream on the worker (or another key's) 404 unknown_stream
         ├── Overloaded                  back-pressure; retry later                      429 overloaded
         │   ├── QueueFull               too many fixations waiting for the worker       429 queue_full
-        │   ├── TooManyStreams          ``max_streams`` (or the key's quota) reached    429 too_many_streams
+        │   ├── TooManyStreams          ``max_streams`` (or the key's quota) reached, or    429 too_many_streams
+        │   │                           the state memory cap (``max_state_mb``)
         │   └── RateLimited             the key sent more than ``rate_limit_per_s``     429 rate_limited
+    StateFull (learner)                 the memory cap, found inside a tick             429 too_many_streams
         ├── WorkerUnavailable           no live worker, or the broker is unreachable    503 unavailable
         ├── WorkerTimeout               no result within ``sync_timeout_s``             504 timeout
         └── WorkerError                 the worker failed on valid input (a bug)        500 internal
@@ -35,6 +37,8 @@ counted with status 499 and logged at DEBUG (it is not a server error). A 401 ca
 body has one shape::
 
     {"error": "<class name>", "detail": "<what to fix>"}
+
+A 429 ``too_many_streams`` also carries ``Retry-After`` (seconds).
 
 The same two fields travel in worker results over Redis, so the API re-raises the worker's class
 (:func:`error_from_payload`).
@@ -61,6 +65,7 @@ from learner.errors import (
     FoveateError,
     InputError,
     PatchError,
+    StateFull,
     TrunkWeightsError,
 )
 from service import metrics
@@ -174,6 +179,7 @@ _STATUS: dict[type[FoveateError], tuple[int, str]] = {
     QueueFull: (429, "queue_full"),
     TooManyStreams: (429, "too_many_streams"),
     RateLimited: (429, "rate_limited"),
+    StateFull: (429, "too_many_streams"),
     WorkerUnavailable: (503, "unavailable"),
     WorkerTimeout: (504, "timeout"),
 }
@@ -215,10 +221,15 @@ def error_from_payload(payload: dict[str, Any]) -> FoveateError:
     return klass(detail)
 
 
+RETRY_AFTER_S = 1  # what a refused new stream (429 too_many_streams) is told to wait before it retries
+
+
 def error_headers(exc: FoveateError) -> dict[str, str]:
     """The headers an error answer carries: ``Retry-After`` on 429, ``WWW-Authenticate`` on 401."""
     if isinstance(exc, Overloaded) and exc.retry_after is not None:
         return {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if isinstance(exc, (TooManyStreams, StateFull)):  # a refused new stream: slots free up as streams go
+        return {"Retry-After": str(RETRY_AFTER_S)}
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": 'Bearer realm="foveate"'}
     return {}

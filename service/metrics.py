@@ -166,7 +166,28 @@ ACTIVE_STREAMS = Gauge("foveate_active_streams", "Streams held by the worker.", 
 RESETS = Counter(
     "foveate_resets", "Stream resets (reset flags and reset commands).", registry=WORKER_REGISTRY
 )
+STATE_BYTES = Gauge(
+    "foveate_state_bytes", "Memory held for the streams' state (whole chunks, free slots included).",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
+RESIDENT_STREAMS = Gauge(
+    "foveate_resident_streams", "Streams whose state is in memory (the others are spilled to disk).",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
+SPILLED_STREAMS = Gauge(
+    "foveate_spilled_streams", "Idle streams whose state waits on disk (FOVEATE_MAX_STATE_MB reached).",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
 CHECKPOINTS = Counter("foveate_checkpoints", "Checkpoints written.", registry=WORKER_REGISTRY)
+CHECKPOINT_SECONDS = Histogram(
+    "foveate_checkpoint_seconds", "Time to write one checkpoint (learning waits for all of it).",
+    registry=WORKER_REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)  # fmt: skip
+CHECKPOINT_BYTES = Gauge(
+    "foveate_checkpoint_bytes", "Size of the last checkpoint written.",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
 LAST_CHECKPOINT = Gauge(
     "foveate_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint written.",
     registry=WORKER_REGISTRY,

@@ -157,6 +157,22 @@ class Worker:
         self._last_ckpt = time.monotonic()
         self._lock = threading.Lock()  # one tick, command or checkpoint at a time
         self.started = False
+        self.max_resident = self._limit_memory()
+
+    def _limit_memory(self) -> int:
+        """Cap the streams' state at ``max_state_mb``; spill beyond it next to the checkpoint."""
+        s = self.settings
+        path = s.checkpoint_path
+        spill = None if path is None or not self.learner.can_spill else path.with_name(path.name + ".spill")
+        streams = self.learner.limit_memory(s.max_state_mb * 2**20, spill)
+        if spill is not None and streams < s.max_batch:
+            raise ConfigError(
+                f"FOVEATE_MAX_STATE_MB={s.max_state_mb} holds {streams} streams, fewer than one tick's "
+                f"FOVEATE_MAX_BATCH={s.max_batch}: raise it"
+            )
+        logger.info("stream state: at most %d streams resident (%d MB)%s", streams, s.max_state_mb,
+                    "" if spill is None else f", the others spilled to {spill}")  # fmt: skip
+        return streams
 
     # ------------------------------------------------------------------ life cycle
 
@@ -262,6 +278,9 @@ class Worker:
             extra = {"service": service}
             save_checkpoint(path, self.learner, extra)
             info["seconds"] = time.perf_counter() - start
+            info["bytes"] = path.stat().st_size
+        metrics.CHECKPOINT_SECONDS.observe(info["seconds"])
+        metrics.CHECKPOINT_BYTES.set(info["bytes"])
         self.last_checkpoint = info
         self._last_ckpt = time.monotonic()
         metrics.CHECKPOINTS.inc()
@@ -417,6 +436,12 @@ class Worker:
         if rec is None and len(self.records) + new_in_tick >= self.settings.max_streams:
             return TooManyStreams(
                 f"the worker holds {len(self.records)} streams (FOVEATE_MAX_STREAMS); delete idle ones first"
+            )
+        if rec is None and not self.learner.states.can_admit(new_in_tick + 1):
+            return TooManyStreams(
+                f"the state of {self.learner.states.resident} streams fills FOVEATE_MAX_STATE_MB="
+                f"{self.settings.max_state_mb}; delete idle streams, raise it, or set "
+                "FOVEATE_CHECKPOINT_PATH so that idle streams spill to disk"
             )
         return None
 
@@ -594,6 +619,10 @@ class Worker:
         depth = self.broker.backlog() + self._held_count()
         metrics.QUEUE_DEPTH.set(depth)
         metrics.WORKER_HEARTBEAT.set(now)
+        states = self.learner.states
+        metrics.STATE_BYTES.set(states.allocated_bytes())
+        metrics.RESIDENT_STREAMS.set(states.resident)
+        metrics.SPILLED_STREAMS.set(states.spilled)
         self.broker.heartbeat({"updates_applied": self.learner.updates_applied,
                                "streams": len(self.records), "queue_depth": depth})  # fmt: skip
 

@@ -163,11 +163,11 @@ def test_memory_per_stream_does_not_grow_with_length() -> None:
     learner = RFPLearner(cfg())
     learner.tick_features(["a"], feats(0, 1))
     size = learner.memory_per_stream()
-    ptrs = [t.data_ptr() for t in learner.states.trace.values()]
+    ptrs = [t.data_ptrs() for t in learner.states.trace.values()]
     for t in range(300):
         learner.tick_features(["a"], feats(t, 1))
     assert learner.memory_per_stream() == size
-    assert [t.data_ptr() for t in learner.states.trace.values()] == ptrs  # no reallocation either
+    assert [t.data_ptrs() for t in learner.states.trace.values()] == ptrs  # no reallocation either
     full = BPTTLearner(cfg(segment_len=0), window=None)  # the contrast: full-history BPTT grows
     for t in range(50):
         full.tick_features(["a"], feats(t, 1))

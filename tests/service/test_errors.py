@@ -67,3 +67,22 @@ def test_payload_round_trip_keeps_the_class_and_message() -> None:
 def test_unknown_class_name_becomes_worker_error() -> None:
     exc = error_from_payload({"error": "ZeroDivisionError", "detail": "boom"})
     assert isinstance(exc, WorkerError) and "ZeroDivisionError" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("exc", "retry"), [(TooManyStreams, "1"), (WorkerUnavailable, None), (InputError, None)]
+)
+def test_back_pressure_answers_carry_retry_after(exc: type[FoveateError], retry: str | None) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    errors.install_error_handlers(app)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise exc("try later")
+
+    r = TestClient(app).get("/boom")
+    assert r.status_code == status_of(exc)[0]
+    assert r.headers.get("retry-after") == retry

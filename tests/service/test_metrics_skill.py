@@ -117,6 +117,9 @@ class _StubLearner:
         assert ids == self.out.stream_ids
         return self.out
 
+    def limit_memory(self, max_bytes: int, spill_dir: Any = None) -> int:
+        return 1_000
+
 
 def test_a_tick_output_becomes_replies_and_metrics(fresh_windows: metrics._SkillWindows) -> None:
     nan = math.nan

@@ -259,3 +259,35 @@ def test_reset_command_survives_a_crash(redis_server: str, tmp_path: Path) -> No
         assert second.execute("stream", {"stream_id": "a"})["stream"]["fixations"] == 4
     finally:
         second.stop()
+
+
+def test_a_full_state_memory_refuses_new_streams_until_one_is_deleted() -> None:
+    run = Running()  # no checkpoint path: nowhere to spill
+    try:
+        learner = run.worker.learner
+        learner.limit_memory(2 * learner.memory_per_stream())
+        out = run.send([_fix("a", 1), _fix("b", 1), _fix("c", 1)])
+        assert [o["ok"] for o in out] == [True, True, False]
+        assert out[2]["error"] == "TooManyStreams" and "FOVEATE_MAX_STATE_MB" in out[2]["detail"]
+        run.command("delete", stream_id="a")
+        assert run.send([_fix("c", 1)])[0]["ok"]
+    finally:
+        run.close()
+
+
+def test_idle_streams_spill_and_come_back(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    run = Running(checkpoint_path=path)
+    learner = run.worker.learner
+    learner.limit_memory(2 * learner.memory_per_stream(), path.with_name("ckpt.pt.spill"))
+    for seq in (1, 2):
+        assert all(o["ok"] for o in run.send([_fix(s, seq) for s in ("a", "b", "c", "d")]))
+    assert learner.states.resident == 2 and learner.states.spilled == 2
+    assert run.command("stream", stream_id="a")["stream"]["state"]["step"] == 2  # read back from disk
+    run.close()  # checkpoints every stream, spilled or not
+    again = Running(checkpoint_path=path)
+    try:
+        assert sorted(again.worker.learner.stream_ids()) == ["a", "b", "c", "d"]
+        assert [o["step"] for o in again.send([_fix(s, 3) for s in ("a", "b", "c", "d")])] == [3, 3, 3, 3]
+    finally:
+        again.close()
