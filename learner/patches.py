@@ -88,8 +88,8 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         width, height = image.size
         if width * height > max_pixels:
             raise PatchError(
-                f"image is {width} x {height} = {width * height} pixels, more than the limit of {max_pixels}; "
-                "send a smaller one"
+                f"image is {width} x {height} = {width * height} pixels, more than the limit of "
+                f"{max_pixels}; send a smaller one"
             )
         if width == 0 or height == 0:
             raise PatchError(f"image is empty ({width} x {height}): send {_ACCEPTED_IMAGES}")
@@ -102,7 +102,8 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             out = np.asarray(rgb)
         except (OSError, SyntaxError, ValueError) as exc:
             raise PatchError(
-                f"cannot decode image ({len(data)} bytes, corrupt or truncated: {exc}): send {_ACCEPTED_IMAGES}"
+                f"cannot decode image ({len(data)} bytes, corrupt or truncated: {exc}): "
+                f"send {_ACCEPTED_IMAGES}"
             ) from None
     if out.shape != (height, width, 3) or out.dtype != np.uint8:
         raise PatchError(f"cannot decode image: decoded shape {out.shape}, send {_ACCEPTED_IMAGES}")

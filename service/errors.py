@@ -20,8 +20,8 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
         ├── UnknownStream               no such stream on the worker (or another key's) 404 unknown_stream
         ├── Overloaded                  back-pressure; retry later                      429 overloaded
         │   ├── QueueFull               too many fixations waiting for the worker       429 queue_full
-        │   ├── TooManyStreams          ``max_streams`` (or the key's quota) reached, or    429 too_many_streams
-        │   │                           the state memory cap (``max_state_mb``)
+        │   ├── TooManyStreams          ``max_streams``, the key's quota or the state   429 too_many_streams
+        │   │                           memory cap (``max_state_mb``) reached
         │   └── RateLimited             the key sent more than ``rate_limit_per_s``     429 rate_limited
     StateFull (learner)                 the memory cap, found inside a tick             429 too_many_streams
         ├── WorkerUnavailable           no live worker, or the broker is unreachable    503 unavailable
