@@ -14,7 +14,7 @@ import anyio
 from fastapi import APIRouter, FastAPI
 
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.api.routes import fixations, health, model, streams
+from service.api.routes import fixations, health, model, streams, ui
 from service.broker import Broker, make_broker
 from service.config import Settings
 from service.errors import install_error_handlers
@@ -70,6 +70,8 @@ def create_app(
         version="0.1.0",
         summary="Online learning from eye-tracking fixations: a recurrent JEPA trained by RFP.",
         lifespan=lifespan,
+        docs_url=None,  # served from the package by routes/ui.py: FastAPI's loads from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.broker = broker
@@ -82,4 +84,5 @@ def create_app(
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)
+    ui.install(app)  # the live page (/, /ui, /ui/events) and the offline /docs
     return app
