@@ -114,7 +114,8 @@
     }
     const xt = opts.xTicks || niceTicks(x0, x1, 5).filter((v) => v >= x0 && v <= x1).map((v) => [v, String(v)]);
     for (const [v, label] of xt) {
-      el("text", { x: X(v), y: H - m.b + 14, "text-anchor": "middle", class: "axis" }, svg).textContent = label;
+      const anchor = opts.xTicks && v >= x1 ? "end" : opts.xTicks && v <= x0 ? "start" : "middle";
+      el("text", { x: X(v), y: H - m.b + 14, "text-anchor": anchor, class: "axis" }, svg).textContent = label;
     }
     if (opts.xLabel) {
       el("text", { x: (m.l + W - m.r) / 2, y: H - 4, "text-anchor": "middle", class: "axis" }, svg).textContent = opts.xLabel;
@@ -256,6 +257,9 @@
   }
 
   function render(snap) {
+    // a new event stream's first snapshot has no rate yet: keep showing the last one
+    if (snap.rates && snap.rates.ticks_per_s === null && state.lastRates) snap.rates = state.lastRates;
+    else if (snap.rates && snap.rates.ticks_per_s !== null) state.lastRates = snap.rates;
     state.snapshots++;
     document.body.dataset.snapshots = String(state.snapshots);
     renderModel(snap);
