@@ -160,6 +160,8 @@ def _server(url: str | None, embedded: bool) -> Iterator[str]:
 
     print("starting an embedded server (building the model) ...", file=sys.stderr)
     with EmbeddedServer() as server:
+        print(f"live page: {server.url}/ (open it in a browser while the replay runs; API docs at "
+              f"{server.url}/docs)", file=sys.stderr, flush=True)  # fmt: skip
         yield server.url
 
 

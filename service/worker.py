@@ -44,7 +44,7 @@ import torch
 
 from learner.errors import ConfigError, FoveateError, InputError
 from learner.streaming import StreamLearner, resolve_device
-from service import metrics
+from service import live, metrics
 from service.broker import Broker, Message
 from service.config import Settings
 from service.decode import decode_source
@@ -510,6 +510,8 @@ class Worker:
                 payload["prediction"] = pred_of[i]
             replies.append((fix, payload))
         metrics.observe_tick(steps, errors, repeats, skipped, out.trace_radius)
+        live.FEED.observe(ids, [f.patch for f in fixes], steps=steps, errors=errors, repeat_errors=repeats,
+                          seqs=[f.seq for f in fixes])  # fmt: skip
         metrics.FIXATIONS.inc(len(fixes))
         metrics.BATCH_SIZE.observe(len(fixes))
         if out.updated:
@@ -587,6 +589,7 @@ class Worker:
                 if len(self._deleted) > _TOMBSTONES:
                     del self._deleted[next(iter(self._deleted))]
             self.broker.forget_stream(rec.stream_id)
+            live.FEED.forget(rec.stream_id)
             metrics.ACTIVE_STREAMS.set(len(self.records))
             return {"stream_id": rec.stream_id, "deleted": True}
         if command == "model":

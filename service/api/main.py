@@ -15,7 +15,7 @@ from fastapi import APIRouter, FastAPI
 
 from service.api.middleware import BodyLimitMiddleware, BrowserGuardMiddleware, MetricsMiddleware
 from service.api.quotas import RateLimiter, StreamQuota
-from service.api.routes import fixations, health, model, streams
+from service.api.routes import fixations, health, model, streams, ui
 from service.auth import KeyStore
 from service.broker import Broker, make_broker
 from service.config import Settings
@@ -72,6 +72,8 @@ def create_app(
         version="0.1.0",
         summary="Online learning from eye-tracking fixations: a recurrent JEPA trained by RFP.",
         lifespan=lifespan,
+        docs_url=None,  # served from the package by routes/ui.py: FastAPI's loads from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.broker = broker
@@ -108,4 +110,5 @@ def create_app(
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)
+    ui.install(app)  # the live page (/, /ui, /ui/events) and the offline /docs
     return app

@@ -274,3 +274,34 @@ def test_serving_beyond_loopback_needs_keys_or_a_loud_flag(redis_server: str, tm
         assert "INSECURE" in api.log.read_text() and "WITHOUT API KEYS" in api.log.read_text()
     finally:
         api.stop()
+
+
+def first_snapshot(client: httpx.Client) -> dict:
+    """The first ``snapshot`` event of the live page's event stream."""
+    import json
+
+    with client.stream("GET", "/ui/events", params={"interval": 0.25}) as r:
+        assert r.status_code == 200, r.read()
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "snapshot":
+                return json.loads(line[6:])
+    raise AssertionError("no snapshot event")
+
+
+def test_the_live_page_shows_each_key_its_own_namespace(keyed: Keyed) -> None:
+    """/ui/events and /ui/streams/{id} need read and show only the key's streams, by its own ids."""
+    with keyed.client("a") as a, keyed.client("b") as b, keyed.client("a_ingest") as a_ingest:
+        ids_a = {s["stream_id"] for s in first_snapshot(a)["streams"]}
+        ids_b = {s["stream_id"] for s in first_snapshot(b)["streams"]}
+        assert {"rig1", "only-a"} <= ids_a and "only-a" not in ids_b and "rig1" in ids_b
+        assert not any(":" in i for i in ids_a | ids_b)  # never another namespace's qualified ids
+        assert a.get("/ui/streams/only-a").status_code == 200
+        assert b.get("/ui/streams/only-a").status_code == 404  # lab-a's stream is not lab-b's to see
+        assert a_ingest.get("/ui/events").status_code == 403
+    with httpx.Client(base_url=keyed.url) as anonymous:
+        assert anonymous.get("/ui/events").status_code == 401
+        assert anonymous.get("/ui/streams/rig1").status_code == 401
+        assert anonymous.get("/").status_code == 200  # the page itself is static; its data needs a key
