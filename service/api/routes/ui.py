@@ -186,7 +186,7 @@ class _Snapshots:
             model, rows = self._local()
         else:
             model = (await ask_worker(self.broker, "model"))["model"]
-            rows = (await ask_worker(self.broker, "streams"))["streams"]
+            rows = (await ask_worker(self.broker, "streams", prefix=self.key.prefix))["streams"]
         prefix = self.key.prefix
         rows = [
             {**r, "stream_id": self.key.local(r["stream_id"])}

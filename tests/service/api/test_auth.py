@@ -305,3 +305,16 @@ def test_the_live_page_shows_each_key_its_own_namespace(keyed: Keyed) -> None:
         assert anonymous.get("/ui/events").status_code == 401
         assert anonymous.get("/ui/streams/rig1").status_code == 401
         assert anonymous.get("/").status_code == 200  # the page itself is static; its data needs a key
+
+
+def test_a_stream_id_naming_another_namespace_stays_in_the_keys_own(keyed: Keyed) -> None:
+    """A lab-a key naming ``lab-b:rig1`` addresses ``lab-a:lab-b:rig1``, never lab-b's rig1."""
+    with keyed.client("a") as a, keyed.client("b") as b:
+        before = b.get("/v1/streams/rig1").json()["fixations"]
+        assert a.get("/v1/streams/lab-b:rig1").status_code == 404
+        assert a.post("/v1/streams/lab-b:rig1/reset", json={}).status_code in (200, 404)
+        assert a.delete("/v1/streams/lab-b:rig1").status_code in (200, 404)
+        r = a.post("/v1/streams/lab-b:rig1/fixations", json=BODY)
+        assert r.status_code == 200 and r.json()["stream_id"] == "lab-b:rig1"
+        after = b.get("/v1/streams/rig1").json()
+        assert after["fixations"] == before  # lab-b's rig1 untouched by all of it
