@@ -42,6 +42,9 @@ STATIC_URL = "/ui/static"
 SWAGGER_DIR = f"{STATIC_URL}/vendor/swagger-ui"
 #: Seconds one event stream lasts before the page reconnects (see the module docstring).
 STREAM_SECONDS = 15.0
+#: streams a snapshot lists, the most recently fed first (the model card counts them all): at the
+#: default cap of 10,000 streams a full list would be megabytes of JSON per open page per second
+MAX_ROWS = 200
 
 
 def install(app: FastAPI) -> None:
@@ -206,6 +209,7 @@ class _Snapshots:
                      "fixations_per_s": max(0.0, (fixations - self._last[2]) / dt)}  # fmt: skip
         self._last = (now, ticks, fixations)
         rows.sort(key=lambda r: -(r.get("updated_at") or 0.0))
+        rows = rows[:MAX_ROWS]
         return {
             "t": time.time(),
             "mode": "embedded" if settings.embedded else "redis",

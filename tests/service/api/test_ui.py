@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from service.live import THUMB_PX, THUMBS_LEN, LiveFeed
 from tests.service._support import ThreadedServer, post_patch
@@ -85,3 +86,18 @@ def test_feed_keeps_bounded_rings_and_forgets_deleted_streams() -> None:
     png = base64.b64decode(feed.detail("c")["thumbs"][0]["png"].split(",", 1)[1])  # type: ignore[index]
     img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (THUMB_PX, THUMB_PX, 3) and int(img[0, 0, 0]) == 200
+
+
+def test_a_snapshot_lists_the_most_recent_streams_and_counts_them_all(
+    embedded: ThreadedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.api.routes import ui
+
+    rng = np.random.default_rng(4)
+    with httpx.Client(base_url=embedded.url, timeout=60.0) as client:
+        for sid in ("ui-cap-a", "ui-cap-b"):  # b is fed last
+            post_patch(client, sid, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    monkeypatch.setattr(ui, "MAX_ROWS", 1)
+    (snap,) = _snapshots(embedded.url, 1)
+    assert [r["stream_id"] for r in snap["streams"]] == ["ui-cap-b"]
+    assert snap["model"]["streams"] >= 2  # the card still counts every stream of the key
