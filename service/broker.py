@@ -227,21 +227,11 @@ class LocalBroker(Broker):
         self._decode = None
 
 
-def make_broker(settings: Settings) -> Broker:
-    """The broker the settings ask for: Redis when ``redis_url`` is set, in-process otherwise."""
-    if settings.redis_url is None:
-        return LocalBroker(settings)
-    from service.redis_broker import RedisBroker
-
-    return RedisBroker(settings)
-
-
 __all__ = [
     "Broker",
     "Decoder",
     "LocalBroker",
     "Message",
     "WorkerUnavailable",
-    "make_broker",
     "new_request_id",
 ]

@@ -173,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
     _check_auth(settings)  # before torch is imported: a refusal should come at once
 
     from service.api.main import create_app
-    from service.broker import make_broker
+    from service.brokers import make_broker
     from service.worker import Worker
 
     if settings.redis_url is not None and settings.control_secret is None:

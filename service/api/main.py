@@ -19,7 +19,8 @@ from service.api.middleware import BodyLimitMiddleware, BrowserGuardMiddleware, 
 from service.api.quotas import RateLimiter, StreamQuota
 from service.api.routes import fixations, health, model, streams, ui
 from service.auth import KeyStore
-from service.broker import Broker, make_broker
+from service.broker import Broker
+from service.brokers import make_broker
 from service.config import Settings
 from service.errors import install_error_handlers
 
