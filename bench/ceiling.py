@@ -50,7 +50,7 @@ from bench.controls import (
     Scanpath,
     by_image,
     cached_features,
-    parse_range,
+    held_out_split,
     retrieval_set,
     scanpaths_of,
 )
@@ -214,16 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     ds = RecordedDataset.open(args.dataset)
     learner = RFPLearner(ModelConfig())
 
-    def scanpaths(images: str, subjects: str) -> list[Scanpath]:
-        imgs, subs = parse_range(images, ds.images), parse_range(subjects, ds.subjects)
-        return scanpaths_of(cached_features(learner, ds, imgs, subs, 50, args.cache))
-
-    if set(parse_range(args.train_images, ds.images)) & set(parse_range(args.test_images, ds.images)) or set(
-        parse_range(args.train_subjects, ds.subjects)
-    ) & set(parse_range(args.test_subjects, ds.subjects)):
-        raise SystemExit("training and held-out people and images must not overlap")
-    train = scanpaths(args.train_images, args.train_subjects)
-    test = scanpaths(args.test_images, args.test_subjects)
+    tr_s, tr_i, te_s, te_i = held_out_split(
+        ds, args.train_subjects, args.train_images, args.test_subjects, args.test_images
+    )
+    train = scanpaths_of(cached_features(learner, ds, tr_i, tr_s, 50, args.cache))
+    test = scanpaths_of(cached_features(learner, ds, te_i, te_s, 50, args.cache))
     u = torch.cat([p.u for p in train]).double()
     mu = u.mean(0)
     evals, vecs = torch.linalg.eigh(torch.cov((u - mu).T))

@@ -66,6 +66,18 @@ class Scanpath:
     u: torch.Tensor  # (T, M) raw trunk features, in scanpath order
 
 
+def held_out_split(
+    ds: RecordedDataset, train_subjects: str, train_images: str, test_subjects: str, test_images: str
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """The ranges as names: (train subjects, train images, test subjects, test images); people and
+    images held out must not overlap the training ones."""
+    tr_s, te_s = parse_range(train_subjects, ds.subjects), parse_range(test_subjects, ds.subjects)
+    tr_i, te_i = parse_range(train_images, ds.images), parse_range(test_images, ds.images)
+    if set(tr_s) & set(te_s) or set(tr_i) & set(te_i):
+        raise SystemExit("training and held-out people and images must not overlap")
+    return tr_s, tr_i, te_s, te_i
+
+
 def config_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["rgc_inputs=256", "gate_bias=false"]`` -> ModelConfig keyword arguments of the fields' types."""
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
@@ -470,10 +482,7 @@ def run(
     cache: Path | None = None,
 ) -> dict[str, Any]:
     ds = RecordedDataset.open(dataset)
-    tr_s, te_s = parse_range(train_subjects, ds.subjects), parse_range(test_subjects, ds.subjects)
-    tr_i, te_i = parse_range(train_images, ds.images), parse_range(test_images, ds.images)
-    if set(tr_s) & set(te_s) or set(tr_i) & set(te_i):
-        raise SystemExit("training and held-out people and images must not overlap")
+    tr_s, tr_i, te_s, te_i = held_out_split(ds, train_subjects, train_images, test_subjects, test_images)
     feature_learner = RFPLearner(cfg)
     t0 = time.perf_counter()
     train = cached_features(feature_learner, ds, tr_i, tr_s, patch_px, cache)
