@@ -1,10 +1,14 @@
-"""foveate's one exception hierarchy, and the one handler that maps it to HTTP.
+"""foveate's one exception hierarchy, and the table that maps each class to an HTTP status.
+
+This module imports no web framework, so the worker and the brokers can raise and report these
+errors without FastAPI; the handlers that turn them into HTTP answers are in service/api/errors.py.
 
 Every error foveate raises on purpose derives from ``learner.errors.FoveateError``. The tree, with the
 HTTP status the API answers and the ``reason`` label counted in ``foveate_rejected_requests_total``::
 
     FoveateError                        root (learner.errors); never raised itself
     ├── ConfigError                     a setting or ModelConfig value out of range     422 bad_input
+    ├── StateFull                       the state memory cap, found inside a tick       429 too_many_streams
     ├── InputError                      bad fixation data or request                    422 bad_input
     │   ├── PatchError                  undecodable image, wrong shape/channels, NaN    422 bad_input
     │   ├── MalformedRequest            body is not JSON / not multipart as declared    400 malformed
@@ -23,18 +27,17 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
         │   ├── TooManyStreams          ``max_streams``, the key's quota or the state   429 too_many_streams
         │   │                           memory cap (``max_state_mb``) reached
         │   └── RateLimited             the key sent more than ``rate_limit_per_s``     429 rate_limited
-    StateFull (learner)                 the memory cap, found inside a tick             429 too_many_streams
         ├── WorkerUnavailable           no live worker, or the broker is unreachable    503 unavailable
         ├── WorkerTimeout               no result within ``sync_timeout_s``             504 timeout
         └── WorkerError                 the worker failed on valid input (a bug)        500 internal
 
-FastAPI's own ``RequestValidationError`` (a field missing or of the wrong type, a stream id that does
-not match ``^[A-Za-z0-9_.:-]{1,128}$``) answers 422 as ``InputError``; a body that is not valid JSON
-answers **400** as ``MalformedRequest``; an unknown route 404, a wrong method 405, and an
-unexpected failure (a bug) 500 as ``InternalError``. A client that disconnects before its answer is
-counted with status 499 and logged at DEBUG (it is not a server error). A 401 carries
-``WWW-Authenticate: Bearer``; a 429 for a key's rate or stream quota ``Retry-After``. Every error
-body has one shape::
+Through those handlers, FastAPI's own ``RequestValidationError`` (a field missing or of the wrong
+type, a stream id that does not match ``^[A-Za-z0-9_.:-]{1,128}$``) answers 422 as ``InputError``; a
+body that is not valid JSON answers **400** as ``MalformedRequest``; an unknown route 404, a wrong
+method 405, and an unexpected failure (a bug) 500 as ``InternalError``. A client that disconnects
+before its answer is counted with status 499 and logged at DEBUG (it is not a server error). A 401
+carries ``WWW-Authenticate: Bearer``; a 429 for a key's rate or stream quota ``Retry-After``. Every
+error body has one shape::
 
     {"error": "<class name>", "detail": "<what to fix>"}
 
@@ -46,17 +49,8 @@ The same two fields travel in worker results over Redis, so the API re-raises th
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from http import HTTPStatus
 from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from learner.errors import (
     ArchitectureMismatch,
@@ -68,9 +62,6 @@ from learner.errors import (
     StateFull,
     TrunkWeightsError,
 )
-from service import metrics
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "ArchitectureMismatch",
@@ -233,81 +224,3 @@ def error_headers(exc: FoveateError) -> dict[str, str]:
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": 'Bearer realm="foveate"'}
     return {}
-
-
-def _respond(
-    status: int, reason: str, name: str, detail: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
-    return JSONResponse({"error": name, "detail": detail}, status_code=status, headers=headers)
-
-
-def error_response(exc: FoveateError) -> JSONResponse:
-    """The JSON answer for an exception, counted in ``foveate_rejected_requests_total``."""
-    status, reason = status_of(type(exc))
-    return _respond(status, reason, type(exc).__name__, str(exc), error_headers(exc))
-
-
-async def _foveate_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, FoveateError)
-    status, _ = status_of(type(exc))
-    if status >= 500:
-        logger.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
-    return error_response(exc)
-
-
-async def _disconnect_handler(request: Request, exc: Exception) -> Response:
-    # The client went away while its body was read: nobody is left to answer, and nothing failed
-    # here. 499 (nginx's "client closed request") keeps it apart from server errors in the metrics.
-    logger.debug("client disconnected during %s %s", request.method, request.url.path)
-    return Response(status_code=499)
-
-
-def _describe_validation(errors: list[Any]) -> tuple[bool, str]:
-    """(is_malformed_json, "loc: message; …") for a list of pydantic error dicts."""
-    parts: list[str] = []
-    for err in errors[:10]:
-        if err.get("type") == "json_invalid":
-            ctx = err.get("ctx") or {}
-            return (
-                True,
-                f"request body is not valid JSON ({ctx.get('error', err.get('msg'))}); send a JSON object",
-            )
-        loc = ".".join(str(part) for part in err.get("loc", ()) if part != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    if len(errors) > 10:
-        parts.append(f"... and {len(errors) - 10} more")
-    return False, "; ".join(parts)
-
-
-async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    malformed, detail = _describe_validation(list(exc.errors()))
-    if malformed:
-        return _respond(400, "malformed", "MalformedRequest", detail)
-    return _respond(422, "bad_input", "InputError", detail)
-
-
-async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    phrase = HTTPStatus(exc.status_code).phrase.title().replace(" ", "").replace("-", "")
-    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-    if exc.status_code == 404:
-        detail = f"no route {request.method} {request.url.path}; see /docs for the API"
-    reason = {404: "no_route", 405: "no_route"}.get(exc.status_code, "bad_input")
-    return _respond(exc.status_code, reason, phrase, detail)
-
-
-async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
-    # A bug, not bad input: keep the body's shape, and let the log carry the traceback.
-    logger.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
-    return _respond(500, "internal", "InternalError", "unexpected server error; see the server log")
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers that give every error the ``{"error", "detail"}`` shape."""
-    app.add_exception_handler(Exception, _unexpected_handler)
-    app.add_exception_handler(FoveateError, _foveate_handler)
-    app.add_exception_handler(ClientDisconnect, _disconnect_handler)
-    app.add_exception_handler(RequestValidationError, _validation_handler)
-    app.add_exception_handler(StarletteHTTPException, _http_handler)

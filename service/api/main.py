@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 from fastapi import APIRouter, FastAPI
 
+from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, BrowserGuardMiddleware, MetricsMiddleware
 from service.api.quotas import RateLimiter, StreamQuota
 from service.api.routes import fixations, health, model, streams, ui
@@ -22,7 +23,6 @@ from service.auth import KeyStore
 from service.broker import Broker
 from service.brokers import make_broker
 from service.config import Settings
-from service.errors import install_error_handlers
 
 if TYPE_CHECKING:  # the API alone (Redis mode) needs no torch: the worker is imported only to embed it
     from service.worker import Worker

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service import errors
+from service.api.errors import install_error_handlers
 from service.errors import (
     ArchitectureMismatch,
     FoveateError,
@@ -77,7 +78,7 @@ def test_back_pressure_answers_carry_retry_after(exc: type[FoveateError], retry:
     from fastapi.testclient import TestClient
 
     app = FastAPI()
-    errors.install_error_handlers(app)
+    install_error_handlers(app)
 
     @app.get("/boom")
     def boom() -> None:
