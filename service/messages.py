@@ -17,7 +17,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -27,8 +27,9 @@ from service.config import QUALIFIED_ID_PATTERN, STREAM_ID_PATTERN
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
 _QUALIFIED_ID = re.compile(QUALIFIED_ID_PATTERN)
 
-#: Commands the worker answers (``Control.command``).
-COMMANDS = ("streams", "stream", "prediction", "reset", "delete", "model", "checkpoint", "ping")
+#: A command the worker answers (``Control.command``); service/commands.py has one handler for each.
+Command = Literal["streams", "stream", "prediction", "reset", "delete", "model", "checkpoint", "ping"]
+COMMANDS: tuple[Command, ...] = get_args(Command)
 
 PatchKind = Literal["patch", "raw", "frame"]
 

@@ -3,8 +3,7 @@
 Each loop iteration
 
 1. gathers up to ``max_batch`` fixations within ``max_wait_ms`` of the first, **at most one per
-   stream**: a second fixation of a stream already in the tick is held back for the next tick, and
-   held fixations go first, so each stream's order is preserved;
+   stream**, keeping each stream's order (the policy is service/batching.py's ``TickBatcher``);
 2. runs one ``learner.tick`` on the stacked patches (decoded earlier, off this thread: by the API for
    HTTP, by the broker's decode pool for Redis messages);
 3. publishes one reply per fixation and only then lets the broker acknowledge them;
@@ -36,8 +35,7 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict, deque
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -45,17 +43,18 @@ import torch
 from learner.errors import ConfigError, FoveateError, InputError
 from learner.streaming import StreamLearner, resolve_device
 from service import live, metrics
+from service.batching import TickBatcher
 from service.broker import Broker, Message
+from service.commands import HANDLERS, TAKE_THEIR_OWN_LOCK
 from service.config import Settings
 from service.decode import decode_source
 from service.dedup import APPLY, Decision, decide, fingerprint
-from service.errors import TooManyStreams, UnknownStream, WorkerError, error_payload, status_of
-from service.messages import Control, Fixation
+from service.errors import TooManyStreams, WorkerError, error_payload, status_of
+from service.messages import Command, Control, Fixation
 from service.streams import EntryKey, StreamRecord, entry_before, entry_key, entry_text
 
 logger = logging.getLogger(__name__)
 
-_IDLE_POLL_S = 0.1  # how long an idle loop waits for a message before housekeeping
 _TOMBSTONES = 10_000  # deleted streams remembered, so that a re-read entry does not bring one back
 
 
@@ -150,7 +149,7 @@ class Worker:
         # _TOMBSTONES deletions are kept)
         self._deleted: dict[str, EntryKey] = {}
         self._saved_offset: str | None = None  # the restored checkpoint's input offset
-        self._held: OrderedDict[str, deque[Fixation]] = OrderedDict()
+        self.batcher = TickBatcher(settings.max_batch, settings.max_wait_ms / 1000.0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_beat = self._last_diag = 0.0
@@ -206,7 +205,7 @@ class Worker:
         logger.info("worker running on %s: %d streams, %d updates applied",
                     self.learner.device, len(self.records), self.learner.updates_applied)  # fmt: skip
         while not self._stop.is_set():
-            batch, controls = self._gather()
+            batch, controls = self.batcher.gather(self._receive, self._stop.is_set)
             if batch:
                 self._tick(batch)
             for ctl in controls:
@@ -304,40 +303,16 @@ class Worker:
         fix.source = None  # the encoded bytes are not needed any more
 
     def _held_count(self) -> int:
-        return sum(len(q) for q in self._held.values())
+        return self.batcher.held
 
-    def _gather(self) -> tuple[list[Fixation], list[Control]]:
-        s = self.settings
-        batch: dict[str, Fixation] = {}
-        for sid in list(self._held):
-            if len(batch) >= s.max_batch:
-                break
-            held = self._held[sid]
-            batch[sid] = held.popleft()
-            if not held:
-                del self._held[sid]
-        controls: list[Control] = []
-        deadline = time.monotonic() + s.max_wait_ms / 1000.0 if batch else None
-        held_cap = 4 * s.max_batch
-        while len(batch) < s.max_batch and self._held_count() < held_cap and not self._stop.is_set():
-            timeout = _IDLE_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
-            msg: Message | None = self.broker.get(timeout)
-            if msg is None:
-                break
-            if isinstance(msg, Control):
-                controls.append(msg)  # answered right after this tick, in arrival order
-                break
-            if deadline is None:
-                deadline = time.monotonic() + s.max_wait_ms / 1000.0
+    def _receive(self, timeout: float) -> Message | None:
+        """The broker's next message; a fixation's Redis entry stays open until it is answered."""
+        msg = self.broker.get(timeout)
+        if isinstance(msg, Fixation):
             key = entry_key(msg.entry_id)
             if key is not None:
                 self._open.add(key)
-            sid = msg.stream_id
-            if sid in batch or sid in self._held:
-                self._held.setdefault(sid, deque()).append(msg)
-            else:
-                batch[sid] = msg
-        return list(batch.values()), controls
+        return msg
 
     # ------------------------------------------------------------------ ticks
 
@@ -544,60 +519,36 @@ class Worker:
         except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval
             logger.error("checkpoint %s failed: %s", when, exc)
 
-    def _record(self, args: dict[str, Any]) -> StreamRecord:
-        sid = str(args.get("stream_id", ""))
-        rec = self.records.get(sid)
-        if rec is None:
-            raise UnknownStream(f"no stream {sid[:140]!r}: it has received no fixation yet, or was deleted")
-        return rec
-
     def execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Run one command on the worker's state (called on the worker's thread)."""
-        if command == "checkpoint":
-            return {"checkpoint": self.checkpoint()}
+        """Run one command's handler (service/commands.py) on the worker's state, on its thread."""
+        handler = HANDLERS.get(cast(Command, command))
+        if handler is None:  # a broken control entry arrives as "invalid", naming what it carried
+            raise InputError(f"unknown worker command {args.get('command', command)!r}")
+        if command in TAKE_THEIR_OWN_LOCK:
+            return handler(self, args)
         with self._lock:
-            return self._execute(command, args)
+            return handler(self, args)
 
-    def _execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        learner = self.learner
-        if command == "ping":
-            return {}
-        if command == "streams":  # "prefix": one namespace's streams (service/api/deps.py Principal)
-            prefix = str(args.get("prefix", ""))
-            found = [r.summary() for r in self.records.values() if r.stream_id.startswith(prefix)]
-            return {"streams": found, "count": len(found)}
-        if command == "stream":
-            rec = self._record(args)
-            return {"stream": {**rec.info(), "state": learner.stream_info(rec.stream_id)}}
-        if command == "prediction":
-            rec = self._record(args)
-            pred = learner.prediction(rec.stream_id)
-            return {"stream_id": rec.stream_id, "step": rec.step,
-                    "prediction": None if pred is None else pred.detach().cpu().tolist()}  # fmt: skip
-        if command == "reset":
-            rec = self._record(args)
-            learner.reset(rec.stream_id)
-            rec.resets += 1
-            rec.step = 0
-            rec.forget_seq()  # a reset starts the seq numbering afresh
-            metrics.RESETS.inc()
-            return {"stream_id": rec.stream_id, "step": 0}
-        if command == "delete":
-            rec = self._record(args)
-            learner.drop(rec.stream_id)
-            del self.records[rec.stream_id]
-            last = entry_key(rec.last_entry_id)
-            if last is not None:
-                self._deleted[rec.stream_id] = last
-                if len(self._deleted) > _TOMBSTONES:
-                    del self._deleted[next(iter(self._deleted))]
-            self.broker.forget_stream(rec.stream_id)
-            live.FEED.forget(rec.stream_id)
-            metrics.ACTIVE_STREAMS.set(len(self.records))
-            return {"stream_id": rec.stream_id, "deleted": True}
-        if command == "model":
-            return {"model": self.model_info()}
-        raise InputError(f"unknown worker command {args.get('command', command)!r}")
+    def reset_stream(self, rec: StreamRecord) -> None:
+        """Start the stream afresh: its state, its step count and its seq numbering."""
+        self.learner.reset(rec.stream_id)
+        rec.resets += 1
+        rec.step = 0
+        rec.forget_seq()
+        metrics.RESETS.inc()
+
+    def delete_stream(self, rec: StreamRecord) -> None:
+        """Forget the stream everywhere, remembering its last entry so that a replay cannot revive it."""
+        self.learner.drop(rec.stream_id)
+        del self.records[rec.stream_id]
+        last = entry_key(rec.last_entry_id)
+        if last is not None:
+            self._deleted[rec.stream_id] = last
+            if len(self._deleted) > _TOMBSTONES:
+                del self._deleted[next(iter(self._deleted))]
+        self.broker.forget_stream(rec.stream_id)
+        live.FEED.forget(rec.stream_id)
+        metrics.ACTIVE_STREAMS.set(len(self.records))
 
     def model_info(self) -> dict[str, Any]:
         """Config, parameter counts, counters and the last checkpoint, for ``GET /v1/model``."""

@@ -84,7 +84,7 @@ def test_gather_takes_one_fixation_per_stream_in_order() -> None:
         broker._queue.put_nowait(fix)
     ticks = []
     while True:
-        batch, _ = worker._gather()
+        batch, _ = worker.batcher.gather(worker._receive)
         if not batch:
             break
         ticks.append([(f.stream_id, f.seq) for f in batch])
