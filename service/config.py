@@ -1,8 +1,11 @@
 """``Settings``: the service's one configuration object, read from ``FOVEATE_*`` environment variables.
 
-The model fields map one to one onto :class:`learner.config.ModelConfig` (``FOVEATE_N_UNITS`` →
-``n_units`` …) through :meth:`Settings.model_config_obj`; everything else configures the service:
-device, batching, Redis keys, checkpoints and the limits that protect the worker from bad input.
+The model settings are made from :class:`learner.config.ModelConfig` itself: one per dataclass field
+(but ``in_features``, the trunk's width), with its name, type, default and the description from its
+docstring (``FOVEATE_N_UNITS`` → ``n_units``), so a new model field is a setting without another line
+here. :meth:`Settings.model_config_obj` passes them back, and ``ModelConfig`` checks their values
+(``ConfigError``). Everything else configures the service: device, batching, Redis keys,
+checkpoints and the limits that protect the worker from bad input.
 
 Examples
 --------
@@ -13,12 +16,15 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import socket
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from learner.config import ModelConfig
@@ -29,48 +35,61 @@ STREAM_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 #: qualified by its key's namespace (``lab-a:rig1``, 32 + 1 + 128 characters at most).
 QUALIFIED_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,161}$"
 
-# Settings fields that are passed through to ModelConfig under the same name.
-_MODEL_FIELDS = (
-    "trunk",
-    "trunk_weights",
-    "input_size",
-    "n_units",
-    "rgc_inputs",
-    "embed_dim",
-    "predictor",
-    "pred_hidden",
-    "phi",
-    "gate_bias",
-    "input_norm",
-    "context_norm",
-    "embed_from",
-    "min_norm",
-    "loss",
-    "lr",
-    "optimizer",
-    "weight_decay",
-    "gain_lr_scale",
-    "embed_lr_scale",
-    "update_mode",
-    "segment_len",
-    "init_scale",
-    "seed",
-)
+#: ModelConfig fields that are no setting: the trunk's width follows from the trunk.
+_DERIVED = frozenset({"in_features"})
+#: The Settings fields passed to ModelConfig under the same name: every field of it but the derived.
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in _DERIVED)
+
+
+def _parameter_docs(doc: str) -> dict[str, str]:
+    """Each name's text in a numpydoc ``Parameters`` section (``a, b`` lines share one text)."""
+    lines = inspect.cleandoc(doc).splitlines()
+    start = lines.index("Parameters") + 2
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    for line in lines[start:]:
+        if line and not line.startswith(" "):
+            names = [name.strip() for name in line.split(",")]
+            continue
+        for name in names:
+            docs[name] = f"{docs.get(name, '')} {line.strip()}".strip()
+    return docs
+
+
+def _model_settings() -> type[BaseSettings]:
+    """A BaseSettings with one field per entry of MODEL_FIELDS: ModelConfig's type, default, doc."""
+    types = typing.get_type_hints(ModelConfig)
+    docs = _parameter_docs(ModelConfig.__doc__ or "")
+    fields: dict[str, Any] = {
+        f.name: (types[f.name], Field(default=f.default, description=docs.get(f.name)))
+        for f in dataclasses.fields(ModelConfig)
+        if f.name in MODEL_FIELDS
+    }
+    return create_model("ModelSettings", __base__=BaseSettings, __module__=__name__, **fields)
+
+
+if TYPE_CHECKING:
+
+    class _ModelSettings(BaseSettings):
+        # The fields exist only once _model_settings() has run; type checkers see them as Any.
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    _ModelSettings = _model_settings()
 
 
 def _default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class Settings(BaseSettings):
+class Settings(_ModelSettings):
     """Every setting of the API and the worker; each field is read from ``FOVEATE_<FIELD>``.
 
     Parameters
     ----------
-    trunk, trunk_weights, input_size, n_units, rgc_inputs, embed_dim, predictor, pred_hidden, phi,
-    gate_bias, input_norm, context_norm, embed_from, min_norm, loss, lr, optimizer, weight_decay,
-    gain_lr_scale, embed_lr_scale, update_mode, segment_len, init_scale, seed
-        The model, passed to :class:`learner.config.ModelConfig` (see its docstring).
+    <each field of ModelConfig but in_features>
+        The model, passed to :class:`learner.config.ModelConfig` (see its docstring; the module
+        docstring says how these fields are made).
     learner
         ``rfp`` (the service's learning rule) or ``bptt`` (truncated BPTT baseline, window ``bptt_window``).
     device
@@ -119,32 +138,6 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(env_prefix="FOVEATE_", extra="ignore", validate_default=True)
-
-    # --- the model (ModelConfig); defaults are ModelConfig's own, written once there ---
-    trunk: str = ModelConfig.trunk
-    trunk_weights: str | None = ModelConfig.trunk_weights
-    input_size: int = ModelConfig.input_size
-    n_units: int = ModelConfig.n_units
-    rgc_inputs: int = ModelConfig.rgc_inputs
-    embed_dim: int = ModelConfig.embed_dim
-    predictor: str = ModelConfig.predictor
-    pred_hidden: int = ModelConfig.pred_hidden
-    phi: str = ModelConfig.phi
-    gate_bias: bool = ModelConfig.gate_bias
-    input_norm: bool = ModelConfig.input_norm
-    context_norm: bool = ModelConfig.context_norm
-    embed_from: str = ModelConfig.embed_from
-    min_norm: float = ModelConfig.min_norm
-    loss: str = ModelConfig.loss
-    lr: float = ModelConfig.lr
-    optimizer: str = ModelConfig.optimizer
-    weight_decay: float = ModelConfig.weight_decay
-    gain_lr_scale: float = ModelConfig.gain_lr_scale
-    embed_lr_scale: float = ModelConfig.embed_lr_scale
-    update_mode: str = ModelConfig.update_mode
-    segment_len: int = ModelConfig.segment_len
-    init_scale: float = ModelConfig.init_scale
-    seed: int = ModelConfig.seed
 
     # --- the learner and where it runs ---
     learner: Literal["rfp", "bptt"] = "rfp"
@@ -220,7 +213,7 @@ class Settings(BaseSettings):
 
     def model_config_obj(self) -> ModelConfig:
         """The :class:`ModelConfig` these settings describe (raises ``ConfigError`` if out of range)."""
-        return ModelConfig(**{name: getattr(self, name) for name in _MODEL_FIELDS})
+        return ModelConfig(**{name: getattr(self, name) for name in MODEL_FIELDS})
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -235,4 +228,4 @@ class Settings(BaseSettings):
 
 def model_fields() -> tuple[str, ...]:
     """Names of the Settings fields that are passed to ModelConfig."""
-    return _MODEL_FIELDS
+    return MODEL_FIELDS

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from pydantic import ValidationError
 from learner.config import ModelConfig
 from learner.errors import ConfigError
 from service.config import Settings, model_fields
+from tests.conftest import REPO_ROOT
 
 
 def test_env_variables_fill_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,10 +53,70 @@ def test_model_fields_map_onto_model_config() -> None:
         assert getattr(cfg, name) == getattr(s, name)
 
 
-def test_every_model_field_is_a_setting() -> None:
-    """A new ModelConfig field that is not passed through would never become a FOVEATE_* variable
-    (``in_features`` is the trunk's width, not a choice)."""
-    assert set(model_fields()) == {f.name for f in dataclasses.fields(ModelConfig)} - {"in_features"}
+def test_every_model_field_is_a_setting_of_its_type_default_and_doc() -> None:
+    """A new ModelConfig field becomes a FOVEATE_* variable by itself (``in_features`` is the trunk's
+    width, not a choice)."""
+    expected = {f.name for f in dataclasses.fields(ModelConfig)} - {"in_features"}
+    assert set(model_fields()) == expected
+    assert expected <= set(Settings.model_fields)
+    types = typing.get_type_hints(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in expected:
+            setting = Settings.model_fields[f.name]
+            assert (setting.annotation, setting.default) == (types[f.name], f.default), f.name
+            assert setting.description, f"ModelConfig's docstring does not describe {f.name}"
+    assert "2 N (K + 1)" in (Settings.model_fields["rgc_inputs"].description or "")
+
+
+def test_every_model_setting_is_read_from_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    changed: dict[str, object] = {}
+    for name in model_fields():
+        default = getattr(ModelConfig, name)
+        value = {bool: not default, int: 7, float: 0.5, str: "x"}.get(type(default), "w.pt")
+        changed[name] = value
+        monkeypatch.setenv(
+            f"FOVEATE_{name.upper()}", str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    s = Settings()
+    assert {name: getattr(s, name) for name in model_fields()} == changed
+
+
+def _settings_table() -> list[list[str]]:
+    section = (REPO_ROOT / "docs" / "api.md").read_text().split("## Settings (environment variables)")[1]
+    section = section.split("\n## ")[0]
+    rows = [
+        line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("| `FOVEATE_")
+    ]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+def _documented(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"`{value}`"
+    return f"{value:g}"
+
+
+def test_the_settings_table_in_docs_api_lists_every_setting() -> None:
+    documented = [re.findall(r"`(FOVEATE_[A-Z0-9_]+)`", row[0]) for row in _settings_table()]
+    names = [name for row in documented for name in row]
+    assert len(names) == len(set(names)), "docs/api.md lists a variable twice"
+    assert set(names) == {f"FOVEATE_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_the_settings_table_gives_the_model_defaults() -> None:
+    model = set(model_fields())
+    checked = 0
+    for row in _settings_table():
+        names = [n.removeprefix("FOVEATE_").lower() for n in re.findall(r"`(FOVEATE_[A-Z0-9_]+)`", row[0])]
+        if set(names) <= model:
+            defaults = [getattr(ModelConfig, name) for name in names]
+            assert row[1].split(", ") == [_documented(v) for v in defaults], f"docs/api.md: {row[0]}"
+            checked += len(names)
+    assert checked == len(model)
 
 
 def test_defaults_equal_model_config_defaults() -> None:
