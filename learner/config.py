@@ -70,9 +70,10 @@ class ModelConfig:
         with P a fixed, seeded random (M, K) projection with orthonormal columns (a buffer, saved in
         checkpoints), while the embedding still reads all of u. RFP's traces of ``[W | b]`` take
         2 N (K + 1) numbers per stream, so K, not M, sets a stream's memory and most of the RFP
-        tick's extra cost: at M = 1752 (EfficientNet-Lite0) reading all of u made the traces 7.2 MB a
-        stream and the RFP tick 1.5-2x a forward tick. K = 256 (the default) gives 1.1 MB, and on
-        the OSIE controls the same skill as K = 512 and as all of u (docs/results.md). 0 reads all of u.
+        tick's extra cost: at M = 1752 (EfficientNet-Lite0) reading all of u takes 7.2 MB of traces a
+        stream and makes the RFP tick 1.5-2x a forward tick. K = 256 (the default) takes 1.1 MB, and
+        gives the same skill on the OSIE controls as K = 512 and as all of u (docs/results.md). 0 reads
+        all of u.
     embed_dim
         D, embedding size (the paper's 120).
     predictor
@@ -113,13 +114,12 @@ class ModelConfig:
         The RGC's element-wise gains (and gate biases), which set its memory, learn at
         ``lr * gain_lr_scale``. They are a few thousand numbers against hundreds of thousands in
         ``W``, ``E`` and ``G``; at ``lr`` (scale 1) they barely move within a session (|w| < 0.04
-        after 300 updates on OSIE). At 100 (the default with the cosine loss) the ``whitened_mse``
-        model diverged while it kept learning on new people and images (errors 10x within 500
-        ticks); at 10 it stays stable (docs/results.md).
+        after 300 updates on OSIE). At 100 the ``whitened_mse`` model diverges while it keeps
+        learning on new people and images; at 10 it stays stable (docs/results.md).
     embed_lr_scale
         The embedding E learns at ``lr * embed_lr_scale``. 0 (the default) keeps it at its seeded
         initialisation, a fixed random projection of the context list: on OSIE, E learning at ``lr``
-        did not improve the skill against the repeat baseline and collapsed the embedding to 11-30
+        does not improve the skill against the repeat baseline and collapses the embedding to 11-30
         effective dimensions of 120 (docs/results.md).
     update_mode
         ``every_fixation``: one optimizer step per tick (the service's mode; online RTRL).

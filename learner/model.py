@@ -208,8 +208,8 @@ class RunningWhitening(nn.Module):
         # keeps the matrix far better conditioned than float32's precision needs
         if ratio >= 1 and m > self.DIAGONAL_BELOW:
             # fewer samples than features: the shrinkage outweighs the sample covariance, so scale by
-            # the variances alone; an M x M eigendecomposition (1.2 s at M = 1752 on a CPU core) at
-            # each of the first power-of-two counts stalled a fresh worker for seconds
+            # the variances alone, and spare a fresh worker an M x M eigendecomposition (about a
+            # second at M = 1752 on a CPU core) at each of the first power-of-two counts
             var = self.cov.diagonal() + shrink
             self.whiten.copy_(torch.diag(var.clamp(min=self.eps).rsqrt()))
             return
@@ -256,8 +256,8 @@ def well_conditioned(p: torch.Tensor, z: torch.Tensor, min_norm: float) -> torch
 
     The cosine loss's gradient with respect to p is (cos p^ - z^) / |p|: a prediction near zero
     (a fresh model's first scored tick: the whitenings have seen one vector and a residual
-    predictor starts at the identity) gave gradients of 1e11-1e14, which Adam's second moment then
-    kept for tens of thousands of ticks, freezing the parameters they touched (spec 1.6). Such
+    predictor starts at the identity) gives gradients of 1e11-1e14, which Adam's second moment then
+    keeps for tens of thousands of ticks, freezing the parameters they touch (spec 1.6). Such
     rows are scored but not learned from; ``TickOutput.skipped`` counts them.
     """
     floor = min_norm * p.shape[-1] ** 0.5
@@ -299,20 +299,18 @@ class RJEPA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = build_trunk(cfg.trunk, cfg.trunk_weights, seed=cfg.seed, in_features=cfg.in_features)
-        # an M x M eigendecomposition per recompute: 0.6-1.2 s at M = 1752 on one CPU core, so every
-        # 4096 observations once the first ones are in (0.15-0.3 ms a tick amortised; every 1024 was
-        # 0.6 ms, 6 % of a forward tick at one stream). The trunk's feature statistics settle early.
+        # an M x M eigendecomposition per recompute (about a second at M = 1752 on a CPU core), so
+        # only every 4096 observations once the first ones are in: the trunk's feature statistics
+        # settle early (the cost per tick: docs/results.md, "Learner speed and memory").
         self.input_norm = (
             RunningWhitening(cfg.M, every=4096 if cfg.M > 1024 else 256) if cfg.input_norm else None
         )
         # the state's statistics drift as the RGC learns to hold memory: a shorter window, recomputed
-        # more often (every 128 learning ticks: an N x N eigendecomposition, 25-60 ms on one CPU core;
-        # every 64 cost 0.4-0.9 ms a tick at one stream and gave the same controls, docs/results.md).
+        # more often (every 128 learning ticks, an N x N eigendecomposition each).
         # A fixed shrinkage of 2% of the mean variance: once the RGC has closed most units' input gates,
-        # the state has a few dozen directions of large variance and hundreds of small ones. The
-        # sample rule (F / n: 26% after 2,000 states, 2.3% after 22,000) kept the small ones
-        # unamplified while the RGC learned, and the embedding ended at 28 of 120 dimensions on OSIE;
-        # 2% from the start gives 41 (docs/results.md, "the context whitening's shrinkage").
+        # the state has a few dozen directions of large variance and hundreds of small ones, and a
+        # shrinkage large while few states are seen keeps the small ones unamplified, so that the
+        # embedding loses dimensions (docs/results.md, "the context whitening's shrinkage").
         self.context_norm = (
             RunningWhitening(cfg.n_units, window=2000, every=128, shrink=0.02, sample_shrink=False)
             if cfg.context_norm

@@ -164,7 +164,7 @@ class RedisBroker(Broker):
     def aio(self) -> aioredis.Redis:
         if self._aio is None:
             # no read timeout: BLPOP waits up to the request's own timeout, which may exceed
-            # redis-py's default of 5 s (that default turned long waits into 503s)
+            # redis-py's default of 5 s (a read timeout would answer those long waits with 503)
             self._aio = aioredis.Redis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=None)
         return self._aio
 
