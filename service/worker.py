@@ -49,8 +49,9 @@ from service.commands import HANDLERS, TAKE_THEIR_OWN_LOCK
 from service.config import Settings
 from service.decode import decode_source
 from service.dedup import APPLY, Decision, decide, fingerprint
-from service.errors import TooManyStreams, WorkerError, error_payload, status_of
+from service.errors import TooManyStreams, WorkerError
 from service.messages import Command, Control, Fixation
+from service.replies import failure, fixation_scores, reject_reason
 from service.streams import EntryKey, StreamRecord, entry_before, entry_key, entry_text
 
 logger = logging.getLogger(__name__)
@@ -71,38 +72,6 @@ def build_learner(settings: Settings) -> StreamLearner:
     from learner.rfp import RFPLearner
 
     return RFPLearner(cfg, device=device)
-
-
-def fixation_scores(error: float, repeat_error: float, skipped: bool) -> dict[str, Any]:
-    """The scores of one fixation in a reply: ``error``, ``repeat_error`` (the baseline that predicts
-    the next embedding to be the current one), ``skill`` = 1 - error / repeat_error, and ``skipped``
-    (scored but not learned from). NaN, and a skill without a positive repeat error, become None.
-
-    >>> fixation_scores(0.25, 0.5, False)
-    {'error': 0.25, 'repeat_error': 0.5, 'skill': 0.5, 'skipped': False}
-    >>> fixation_scores(float("nan"), float("nan"), False)
-    {'error': None, 'repeat_error': None, 'skill': None, 'skipped': False}
-    """
-    if math.isnan(error):
-        return {"error": None, "repeat_error": None, "skill": None, "skipped": bool(skipped)}
-    repeat = None if math.isnan(repeat_error) else repeat_error
-    value = math.nan if repeat is None else metrics.skill(error, repeat)
-    return {
-        "error": error,
-        "repeat_error": repeat,
-        "skill": None if math.isnan(value) else value,
-        "skipped": bool(skipped),
-    }
-
-
-def _fail(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, FoveateError):
-        return {"ok": False, **error_payload(exc)}
-    return {"ok": False, "error": "WorkerError", "detail": f"{type(exc).__name__}: {exc}"}
-
-
-def _reason(exc: Exception) -> str:
-    return status_of(type(exc))[1] if isinstance(exc, FoveateError) else "internal"
 
 
 def _nan(value: float | None) -> float:
@@ -340,9 +309,9 @@ class Worker:
                 if problem is None:
                     problem = self._admission(fix, sum(a.fix.stream_id not in self.records for a in accepted))
                 if problem is not None:
-                    metrics.REJECTED_MESSAGES.labels(reason=_reason(problem)).inc()
+                    metrics.REJECTED_MESSAGES.labels(reason=reject_reason(problem)).inc()
                     logger.info("rejected fixation of %r: %s", fix.stream_id[:140], problem)
-                    replies.append((fix, _fail(problem)))
+                    replies.append((fix, failure(problem)))
                 else:
                     accepted.append(_Accepted(fix, decision, print_))
             replies.extend(self._apply(accepted))
@@ -433,14 +402,14 @@ class Worker:
             out = self.learner.tick(ids, patches, reset=[f.reset for f in fixes])
         except FoveateError as exc:
             if len(fixes) == 1:
-                metrics.REJECTED_MESSAGES.labels(reason=_reason(exc)).inc()
-                return [(fixes[0], _fail(exc))]
+                metrics.REJECTED_MESSAGES.labels(reason=reject_reason(exc)).inc()
+                return [(fixes[0], failure(exc))]
             # Find the bad one: apply each alone, so the others are still learned from.
             return [pair for one in accepted for pair in self._apply([one])]
         except RuntimeError as exc:  # torch failures (out of memory, device lost): answer, keep running
             logger.exception("learner tick failed on %d fixations", len(fixes))
             metrics.REJECTED_MESSAGES.labels(reason="internal").inc(len(fixes))
-            return [(f, _fail(WorkerError(f"the learner failed: {exc}"))) for f in fixes]
+            return [(f, failure(WorkerError(f"the learner failed: {exc}"))) for f in fixes]
         metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
         steps = out.step.tolist()
         errors = out.error.tolist()
@@ -503,8 +472,8 @@ class Worker:
         try:
             payload = {"ok": True, **self.execute(ctl.command, ctl.args)}
         except FoveateError as exc:
-            metrics.REJECTED_MESSAGES.labels(reason=_reason(exc)).inc()
-            payload = _fail(exc)
+            metrics.REJECTED_MESSAGES.labels(reason=reject_reason(exc)).inc()
+            payload = failure(exc)
         if payload["ok"] and ctl.command in ("reset", "delete") and self._through is not None:
             # Not in the input stream, so a replay after a crash could not repeat it: make it durable
             # before answering (only with a replaying broker: then _through is set).
