@@ -247,7 +247,7 @@ def _signed(value: float | None) -> str:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from clients.sdk.errors import ClientError
+    from learner.errors import FoveateError  # the SDK's errors and the dataset's alike
 
     opts = _options(
         args,
@@ -259,7 +259,7 @@ def _replay(args: argparse.Namespace) -> int:
     )
     try:
         _, summary, figures = _run(args, args.server, args.embedded, opts, args.out, args.plot)
-    except ClientError as exc:
+    except FoveateError as exc:
         print(f"foveate replay: error: {exc}", file=sys.stderr)
         return 1
     _report(summary, figures, args.out)
@@ -268,7 +268,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from clients.recorded import default_dataset_path
-    from clients.sdk.errors import ClientError
+    from learner.errors import FoveateError  # the SDK's errors and the dataset's alike
 
     if args.dataset is None:
         args.dataset = default_dataset_path()
@@ -278,7 +278,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"foveate demo: replaying {args.dataset}, first {args.images} images, {who}", file=sys.stderr)
     try:
         dataset, summary, figures = _run(args, None, True, opts, out, args.out_dir)
-    except ClientError as exc:
+    except FoveateError as exc:
         print(f"foveate demo: error: {exc}", file=sys.stderr)
         return 1
     print(

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from learner.errors import FoveateError
+from learner.errors import ConfigError, FoveateError
 
 if TYPE_CHECKING:
     import httpx
@@ -61,6 +61,7 @@ __all__ = [
     "FixationPoster",
     "OutgoingFixation",
     "PostResult",
+    "PosterClosed",
     "SdkSink",
     "Sink",
     "SinkError",
@@ -88,7 +89,15 @@ class SinkUnavailable(SinkError):
 
 
 class SinkRejected(SinkError):
-    """The server refused this fixation for good (bad image, bad fields); it is skipped."""
+    """The server (or the SDK, before sending) refused this fixation for good: bad image, bad fields.
+
+    It is skipped. ``__cause__`` is the SDK's error, e.g. a ``PatchError`` (which is also a
+    ``learner.errors.PatchError``: one family on both sides).
+    """
+
+
+class PosterClosed(SinkError, RuntimeError):
+    """A fixation was submitted after :meth:`FixationPoster.close`: a bug in the bridge's shutdown order."""
 
 
 @dataclass(frozen=True)
@@ -277,7 +286,7 @@ class FixationPoster:
         server: str | None = None,
     ) -> None:
         if max_backlog < 1:
-            raise FoveateError(f"max_backlog must be at least 1, got {max_backlog}")
+            raise ConfigError(f"max_backlog must be at least 1, got {max_backlog}")
         self._sink = sink
         self.stream_id = stream_id
         self.max_backlog = int(max_backlog)
@@ -304,7 +313,7 @@ class FixationPoster:
         with self._cond:
             self._raise_if_failed()
             if self._closing:
-                raise FoveateError("FixationPoster.submit() after close()")
+                raise PosterClosed("FixationPoster.submit() after close()")
             fix = OutgoingFixation(self._next_seq, float(t), float(duration_ms), float(x), float(y), patch,
                                    reset=self._reset_next)  # fmt: skip
             self._next_seq += 1
