@@ -192,13 +192,15 @@ def _run(
         from clients.plots import plot_replay
 
         if summary.scored:
-            figures = plot_replay(records, plot, title=dataset.name)
+            figures = plot_replay(records, plot, title=dataset.name, loss=summary.loss)
         else:
             logger.warning("no fixation was scored, so there is nothing to plot")
     return dataset, summary, figures
 
 
 def _report(summary: Any, figures: list[Path], out: Path | None) -> None:
+    from clients.replay_summary import error_meaning
+
     print(
         f"replayed {summary.fixations} fixations of {summary.streams} streams in {summary.seconds:.1f} s "
         f"({summary.rate:.1f} fixations/s); {summary.updates_applied} updates applied"
@@ -212,6 +214,7 @@ def _report(summary: Any, figures: list[Path], out: Path | None) -> None:
             else 0
         )
         print(f"scored {summary.scored} (the first fixation on each image has no prediction to score)")
+        print(f"error: {error_meaning(summary.loss)}")
         if summary.ill_conditioned:
             print(f"{summary.ill_conditioned} scored fixations were too ill-conditioned to learn from")
         print(
@@ -224,7 +227,7 @@ def _report(summary: Any, figures: list[Path], out: Path | None) -> None:
                 f"{summary.mean_repeat_error:.4f}; skill 1 - model/repeat = {_signed(summary.skill)} "
                 "(above 0: the model beats repeating)"
             )
-        steps = list(summary.error_by_step.items())[:12]
+        steps = list(summary.error_by_step.items())  # every step, as the by-step figure shows them
         if summary.repeat_error_by_step:
             print("error by step within a scanpath, against the repeat baseline:")
             print(f"  {'step':>4}  {'error':>7}  {'repeat':>7}  {'skill':>7}  {'n':>6}")

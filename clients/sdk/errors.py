@@ -15,7 +15,7 @@ the wire. The tree, with the status the server answers (``service/errors.py`` dr
             ├── RequestRejected          any other 4xx (NotFound for an unknown route, 405, ...)
             │   ├── InputError [L]       422  bad fields or request
             │   │   ├── PatchError [L]   422  undecodable image, wrong shape or channels, gaze off frame
-            │   │   ├── MalformedRequest 400  body is not valid JSON / multipart
+            │   │   ├── MalformedRequest 400  body is not valid JSON
             │   │   ├── PayloadTooLarge  413  body, image or batch over a server limit
             │   │   ├── UnsupportedMediaType  415  a body that is not JSON (or multipart)
             │   │   └── BodyTimeout      408  the body arrived too slowly
@@ -160,7 +160,8 @@ class PatchError(InputError, learner.PatchError):
 
 
 class MalformedRequest(InputError):
-    """The body is not valid JSON or multipart (400)."""
+    """The body is not valid JSON (400). A broken multipart body is a 400 ``BadRequest``, which the
+    SDK raises as :class:`RequestRejected` with ``error == "BadRequest"``."""
 
 
 class PayloadTooLarge(InputError):
