@@ -1,4 +1,7 @@
-"""Real servers for the benchmarks: ``redis-server`` and ``python -m foveate serve | worker`` subprocesses.
+"""Real servers for the benchmarks and the tests: ``redis-server`` and ``python -m foveate serve | worker``.
+
+The single home of :func:`free_port` and :class:`RedisServer`: ``tests/conftest.py`` and the test helpers
+import them from here (the benchmarks run without pytest, so the code lives on this side).
 
 Each runs on 127.0.0.1 on a free port, its output in a log file under a work folder, and is waited for
 until it answers (PING, ``/readyz``, or the worker's heartbeat in Redis). ``stop()`` sends SIGTERM, then
@@ -57,7 +60,11 @@ def find_binary(name: str) -> str | None:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Another process can take it before the caller binds it; :class:`RedisServer` and the tests' server
+    starters retry on a new port when that happens. The one copy: tests import it from here.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
@@ -151,30 +158,33 @@ class _Process:
         self.stop()
 
 
-class RedisServer(_Process):
-    """``redis-server`` on 127.0.0.1 without persistence; :meth:`start_in` starts it and waits for PING."""
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1 without persistence; the one the benchmarks and the tests use.
 
-    def __init__(self, binary: str, workdir: Path, port: int) -> None:
-        self.port = port
-        self.url = f"redis://{LOOPBACK}:{port}/0"
-        cmd = [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            LOOPBACK,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-        ]
-        super().__init__(cmd, workdir, f"redis-{port}")
+    :meth:`start` picks a free port (another on a clash) and waits for PING; after :meth:`stop` a second
+    :meth:`start` comes back on the same port, empty, so clients that pointed at it find it again.
+    :meth:`start_in` does both steps; the server is a context manager that stops it.
+
+    Parameters
+    ----------
+    binary
+        Path of the ``redis-server`` executable.
+    workdir
+        Directory for the server's files and its log ``redis-PORT.log``.
+
+    Examples
+    --------
+    >>> server = RedisServer(find_binary("redis-server"), Path("/tmp/r")).start()  # doctest: +SKIP
+    >>> server.url  # doctest: +SKIP
+    'redis://127.0.0.1:40213/0'
+    >>> server.stop()  # doctest: +SKIP
+    """
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def start_in(cls, workdir: Path, *, binary: str | None = None, timeout: float = 15.0) -> RedisServer:
@@ -185,20 +195,97 @@ class RedisServer(_Process):
                 f"redis-server not found on PATH or in {REPO_ROOT / '.tools' / 'bin'}; "
                 "install it (bash scripts/install-test-servers.sh) or leave out the redis mode"
             )
-        server = cls(binary, workdir, free_port())
-        client = redis.Redis(host=LOOPBACK, port=server.port, socket_connect_timeout=0.5)
+        return cls(binary, workdir).start(timeout=timeout)
 
-        def pong() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        if self.port is None:
+            raise RuntimeError("RedisServer.url read before start()")
+        return f"redis://{LOOPBACK}:{self.port}/0"
 
-        try:
-            server.wait_until(pong, timeout, "answer PING")
-        finally:
-            client.close()
-        return server
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"redis-{self.port}.log"
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError("RedisServer.pid read while it is not running")
+        return self.process.pid
+
+    def start(self, attempts: int = 3, timeout: float = 15.0) -> RedisServer:
+        """Start the server (again on its previous port after :meth:`stop`) and wait for PING."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError("RedisServer.start() while it is already running")
+        keep_port = self.port is not None  # a restart must come back where clients point
+        error = ""
+        for _ in range(attempts):
+            if not keep_port:
+                self.port = free_port()  # another process may take it first: then try another
+            self._spawn()
+            error = self._wait_ready(timeout)
+            if not error:
+                return self
+            self.stop()
+        raise RuntimeError(f"redis-server did not start on {LOOPBACK}:{self.port}: {error}")
+
+    def _spawn(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", LOOPBACK,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--daemonize", "no",
+            "--loglevel", "warning",
+        ]  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    def _wait_ready(self, timeout: float) -> str:
+        """ "" once PING answers, else why not."""
+        assert self.process is not None and self.port is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return f"exited with {self.process.returncode}; log {self.log}:\n{_tail(self.log)}"
+            if _ping(self.port):
+                return ""
+            time.sleep(0.05)
+        return f"no PONG within {timeout:.0f} s; log {self.log}:\n{_tail(self.log)}"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; the port is kept for a restart."""
+        if self.process is not None:
+            terminate(self.process, timeout=timeout)
+            self.process = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _ping(port: int) -> bool:
+    """A raw RESP PING, so that a wait for the server needs no client library."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 class FoveateProcess(_Process):

@@ -169,7 +169,12 @@ async def measure(
     warmup: float,
     seconds: float,
 ) -> Part:
-    """Run ``load`` through warm-up and the window; snapshot counters at the window's edges."""
+    """Run ``load`` through warm-up and the window; snapshot counters at the window's edges.
+
+    Both snapshots are always taken: the load may finish before this coroutine wakes at the window's
+    end (its last answer came as the window closed, and a loaded machine woke this late), which
+    changes nothing in the counters. A load that failed raises its error at the first edge after.
+    """
     now = time.perf_counter()
     window = Window(now + warmup, now + warmup + seconds)
     task = asyncio.create_task(load(window))
@@ -177,9 +182,9 @@ async def measure(
     for edge in (window.start, window.end):
         await asyncio.sleep(max(0.0, edge - time.perf_counter()))
         if task.done():
-            break
+            await task  # raises what the load raised
         snaps.append(await asyncio.to_thread(snapshot, pids, metrics_url))
-    await task  # raises what the load raised
+    await task
     return window, snaps[0], snaps[1]
 
 

@@ -192,13 +192,15 @@ def _run(
         from clients.plots import plot_replay
 
         if summary.scored:
-            figures = plot_replay(records, plot, title=dataset.name)
+            figures = plot_replay(records, plot, title=dataset.name, loss=summary.loss)
         else:
             logger.warning("no fixation was scored, so there is nothing to plot")
     return dataset, summary, figures
 
 
 def _report(summary: Any, figures: list[Path], out: Path | None) -> None:
+    from clients.replay_summary import error_meaning
+
     print(
         f"replayed {summary.fixations} fixations of {summary.streams} streams in {summary.seconds:.1f} s "
         f"({summary.rate:.1f} fixations/s); {summary.updates_applied} updates applied"
@@ -212,6 +214,7 @@ def _report(summary: Any, figures: list[Path], out: Path | None) -> None:
             else 0
         )
         print(f"scored {summary.scored} (the first fixation on each image has no prediction to score)")
+        print(f"error: {error_meaning(summary.loss)}")
         if summary.ill_conditioned:
             print(f"{summary.ill_conditioned} scored fixations were too ill-conditioned to learn from")
         print(
@@ -224,7 +227,7 @@ def _report(summary: Any, figures: list[Path], out: Path | None) -> None:
                 f"{summary.mean_repeat_error:.4f}; skill 1 - model/repeat = {_signed(summary.skill)} "
                 "(above 0: the model beats repeating)"
             )
-        steps = list(summary.error_by_step.items())[:12]
+        steps = list(summary.error_by_step.items())  # every step, as the by-step figure shows them
         if summary.repeat_error_by_step:
             print("error by step within a scanpath, against the repeat baseline:")
             print(f"  {'step':>4}  {'error':>7}  {'repeat':>7}  {'skill':>7}  {'n':>6}")
@@ -247,7 +250,7 @@ def _signed(value: float | None) -> str:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from clients.sdk.errors import ClientError
+    from learner.errors import FoveateError  # the SDK's errors and the dataset's alike
 
     opts = _options(
         args,
@@ -259,7 +262,7 @@ def _replay(args: argparse.Namespace) -> int:
     )
     try:
         _, summary, figures = _run(args, args.server, args.embedded, opts, args.out, args.plot)
-    except ClientError as exc:
+    except FoveateError as exc:
         print(f"foveate replay: error: {exc}", file=sys.stderr)
         return 1
     _report(summary, figures, args.out)
@@ -268,7 +271,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from clients.recorded import default_dataset_path
-    from clients.sdk.errors import ClientError
+    from learner.errors import FoveateError  # the SDK's errors and the dataset's alike
 
     if args.dataset is None:
         args.dataset = default_dataset_path()
@@ -278,7 +281,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"foveate demo: replaying {args.dataset}, first {args.images} images, {who}", file=sys.stderr)
     try:
         dataset, summary, figures = _run(args, None, True, opts, out, args.out_dir)
-    except ClientError as exc:
+    except FoveateError as exc:
         print(f"foveate demo: error: {exc}", file=sys.stderr)
         return 1
     print(

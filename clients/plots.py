@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.replay import ReplayRecord
+from clients.replay_summary import ReplayRecord, error_meaning
 
 __all__ = ["ERROR_BY_STEP_PNG", "ERROR_VS_FIXATIONS_PNG", "plot_replay", "running_mean"]
 
@@ -35,7 +35,9 @@ def running_mean(values: np.ndarray, window: int) -> np.ndarray:
     return means
 
 
-def plot_replay(records: Sequence[ReplayRecord], out_dir: str | Path, title: str = "") -> list[Path]:
+def plot_replay(
+    records: Sequence[ReplayRecord], out_dir: str | Path, title: str = "", loss: str | None = None
+) -> list[Path]:
     """Save the two figures as PNG files in ``out_dir`` (created if needed); returns their paths.
 
     - ``error_vs_fixations.png``: each scored fixation's error (dots) and its running mean over a
@@ -44,7 +46,9 @@ def plot_replay(records: Sequence[ReplayRecord], out_dir: str | Path, title: str
     - ``error_by_step.png``: mean error (± 95% interval) at each step within a scanpath, the repeat
       baseline's (± 95%) beside it, and the number of fixations per step.
 
-    The repeat baseline predicts the next embedding to be the current one; where the model's curve
+    ``loss`` is the server's loss (``ReplaySummary.loss``): each figure says under it what the error
+    is (:func:`clients.replay_summary.error_meaning`). The repeat baseline predicts the next embedding
+    to be the current one; where the model's curve
     lies below it, the model beats repeating. Records without ``repeat_error`` (a server before it
     was reported) draw no baseline. Raises ``ValueError`` when no record has an error (nothing was
     scored).
@@ -65,6 +69,7 @@ def plot_replay(records: Sequence[ReplayRecord], out_dir: str | Path, title: str
     repeats = np.array([v for _, v in with_repeat], dtype=np.float64)
     window = max(10, errors.size // 50)
     suffix = f" ({title})" if title else ""
+    meaning = error_meaning(loss)
 
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -75,6 +80,7 @@ def plot_replay(records: Sequence[ReplayRecord], out_dir: str | Path, title: str
                 label="repeat current embedding, running mean")  # fmt: skip
     ax.set_xlabel("fixations seen by the server")
     ax.set_ylabel("prediction error")
+    fig.supxlabel(f"error: {meaning}", fontsize="small", color="0.3")
     ax.set_title(f"Error against fixations seen{suffix}")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
@@ -107,6 +113,7 @@ def plot_replay(records: Sequence[ReplayRecord], out_dir: str | Path, title: str
                     label="repeat current embedding ± 95% CI")  # fmt: skip
     ax.set_xlabel("step within the scanpath (1 = first fixation on the image, never scored)")
     ax.set_ylabel("prediction error")
+    fig.supxlabel(f"error: {meaning}", fontsize="small", color="0.3")
     ax.set_title(f"Error by time step within a scanpath{suffix}")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)

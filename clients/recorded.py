@@ -12,28 +12,34 @@ A dataset is a folder (``docs/dataset-format.md`` is the full description)::
 *session* (every image in a fixed order, each image's scanpath in order, ``reset`` at the first
 fixation of a new image), or many sessions *interleaved* tick by tick, one stream per subject.
 It imports numpy, OpenCV and the standard library only, so it runs next to an eye tracker
-without PyTorch.
+without PyTorch. Reading and checking the files themselves (``fixations.csv``, ``dataset.json``,
+``stimuli/``) is ``clients/dataset_files.py``; ``DatasetError``, ``Fixation`` and ``REQUIRED_COLUMNS``
+are re-exported here.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import os
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from learner.errors import InputError
+from clients.dataset_files import (
+    REQUIRED_COLUMNS,
+    DatasetError,
+    Fixation,
+    check_px_per_deg,
+    list_stimuli,
+    read_fixations,
+    read_metadata,
+)
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -46,28 +52,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Columns ``fixations.csv`` must have; any other column is allowed and ignored.
-REQUIRED_COLUMNS = ("image", "subject", "fix_index", "x_px", "y_px", "duration_ms")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _IMAGE_CACHE_SIZE = 8
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class DatasetError(InputError):
-    """A dataset folder that cannot be read; the message names the file, line and column to fix."""
-
-
-@dataclass(frozen=True)
-class Fixation:
-    """One recorded fixation: where (image pixels, origin top-left, y down) and for how long."""
-
-    image: str
-    subject: str
-    fix_index: int
-    x: float
-    y: float
-    duration_ms: float
 
 
 def bundled_dataset_path() -> Path:
@@ -157,13 +144,13 @@ class RecordedDataset:
             ``stimuli/``; a fixation index repeats; or ``dataset.json`` is malformed.
         """
         if px_per_deg is not None:
-            px_per_deg = _check_px_per_deg(px_per_deg, "the px_per_deg argument")
+            px_per_deg = check_px_per_deg(px_per_deg, "the px_per_deg argument")
         root = Path(path).expanduser()
         if not root.is_dir():
             raise DatasetError(f"dataset folder {root} does not exist (or is not a folder)")
-        metadata = _read_metadata(root)
-        images = _list_stimuli(root)
-        scanpaths = _read_fixations(root / "fixations.csv", frozenset(images))
+        metadata = read_metadata(root)
+        images = list_stimuli(root)
+        scanpaths = read_fixations(root / "fixations.csv", frozenset(images))
         if not scanpaths:
             raise DatasetError(f"{root / 'fixations.csv'} has a header but no fixation rows")
         if px_per_deg is None:
@@ -334,113 +321,3 @@ class RecordedDataset:
             f"subjects={len(self._subjects)}, fixations={self.n_fixations}, "
             f"px_per_deg={self.px_per_deg})"
         )
-
-
-# -------------------------------------------------------------------- file readers
-
-
-def _check_px_per_deg(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DatasetError(f"{where}: px_per_deg must be a positive number or null, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise DatasetError(f"{where}: px_per_deg must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _read_metadata(root: Path) -> dict[str, Any]:
-    path = root / "dataset.json"
-    if not path.exists():
-        return {"name": root.resolve().name, "px_per_deg": None}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
-    name = meta.get("name")
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise DatasetError(f"{path}: 'name' must be a non-empty string, got {name!r}")
-    ppd = meta.get("px_per_deg")
-    meta["px_per_deg"] = None if ppd is None else _check_px_per_deg(ppd, str(path))
-    return meta
-
-
-def _list_stimuli(root: Path) -> list[str]:
-    stimuli = root / "stimuli"
-    if not stimuli.is_dir():
-        raise DatasetError(f"{stimuli} is missing: put the images in a 'stimuli' folder")
-    names = sorted(
-        p.relative_to(stimuli).as_posix()
-        for p in stimuli.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
-    if not names:
-        raise DatasetError(f"{stimuli} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return names
-
-
-def _bad(path: Path, line: int, column: str, problem: str) -> DatasetError:
-    return DatasetError(f"{path} line {line}, column {column!r}: {problem}")
-
-
-def _number(path: Path, line: int, row: dict[str, str], column: str) -> float:
-    text = row[column]
-    try:
-        value = float(text)
-    except ValueError:
-        raise _bad(path, line, column, f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise _bad(path, line, column, f"{text!r} is not finite")
-    return value
-
-
-def _parse_row(path: Path, line: int, row: dict[str, str], images: frozenset[str]) -> Fixation:
-    for col in REQUIRED_COLUMNS:
-        if row.get(col) is None or not row[col].strip():
-            raise _bad(path, line, col, "value is empty")
-    image = row["image"].strip()
-    if image not in images:
-        raise _bad(path, line, "image", f"{image!r} is not in {path.parent / 'stimuli'}")
-    index = _number(path, line, row, "fix_index")
-    if not index.is_integer() or index < 0:
-        raise _bad(path, line, "fix_index", f"{row['fix_index']!r} must be a whole number >= 0")
-    duration = _number(path, line, row, "duration_ms")
-    if duration < 0:
-        raise _bad(path, line, "duration_ms", f"{duration} must be >= 0")
-    x, y = _number(path, line, row, "x_px"), _number(path, line, row, "y_px")
-    return Fixation(image, row["subject"].strip(), int(index), x, y, duration)
-
-
-def _read_fixations(path: Path, images: frozenset[str]) -> dict[tuple[str, str], list[Fixation]]:
-    if not path.is_file():
-        raise DatasetError(f"{path} is missing: a dataset needs one row per fixation there")
-    groups: dict[tuple[str, str], list[Fixation]] = {}
-    seen: dict[tuple[str, str, int], int] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: accept Excel's BOM
-        reader = csv.DictReader(f)
-        header = reader.fieldnames
-        if not header:
-            raise DatasetError(f"{path} line 1: empty file, expected a header row")
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise DatasetError(
-                f"{path} line 1: missing column(s) {', '.join(missing)}; "
-                f"required: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(header)}"
-            )
-        for row in reader:
-            line = reader.line_num  # the physical line, header = 1, so editors can jump to it
-            fix = _parse_row(path, line, row, images)
-            key = (fix.image, fix.subject, fix.fix_index)
-            if key in seen:
-                raise _bad(
-                    path,
-                    line,
-                    "fix_index",
-                    f"fixation {fix.fix_index} of subject {fix.subject!r} on {fix.image!r} "
-                    f"already appears on line {seen[key]}",
-                )
-            seen[key] = line
-            groups.setdefault((fix.image, fix.subject), []).append(fix)
-    for fixations in groups.values():
-        fixations.sort(key=lambda f: f.fix_index)
-    return groups

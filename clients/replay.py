@@ -10,7 +10,8 @@ previous one's result came back, which keeps every stream in order. Pace: as fas
 durations).
 
 Every result becomes a :class:`ReplayRecord`, in the order the results arrived; ``foveate replay
---out`` writes them as JSON lines (``docs/clients.md`` has the format).
+--out`` writes them as JSON lines (``docs/clients.md`` has the format). Records and their
+:class:`ReplaySummary` live in ``clients/replay_summary.py`` (re-exported here).
 
 Examples
 --------
@@ -25,18 +26,16 @@ Examples
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
 
 from clients.recorded import Fixation, RecordedDataset
+from clients.replay_summary import ReplayRecord, ReplaySummary, skill, summarize, write_records
 from clients.sdk import AsyncFoveateClient, RetryPolicy
 from clients.sdk.errors import Forbidden, RequestRejected, Unauthorized
 from clients.sdk.fixation import Encoding
@@ -109,122 +108,6 @@ class ReplayOptions:
                 )
             return patch_size_px(size_deg=self.size_deg, px_per_deg=ppd)
         return patch_size_px(50 if self.size_px is None else self.size_px)
-
-
-@dataclass
-class ReplayRecord:
-    """One replayed fixation and the server's answer (one JSON line of ``--out``)."""
-
-    stream: str
-    subject: str
-    image: str
-    fix_index: int
-    seq: int
-    reset: bool
-    t: float  # fixation onset, seconds since the start of the stream's session (recorded clock)
-    step: int | None  # None: the server had applied this seq long before ("already_applied")
-    error: float | None  # None where no prediction existed (step 1, after a reset)
-    running_error: float | None
-    updates_applied: int
-    repeat_error: float | None = None  # the "repeat the current embedding" baseline's error; None with error
-    skipped: bool = False  # scored, but too ill-conditioned for the server to learn from
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-
-@dataclass
-class ReplaySummary:
-    """What a replay did, and how the error moved.
-
-    ``error_first`` and ``error_last`` are the mean errors of the first and last 20% of the scored
-    fixations (in processing order); ``error_by_step`` maps a step within a scanpath to the mean
-    error there. ``skipped`` counts fixations not sent (off the image) or rejected by the server.
-
-    The repeat baseline predicts the next embedding to be the current one; ``mean_repeat_error`` and
-    ``repeat_error_by_step`` are its errors on the same fixations, and ``skill`` (overall and by step)
-    is ``1 - mean error / mean repeat error`` over the fixations that have both: above 0 the model
-    beats repeating, below 0 it does worse. They are None (empty) when the server reports no repeat
-    errors. ``ill_conditioned`` counts scored fixations the server did not learn from.
-    """
-
-    fixations: int
-    scored: int
-    skipped: int
-    streams: int
-    seconds: float
-    updates_applied: int
-    mean_error: float | None
-    error_first: float | None
-    error_last: float | None
-    error_by_step: dict[int, float] = field(default_factory=dict)
-    count_by_step: dict[int, int] = field(default_factory=dict)
-    mean_repeat_error: float | None = None
-    skill: float | None = None
-    repeat_error_by_step: dict[int, float] = field(default_factory=dict)
-    skill_by_step: dict[int, float] = field(default_factory=dict)
-    ill_conditioned: int = 0
-
-    @property
-    def rate(self) -> float:
-        """Fixations per second."""
-        return self.fixations / self.seconds if self.seconds > 0 else math.nan
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
-def skill(errors: Sequence[float], repeat_errors: Sequence[float]) -> float | None:
-    """``1 - mean(errors) / mean(repeat_errors)`` (paired values); None when undefined.
-
-    >>> skill([0.1, 0.3], [0.4, 0.4])
-    0.5
-    """
-    if not len(repeat_errors) or len(errors) != len(repeat_errors):
-        return None
-    repeat = float(np.mean(repeat_errors))
-    value = 1.0 - float(np.mean(errors)) / repeat if repeat > 0 else math.nan
-    return value if math.isfinite(value) else None
-
-
-def summarize(records: Sequence[ReplayRecord], seconds: float = 0.0, skipped: int = 0) -> ReplaySummary:
-    """Summarise replay records (see :class:`ReplaySummary`)."""
-    errors = [r.error for r in records if r.error is not None]
-    fifth = max(1, len(errors) // 5) if errors else 0
-    by_step: dict[int, list[float]] = {}
-    paired: list[tuple[float, float]] = []
-    paired_by_step: dict[int, list[tuple[float, float]]] = {}
-    for r in records:
-        if r.error is not None and r.step is not None:
-            by_step.setdefault(r.step, []).append(r.error)
-            if r.repeat_error is not None:
-                paired.append((r.error, r.repeat_error))
-                paired_by_step.setdefault(r.step, []).append((r.error, r.repeat_error))
-
-    def skill_of(pairs: list[tuple[float, float]]) -> float | None:
-        return skill([e for e, _ in pairs], [r for _, r in pairs])
-
-    skill_by_step = {s: skill_of(v) for s, v in sorted(paired_by_step.items())}
-    repeat_by_step = {s: float(np.mean([r for _, r in v])) for s, v in sorted(paired_by_step.items())}
-    return ReplaySummary(
-        fixations=len(records),
-        scored=len(errors),
-        skipped=skipped,
-        streams=len({r.stream for r in records}),
-        seconds=seconds,
-        updates_applied=max((r.updates_applied for r in records), default=0),
-        mean_error=_mean(errors),
-        error_first=_mean(errors[:fifth]),
-        error_last=_mean(errors[-fifth:]) if fifth else None,
-        error_by_step={s: float(np.mean(v)) for s, v in sorted(by_step.items())},
-        count_by_step={s: len(v) for s, v in sorted(by_step.items())},
-        mean_repeat_error=_mean([r for _, r in paired]),
-        skill=skill_of(paired),
-        repeat_error_by_step=repeat_by_step,
-        skill_by_step={s: v for s, v in skill_by_step.items() if v is not None},
-        ill_conditioned=sum(1 for r in records if r.skipped),
-    )
 
 
 class _Progress:
@@ -391,7 +274,18 @@ async def replay_async(
     finally:
         bar.close()
     seconds = time.perf_counter() - started
-    return records, summarize(records, seconds, skipped=sum(s.skipped for s in streams))
+    summary = summarize(records, seconds, skipped=sum(s.skipped for s in streams))
+    summary.loss = await _server_loss(client)
+    return records, summary
+
+
+async def _server_loss(client: AsyncFoveateClient) -> str | None:
+    """The server's loss (what its errors measure), or None when its key may not read the model."""
+    try:
+        loss = (await client.model()).config.get("loss")
+    except (Unauthorized, Forbidden):
+        return None
+    return str(loss) if loss is not None else None
 
 
 def replay(
@@ -421,10 +315,3 @@ def replay(
             return await replay_async(dataset, client, options, on_record=write, progress=progress)
 
     return asyncio.run(run())
-
-
-def write_records(records: Sequence[ReplayRecord], path: str | Path) -> None:
-    """Write records as JSON lines."""
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(record.to_json() + "\n")

@@ -1,7 +1,9 @@
 """The learner's exceptions: the root of foveate's one exception hierarchy.
 
 The whole tree, with the HTTP status the service maps each one to, is drawn in
-``service/errors.py``. The learner's part::
+``service/errors.py``; the client SDK's tree (``clients/sdk/errors.py``) hangs below ``FoveateError`` too,
+its ``PatchError`` and the others of the same name deriving from these. This module imports only the
+standard library, so the SDK can use it without PyTorch. The learner's part::
 
     FoveateError                      root; never raised itself
     ├── ConfigError                   a ModelConfig value is out of range          (422)

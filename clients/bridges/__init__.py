@@ -1,10 +1,11 @@
 """Live bridges: read fixations (or raw gaze) from an eye tracker, cut patches, post them to foveate.
 
 ==============================  ====================================================================
-``clients/bridges/common.py``   the :class:`~clients.bridges.common.Sink` protocol and its SDK adapter,
-                                :class:`~clients.bridges.common.FixationPoster` (per-stream sequence
+``clients/bridges/sink.py``     the :class:`~clients.bridges.sink.Sink` protocol, its two failures
+                                (retry or skip) and its SDK adapter :class:`~clients.bridges.sink.SdkSink`
+``clients/bridges/common.py``   :class:`~clients.bridges.common.FixationPoster` (per-stream sequence
                                 numbers, a bounded backlog, retries with backoff, resume after a
-                                server restart) and the run report
+                                server restart) and the run report; re-exports the sink's names
 ``clients/bridges/frames.py``   where the pixels come from: a still image, a video file or a camera
                                 (OpenCV), kept as a short ring of time-stamped frames
 ``clients/bridges/lsl.py``      Lab Streaming Layer (pylsl): a gaze stream through the fixation

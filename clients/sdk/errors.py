@@ -2,44 +2,50 @@
 
 Every error answer of the API is JSON ``{"error": "<ClassName>", "detail": "<what to fix>"}``; the
 SDK raises the class of the same name, so ``except UnknownStream`` works the same on both sides of
-the wire. The tree, with the status the server answers (``service/errors.py`` draws the server's)::
+the wire. The tree, with the status the server answers (``service/errors.py`` draws the server's);
+``[L]`` marks a class that also derives from the ``learner.errors`` class of the same name::
 
-    ClientError                         root of everything the SDK raises
-    ├── TransportError                  no HTTP answer (after the retries)
-    │   ├── ConnectError                cannot connect: server down, wrong URL or port
-    │   └── RequestTimeout              connected, but no answer within the client's timeout
-    ├── ProtocolError                   an answer that is not the JSON the API documents
-    └── APIError                        the server answered an error status; .status_code, .detail
-        ├── RequestRejected             any other 4xx (NotFound for an unknown route, 405, ...)
-        │   ├── InputError              422  bad fields or request
-        │   │   ├── PatchError          422  undecodable image, wrong shape or channels, gaze off frame
-        │   │   ├── MalformedRequest    400  body is not valid JSON / multipart
-        │   │   ├── PayloadTooLarge     413  body, image or batch over a server limit
-        │   │   ├── UnsupportedMediaType 415 a body that is not JSON (or multipart)
-        │   │   └── BodyTimeout         408  the body arrived too slowly
-        │   ├── ConfigError             422  a server setting out of range (e.g. checkpoints disabled)
-        │   ├── Unauthorized            401  no API key, or an unknown or revoked one
-        │   ├── Forbidden               403  the key lacks the route's scope
-        │   ├── UnknownStream           404  no such stream on the worker (in the key's namespace)
-        │   └── Overloaded              429  back-pressure: retried, then raised
-        │       ├── QueueFull           429  too many fixations waiting for the worker
-        │       ├── TooManyStreams      429  the worker (or the key's namespace) holds its maximum
-        │       └── RateLimited         429  the key sent more requests a second than allowed
-        └── ServerError                 any other 5xx
-            ├── WorkerUnavailable       503  no live worker, or Redis unreachable: retried, then raised
-            ├── WorkerTimeout           504  no result in time; the fixation may still be applied
-            ├── WorkerError             500  the worker failed on valid input (a server bug)
-            ├── TrunkWeightsError       500
-            └── CheckpointError         500
-                └── ArchitectureMismatch
+    FoveateError (learner.errors)        root of every error foveate raises, the client side's included
+    └── ClientError                      root of everything the SDK raises
+        ├── TransportError               no HTTP answer (after the retries)
+        │   ├── ConnectError             cannot connect: server down, wrong URL or port
+        │   └── RequestTimeout           connected, but no answer within the client's timeout
+        ├── ProtocolError                an answer that is not the JSON the API documents
+        └── APIError                     the server answered an error status; .status_code, .detail
+            ├── RequestRejected          any other 4xx (NotFound for an unknown route, 405, ...)
+            │   ├── InputError [L]       422  bad fields or request
+            │   │   ├── PatchError [L]   422  undecodable image, wrong shape or channels, gaze off frame
+            │   │   ├── MalformedRequest 400  body is not valid JSON
+            │   │   ├── PayloadTooLarge  413  body, image or batch over a server limit
+            │   │   ├── UnsupportedMediaType  415  a body that is not JSON (or multipart)
+            │   │   └── BodyTimeout      408  the body arrived too slowly
+            │   ├── ConfigError [L]      422  a server setting out of range (e.g. checkpoints disabled)
+            │   ├── Unauthorized         401  no API key, or an unknown or revoked one
+            │   ├── Forbidden            403  the key lacks the route's scope
+            │   ├── UnknownStream        404  no such stream on the worker (in the key's namespace)
+            │   └── Overloaded           429  back-pressure: retried, then raised
+            │       ├── QueueFull        429  too many fixations waiting for the worker
+            │       ├── TooManyStreams   429  the worker (or the key's namespace) holds its maximum
+            │       └── RateLimited      429  the key sent more requests a second than allowed
+            └── ServerError              any other 5xx
+                ├── WorkerUnavailable    503  no live worker, or Redis unreachable: retried, then raised
+                ├── WorkerTimeout        504  no result in time; the fixation may still be applied
+                ├── WorkerError          500  the worker failed on valid input (a server bug)
+                ├── TrunkWeightsError [L]     500
+                └── CheckpointError [L]       500
+                    └── ArchitectureMismatch [L]
 
 The tree groups by status, so the server's abstract ``ServiceError`` (whose subclasses span 4xx and
 5xx) has no counterpart; every class the server sends has one. An ``error`` name the SDK does not
 know becomes :class:`RequestRejected` (4xx) or
 :class:`ServerError` (5xx), with the name kept in :attr:`APIError.error`.
 
-This module imports nothing but the standard library and httpx, so the SDK runs next to an eye
-tracker without PyTorch.
+Why the ``[L]`` bases: code on the client side (bridges, replay) meets a bad patch in two places, its own
+``learner.patches.cut_patch`` and the SDK (a patch it cannot encode, or the server's 422), and a bad
+setting likewise; with one family a single ``except PatchError`` (or ``ConfigError``, or the root
+``FoveateError`` in a CLI) catches all of them. ``learner.errors`` imports only the standard library
+(and ``learner/__init__.py`` imports lazily), so this module still needs nothing but the standard library
+and httpx: the SDK runs next to an eye tracker without PyTorch (tests/clients/test_sdk_unit.py checks).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ import json
 from typing import Any
 
 import httpx
+
+from learner import errors as learner
 
 __all__ = [
     "APIError",
@@ -83,7 +91,7 @@ __all__ = [
 ]
 
 
-class ClientError(Exception):
+class ClientError(learner.FoveateError):
     """Root of every error the SDK raises."""
 
 
@@ -143,16 +151,17 @@ class RequestRejected(APIError):
     """A 4xx answer: the request itself must change."""
 
 
-class InputError(RequestRejected):
+class InputError(RequestRejected, learner.InputError):
     """Bad fields or request (422); the detail names the field."""
 
 
-class PatchError(InputError):
+class PatchError(InputError, learner.PatchError):
     """The image cannot be decoded or cut: wrong shape or channels, too many pixels, gaze off the frame."""
 
 
 class MalformedRequest(InputError):
-    """The body is not valid JSON or multipart (400)."""
+    """The body is not valid JSON (400). A broken multipart body is a 400 ``BadRequest``, which the
+    SDK raises as :class:`RequestRejected` with ``error == "BadRequest"``."""
 
 
 class PayloadTooLarge(InputError):
@@ -167,7 +176,7 @@ class BodyTimeout(InputError):
     """The request's body did not arrive within the server's time (408)."""
 
 
-class ConfigError(RequestRejected):
+class ConfigError(RequestRejected, learner.ConfigError):
     """A server setting makes the request impossible (422), e.g. a checkpoint with checkpoints disabled."""
 
 
@@ -216,15 +225,15 @@ class WorkerError(ServerError):
     """The worker failed on input that passed validation (500): a server bug, logged there."""
 
 
-class TrunkWeightsError(ServerError):
+class TrunkWeightsError(ServerError, learner.TrunkWeightsError):
     """The server's trunk weights are missing or unreadable (500)."""
 
 
-class CheckpointError(ServerError):
+class CheckpointError(ServerError, learner.CheckpointError):
     """The server cannot read or write a checkpoint (500)."""
 
 
-class ArchitectureMismatch(CheckpointError):
+class ArchitectureMismatch(CheckpointError, learner.ArchitectureMismatch):
     """The server's checkpoint was written by a model of another architecture (500)."""
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
 
-from bench.learner_speed import hold_recomputes, main
+from bench.learner_speed import VARIANTS, hold_recomputes, main, measure_ticks
 from learner import ModelConfig, RFPLearner
 
 
@@ -41,6 +42,39 @@ def test_every_variant_is_timed_against_forward_in_one_run(report: dict) -> None
             if name != "forward":
                 expected = (r["mean_ms"] + per_tick_ms) / fwd["mean_ms"]
                 assert math.isclose(r["ratio_with_recompute"], expected, rel_tol=1e-9)
+
+
+class PausedRFP(RFPLearner):
+    """RFP with a known pause inside every tick: what a timer that times the tick must see."""
+
+    PAUSE_S = 0.05
+
+    def tick(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(self.PAUSE_S)
+        return super().tick(*args, **kwargs)
+
+
+def test_the_times_are_measured_around_each_variants_own_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test above only recomputes ratios from the report's own numbers, which a timer that timed
+    nothing would pass. Here a variant pauses 50 ms inside each tick: every one of its timed ticks must
+    take at least that (sleep guarantees a lower bound, so no load makes this fail), and each timed
+    tick must be a real one of that variant's learner."""
+    made: list[PausedRFP] = []
+
+    def paused(cfg: ModelConfig, device: str) -> PausedRFP:
+        made.append(PausedRFP(cfg, device=device))
+        return made[-1]
+
+    monkeypatch.setitem(VARIANTS, "paused", paused)
+    cfg = ModelConfig(n_units=16, input_size=32, segment_len=0)
+    res = measure_ticks(cfg, 2, ["forward", "paused"], ticks=3, warmup=1, device="cpu")
+    pause_ms = PausedRFP.PAUSE_S * 1e3
+    assert res["paused"]["ticks"] == 3 and made[0].ticks == 1 + 3
+    assert res["paused"]["p50_ms"] >= pause_ms and res["paused"]["mean_ms"] >= pause_ms
+    assert res["paused"]["fixations_per_s"] <= 2 / PausedRFP.PAUSE_S
+    assert math.isclose(
+        res["paused"]["ratio_to_forward"], res["paused"]["mean_ms"] / res["forward"]["mean_ms"]
+    )
 
 
 def test_memory_per_stream_is_flat_for_rfp_and_grows_for_bptt(report: dict) -> None:  # type: ignore[type-arg]

@@ -8,6 +8,7 @@ pieces: the encoded requests are what the API and the worker parse, and the wind
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from bench._load import Payloads, Window
-from bench.service_speed import parse_args, summarise
+from bench.service_speed import measure, parse_args, summarise
 from tests.conftest import REPO_ROOT, require_server_binary
 
 SMALL = ["--set", "n_units=32", "embed_dim=16", "pred_hidden=32", "input_size=32"]
@@ -119,3 +120,22 @@ def test_bad_options_say_what_to_fix(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         parse_args(["--streams", "0"])
     assert parse_args(["--set", "max_wait_ms=20"]).set == {"max_wait_ms": "20"}
+
+
+def test_measure_takes_both_snapshots_when_the_load_ends_first() -> None:
+    """The load can end before ``measure`` wakes at the window's edge (its last answer came as the
+    window closed, on a loaded machine): both snapshots are still taken. A load that ends at once
+    makes that the case on any machine; one that fails raises its own error."""
+    calls: list[Window] = []
+
+    async def quick(window: Window) -> None:
+        calls.append(window)
+
+    window, first, last = asyncio.run(measure(quick, {"bench": os.getpid()}, None, 0.0, 0.05))
+    assert calls == [window] and first["cpu"]["bench"] is not None and last["cpu"]["bench"] is not None
+
+    async def broken(window: Window) -> None:
+        raise ConnectionError("the server went away")
+
+    with pytest.raises(ConnectionError, match="went away"):
+        asyncio.run(measure(broken, {}, None, 0.0, 0.05))

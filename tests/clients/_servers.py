@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench._servers import terminate
+from bench._servers import free_port, terminate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,12 +45,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.pop("FOVEATE_REDIS_URL", None)
     env.pop("FOVEATE_URL", None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FoveateProcess:

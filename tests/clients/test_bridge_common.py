@@ -13,13 +13,14 @@ import pytest
 from clients.bridges.common import (
     FixationPoster,
     OutgoingFixation,
+    PosterClosed,
     SdkSink,
     SinkError,
     SinkRejected,
     SinkUnavailable,
 )
 from clients.bridges.frames import FrameRing, StillFrame, open_frames
-from learner.errors import FoveateError, InputError
+from learner.errors import ConfigError, InputError, PatchError
 from tests.clients._bridge_support import RecordingSink, wait_for
 
 PATCH = np.zeros((8, 8, 3), np.uint8)
@@ -110,8 +111,10 @@ def test_close_with_the_server_down_reports_what_is_left(tmp_path: Path) -> None
     assert stats.backlog == 4 and stats.sent == 0
     final = json.loads(report.read_text())
     assert final["backlog"] == 4 and final["bridge"] == "lsl" and final["stream_id"] == "s1"
-    with pytest.raises(FoveateError, match="after close"):
+    with pytest.raises(PosterClosed, match="after close"):
         submit_n(poster, 1)
+    with pytest.raises(ConfigError, match="max_backlog"):
+        FixationPoster(sink, "s1", max_backlog=0)
 
 
 def test_a_sink_bug_surfaces_in_the_bridge_thread() -> None:
@@ -233,3 +236,28 @@ def test_sdk_sink_sorts_answers_into_retry_and_skip() -> None:
             sink("s", OutgoingFixation(seq, 0.0, 1.0, 0.0, 0.0, fix.patch))
         assert getattr(info.value, "retry_limit", None) == limit
     sink.close()
+
+
+def test_a_patch_the_sdk_refuses_is_skipped_by_the_bridge_and_is_a_learner_patch_error() -> None:
+    """A float patch never leaves the client: the SDK's encoder raises its PatchError, the bridge's
+    sink handler counts it as rejected and goes on; the error is the learner's PatchError too, so the
+    one ``except PatchError`` that catches ``cut_patch`` failures catches it as well."""
+    posted: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seq = json.loads(request.content)["seq"]
+        posted.append(seq)
+        return httpx.Response(200, json={"stream_id": "s", "seq": seq, "step": len(posted), "error": None,
+                                         "running_error": None, "updates_applied": 0})  # fmt: skip
+
+    sink = SdkSink("http://127.0.0.1:9", transport=httpx.MockTransport(handler))
+    with pytest.raises(SinkRejected, match="uint8") as refused:
+        sink("s", OutgoingFixation(0, 0.0, 1.0, 0.0, 0.0, PATCH.astype(np.float32)))
+    assert isinstance(refused.value.__cause__, PatchError) and posted == []
+    poster = FixationPoster(sink, "s", report_every_s=0)
+    poster.submit(t=0.0, duration_ms=200.0, x=1.0, y=2.0, patch=PATCH.astype(np.float32))
+    submit_n(poster, 1, t0=1.0)
+    stats = poster.close(drain_timeout_s=5)
+    sink.close()
+    assert (stats.sent, stats.rejected, posted) == (1, 1, [1])
+    assert "PatchError" in (stats.last_failure or "") and "uint8" in (stats.last_failure or "")

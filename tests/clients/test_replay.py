@@ -112,6 +112,7 @@ def test_replay_cli_against_a_server(
     printed = capsys.readouterr().out
     assert f"replayed {len(lines)} fixations of 3 streams" in printed
     assert "error by step" in printed
+    assert "error: 1 - cos(prediction, target), 0 to 2" in printed  # the test server's FOVEATE_LOSS
     summary = summarize([ReplayRecord(**line) for line in lines])
     assert summary.skill is not None and summary.mean_repeat_error is not None
     assert f"current one): mean error {summary.mean_repeat_error:.4f}" in printed
@@ -264,3 +265,27 @@ def test_plots_draw_the_repeat_baseline_beside_the_model(tmp_path: Path) -> None
     for drawn, bare in zip(with_repeat, without, strict=True):
         assert drawn.name == bare.name
         assert _red_pixels(drawn) > 200 and _red_pixels(bare) == 0, drawn.name
+
+
+def test_the_printed_summary_says_what_the_error_is_and_lists_every_step(capsys: Any) -> None:
+    """The by-step table goes on as far as the by-step figure (it once stopped after 12 steps), and
+    the error is named by the server's loss."""
+    from clients.cli import _report
+
+    def rec(i: int) -> ReplayRecord:
+        error, repeat = (None, None) if i == 0 else (0.5 + i / 100, 1.0)
+        return ReplayRecord("s", "1", "a", i, i, i == 0, 0.0, i + 1, error, None, i, repeat)
+
+    records = [rec(i) for i in range(20)]
+    summary = summarize(records, seconds=1.0)
+    summary.loss = "whitened_mse"
+    _report(summary, [], None)
+    printed = capsys.readouterr().out
+    assert (
+        "error: whitened squared error" in printed
+        and "repeating the current embedding scores about 1" in printed
+    )
+    rows = [
+        line.split() for line in printed.splitlines() if line.startswith("  ") and line.split()[0].isdigit()
+    ]
+    assert [int(r[0]) for r in rows] == list(range(2, 21))

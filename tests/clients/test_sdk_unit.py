@@ -233,6 +233,30 @@ def test_sdk_tree_follows_the_server_tree() -> None:
         assert issubclass(klass, sdk.ClientError)
 
 
+def test_sdk_errors_are_the_learner_family() -> None:
+    """One family on the client side: ``except learner.errors.PatchError`` catches the SDK's too."""
+    from learner import errors as learner
+
+    assert issubclass(sdk.ClientError, learner.FoveateError)
+    same_name = ("InputError", "PatchError", "ConfigError", "TrunkWeightsError", "CheckpointError",
+                 "ArchitectureMismatch")  # fmt: skip
+    for name in same_name:
+        assert issubclass(getattr(sdk, name), getattr(learner, name)), name
+    with pytest.raises(learner.PatchError, match="uint8"):
+        sdk.FixationItem("s", patch=np.zeros((4, 4, 3), np.float32)).image()
+
+
+def test_the_sdk_imports_without_torch() -> None:
+    """The SDK runs next to an eye tracker without PyTorch: importing it (and its errors' learner
+    bases) must not import torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, clients.sdk, clients.sdk.errors; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize(
     "status, family",
     [(418, errors.RequestRejected), (409, errors.RequestRejected), (502, errors.ServerError)],

@@ -33,7 +33,8 @@ import pytest
 import redis
 import yaml
 
-from tests.conftest import LOOPBACK, REPO_ROOT, find_free_port, require_server_binary
+from bench._servers import LOOPBACK, free_port
+from tests.conftest import REPO_ROOT, require_server_binary
 from tests.deploy.tools import ALERTS_FILE, COMPOSE_FILE, PROMETHEUS_CONFIG, compose_model, write_env_file
 
 SMALL_MODEL_ENV = {
@@ -209,7 +210,7 @@ def _start_compose_redis(binary: str, tmp: Path, procs: list[Process]) -> Compos
     assert len(urls) == 1, f"api and worker get different Redis URLs: {urls}"
     command = services["redis"]["command"]
     assert command[0] == "redis-server", command
-    port = find_free_port()
+    port = free_port()
     workdir = tmp / "redis"
     workdir.mkdir()
     # Later flags win: the compose flags stay, only where it listens and writes changes.
@@ -240,7 +241,7 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         redis_server = _start_compose_redis(redis_binary, tmp, procs)
         env = {**os.environ, **SMALL_MODEL_ENV, "PYTHONPATH": str(REPO_ROOT)}
         env.pop("FOVEATE_REDIS_URL", None)
-        api_port, worker_port, embedded_port, prom_port = (find_free_port() for _ in range(4))
+        api_port, worker_port, embedded_port, prom_port = (free_port() for _ in range(4))
         foveate = [sys.executable, "-m", "foveate"]
         url = redis_server.url
         worker_args = [

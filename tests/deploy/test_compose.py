@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from bench._servers import LOOPBACK, free_port
 from foveate.cli import build_parser
 from service.config import Settings
-from tests.conftest import LOOPBACK, REPO_ROOT, find_free_port, require_server_binary
+from tests.conftest import REPO_ROOT, require_server_binary
 from tests.deploy.tools import (
     COMPOSE_CPU_FILE,
     COMPOSE_FILE,
@@ -97,7 +98,7 @@ def test_the_compose_redis_acl_on_a_real_redis_server(tmp_path: Path) -> None:
 
     binary = require_server_binary("redis-server")
     command = _model(write_env_file(tmp_path / "e.env"))["services"]["redis"]["command"]
-    port = find_free_port()
+    port = free_port()
     args = [binary, *command[1:], "--port", str(port), "--bind", LOOPBACK, "--dir", str(tmp_path),
             "--appendonly", "no"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

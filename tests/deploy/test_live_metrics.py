@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import find_free_port
+from bench._servers import free_port
 from tests.deploy.conftest import LiveStack
 from tests.deploy.promql import exported_series_names, metric_names, substitute_grafana_variables
 from tests.deploy.tools import DOCKER_DIR, alert_exprs, dashboard_exprs, require_tool
@@ -147,7 +147,7 @@ def test_container_healthcheck_against_live_processes(live_stack: LiveStack) -> 
     assert reason is not None and "heartbeat" in reason
     # The API's /metrics has no worker gauges: the worker check refuses it.
     assert health.main([f"{live_stack.api_url}/metrics", "--max-heartbeat-age", "60"]) == 1
-    assert health.main([f"http://127.0.0.1:{find_free_port()}/healthz", "--timeout", "1"]) == 1
+    assert health.main([f"http://127.0.0.1:{free_port()}/healthz", "--timeout", "1"]) == 1
 
 
 @pytest.mark.parametrize("job", ["foveate-api", "foveate-worker"])

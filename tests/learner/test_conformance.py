@@ -187,8 +187,18 @@ def test_drop_frees_the_slot_and_a_new_stream_starts_clean() -> None:
 
 
 def test_segment_len_resets_streams_together_with_traces() -> None:
+    """At its segment's end a stream starts over, step counter, state and traces together: its next
+    fixation leaves it exactly as a new stream fed the same fixation in the same tick."""
     learner = RFPLearner(cfg(segment_len=3))
-    steps = [int(learner.tick_features(["a"], feats(t, 1)).step[0]) for t in range(7)]
+    steps = [int(learner.tick_features(["a"], feats(t, 1)).step[0]) for t in range(3)]
+    slot = learner.states.slot_of("a")
+    assert all(float(t[slot].abs().sum()) > 0 for t in learner.states.trace.values())  # something to reset
+    out = learner.tick_features(["a", "new"], feats(3, 1).repeat(2, 1))  # the same fixation for both
+    steps.append(int(out.step[0]))
+    for name, x, y in zip(("h", "c", "step", *learner.states.trace), snapshot(learner, "a"),
+                          snapshot(learner, "new"), strict=True):  # fmt: skip
+        torch.testing.assert_close(x, y, msg=name)  # equal up to rounding: rows of one batch
+    steps += [int(learner.tick_features(["a"], feats(t, 1)).step[0]) for t in range(4, 7)]
     assert steps == [1, 2, 3, 1, 2, 3, 1]
 
 

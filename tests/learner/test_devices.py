@@ -35,8 +35,13 @@ def test_bfloat16_trunk_gives_float32_features_close_to_the_float32_trunk() -> N
 
 
 def test_default_trunk_dtype_follows_the_device() -> None:
+    """Off CUDA the trunk runs in the model's dtype: its weights are cast, not only the attribute set."""
     model = RJEPA(ModelConfig(**SMALL)).to_device(torch.device("cpu"), torch.float64)
     assert model.trunk_dtype == torch.float64
+    floats = [t for t in (*model.trunk.parameters(), *model.trunk.buffers()) if t.is_floating_point()]
+    assert floats and {t.dtype for t in floats} == {torch.float64}
+    x = preprocess(list(patches(2)), 32, device=torch.device("cpu"), dtype=torch.float64)
+    assert model.encode(x).dtype == torch.float64
 
 
 def _segment_learner(device: str, dtype: torch.dtype) -> RFPLearner:

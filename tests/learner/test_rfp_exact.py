@@ -295,10 +295,22 @@ def test_passthrough_and_zero_weight_properties(phi: str) -> None:
 
 
 def test_zero_weights_still_get_gradient() -> None:
-    """Zero is not a stationary point of the recurrent gains (spec 1.3)."""
+    """Zero is not a stationary point of the recurrent gains (spec 1.3).
+
+    At zero the gates that drive h~ (hh, ch) get a gradient in every unit. Those that drive c~ (hc,
+    cc) have non-zero immediate derivatives, but c reaches the loss only through w_ch, so their
+    gradient is exactly zero while w_ch is; one step along the first gradient opens that path, and
+    then all four gates of every unit learn.
+    """
     learner = make_learner(loss="cosine", phi="identity", weights="zero")
-    got, _ = run_rfp(learner, inputs(7))
-    assert float(got["rgc.gains"].abs().min(dim=1).values.max()) > 0
+    grad = run_rfp(learner, inputs(7))[0]["rgc.gains"]  # (4, N), rows in GATES order
+    assert float(grad[:2].abs().min()) > 0, grad
+    assert float(grad[2:].abs().max()) == 0, grad  # c is invisible to the loss while w_ch = 0
+    moved = make_learner(loss="cosine", phi="identity", weights="zero")
+    with torch.no_grad():
+        moved.model.rgc.gains -= 0.1 * grad / grad.abs().max()
+    grad = run_rfp(moved, inputs(7))[0]["rgc.gains"]
+    assert float(grad.abs().min()) > 0, grad  # every gate of every unit
 
 
 def test_online_deviation_shrinks_with_the_learning_rate() -> None:

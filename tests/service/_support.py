@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import cv2
 import httpx
 import numpy as np
 
-from bench._servers import terminate
+from bench._servers import free_port, terminate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,12 +53,6 @@ def small_settings(**changes: Any) -> Any:
 
     values: dict[str, Any] = {**SMALL, "checkpoint_path": None, **changes}
     return Settings(**values)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def png(array: np.ndarray) -> bytes:

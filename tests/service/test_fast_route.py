@@ -14,8 +14,10 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import Request
+from starlette.responses import Response
 
 from service.api.lean import NOT_LEAN, LeanRoute, lean_route
 from service.api.routes.fixations import plain_flags
@@ -192,9 +194,41 @@ async def get_result(n: int, full: bool = False) -> Any:
     return FixationResult(**RESULTS[n])
 
 
+async def lean_marked(request: Request) -> Any:
+    """A lean coroutine whose answers say they are its own."""
+    return Response(b'{"name": "lean"}', media_type="application/json", headers={"x-answered-by": "lean"})
+
+
+class OldField:
+    """A response field as FastAPI had it before 0.130: ``validate`` and ``serialize``, no
+    ``serialize_json`` (the serialisation lean.py copies)."""
+
+    def __init__(self, field: Any) -> None:
+        self._field = field
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "serialize_json":
+            raise AttributeError(name)
+        return getattr(self._field, name)
+
+
+class OldFastAPIRoute(lean_route(lean_marked)):  # type: ignore[misc,valid-type]
+    """The lean route as it is built under an older FastAPI (its response field lacks serialize_json)."""
+
+    def get_route_handler(self) -> Any:
+        if self.response_field is not None and not isinstance(self.response_field, OldField):
+            self.response_field = OldField(self.response_field)
+        return super().get_route_handler()
+
+
 @pytest.fixture(scope="module")
 def tiny() -> Iterator[str]:
     router = APIRouter()
+    for path, route_class in (("/marked/{n}", lean_route(lean_marked)), ("/old/{n}", OldFastAPIRoute)):
+        router.add_api_route(  # JSONResponse: FastAPI's own handler then serialises with .serialize
+            path, get_point, methods=["GET"], response_model=Point, response_class=JSONResponse,
+            route_class_override=route_class,
+        )  # fmt: skip
     router.add_api_route(
         "/points/{n}",
         get_point,
@@ -243,11 +277,11 @@ def test_lean_route_falls_back_to_fastapi_validation(tiny: str) -> None:
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "n"]
 
 
-def test_without_fastapis_serialiser_the_route_is_fastapis_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A FastAPI older than the serialisation lean.py copies: the lean path is not used at all."""
-    route_class = lean_route(lean_point)
-    route = route_class("/points/{n}", get_point, methods=["GET"], response_model=Point)
-    lean_handler = route.get_route_handler()
-    assert "LeanRoute.get_route_handler" in lean_handler.__qualname__
-    monkeypatch.setattr(route, "response_field", object())  # a field without serialize_json
-    assert "LeanRoute.get_route_handler" not in route.get_route_handler().__qualname__
+def test_without_fastapis_serialiser_the_route_is_fastapis_own(tiny: str) -> None:
+    """A FastAPI older than the serialisation lean.py copies: the lean path is not used at all, and
+    FastAPI's handler answers (the endpoint's point, not the lean coroutine's marked answer)."""
+    marked = httpx.get(f"{tiny}/v1/marked/3")
+    assert marked.status_code == 200 and marked.headers.get("x-answered-by") == "lean"  # the control
+    old = httpx.get(f"{tiny}/v1/old/3")
+    assert old.status_code == 200 and "x-answered-by" not in old.headers
+    assert old.json() == point(3).model_dump()

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import redis
 
+from bench._servers import LOOPBACK, free_port
 from service.auth import new_key
-from tests.conftest import LOOPBACK, find_free_port, require_server_binary
+from tests.conftest import require_server_binary
 from tests.service._support import ServiceProcess, scrape
 
 pytestmark = pytest.mark.slow  # two foveate processes
@@ -34,7 +35,7 @@ CONTROL_SECRET = "ctl-Hh3k9Wq2"
 def acl_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """redis-server with the default user off and one ACL user ``foveate``; yields (process, URL)."""
     binary = require_server_binary("redis-server")
-    port = find_free_port()
+    port = free_port()
     acl = ["--user", "default", "off", "--user", "foveate", "on", f">{PASSWORD}", "~foveate:*", "&*", "+@all",
            "-@dangerous"]  # fmt: skip
     args = [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
@@ -64,7 +65,7 @@ def test_no_secret_leaves_and_forged_commands_are_dropped(
 ) -> None:
     redis_proc, url = acl_redis
     token, key = new_key("lab-a", {"ingest", "read"})
-    api_port, metrics_port = find_free_port(), find_free_port()
+    api_port, metrics_port = free_port(), free_port()
     env = {"FOVEATE_REDIS_URL": url, "FOVEATE_API_KEYS": key.line(), "FOVEATE_CONTROL_SECRET": CONTROL_SECRET,
            "FOVEATE_LOG_LEVEL": "DEBUG"}  # fmt: skip
     worker = ServiceProcess(["worker", "--metrics-port", str(metrics_port)], env, tmp_path / "worker.log")
