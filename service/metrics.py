@@ -117,7 +117,7 @@ REJECTED_REQUESTS = Counter(
 FIXATIONS = Counter("foveate_fixations", "Fixations applied by the worker.", registry=WORKER_REGISTRY)
 UPDATES = Counter("foveate_updates", "Optimizer steps applied to the model.", registry=WORKER_REGISTRY)
 PREDICTION_ERROR = Histogram(
-    "foveate_prediction_error", "Prediction error of each scored fixation (cosine error lies in 0..2).",
+    "foveate_prediction_error", "Prediction error of each scored fixation, in the configured loss.",
     registry=WORKER_REGISTRY, buckets=_ERROR_BUCKETS,
 )  # fmt: skip
 REPEAT_ERROR = Histogram(

@@ -160,8 +160,7 @@ class PatchError(InputError, learner.PatchError):
 
 
 class MalformedRequest(InputError):
-    """The body is not valid JSON (400). A broken multipart body is a 400 ``BadRequest``, which the
-    SDK raises as :class:`RequestRejected` with ``error == "BadRequest"``."""
+    """The body is not valid JSON, or not a parseable multipart body (400)."""
 
 
 class PayloadTooLarge(InputError):

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from learner.errors import FoveateError, InputError
@@ -85,6 +86,10 @@ async def _from_form(request: Request) -> tuple[FixationMeta, PatchSource]:
         form = await request.form(max_files=4, max_fields=32)
     except MultiPartException as exc:
         raise MalformedRequest(f"cannot parse the multipart body: {exc}") from exc
+    except StarletteHTTPException as exc:  # inside an app, Starlette turns the parser's error into a 400
+        if exc.status_code != 400:
+            raise
+        raise MalformedRequest(f"cannot parse the multipart body: {exc.detail}") from exc
     fields: dict[str, Any] = {}
     files: dict[str, UploadFile] = {}
     for key, value in form.multi_items():

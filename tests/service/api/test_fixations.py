@@ -174,6 +174,13 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str, str]] = [
         "file part",
     ),
     ("unknown file part", {"files": {"picture": ("p.png", b"x")}}, 422, "InputError", "not known"),
+    (
+        "multipart without a boundary",
+        {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "MalformedRequest",
+        "multipart body",
+    ),
     ("too large", {"json": {"patch_b64": "A" * 2_100_000}}, 413, "PayloadTooLarge", "over the limit"),
 ]
 
