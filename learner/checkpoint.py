@@ -351,6 +351,20 @@ def _stream_rows(path: Path, streams: list[list[str]]) -> Iterator[dict[str, Any
         yield rows
 
 
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything a checkpoint holds, without a learner (for tools and tests): ``manifest``,
+    ``state`` (``StreamLearner.state_dict`` but ``streams``: {stream id: {name: tensor}}), ``extra``."""
+    path = Path(path)
+    manifest = read_checkpoint(path)
+    core = _load(path / manifest["core"])
+    extra = core.pop("extra", {})
+    streams = {}
+    for rows in _stream_rows(path, manifest["streams"]):
+        sid = rows.pop("id")
+        streams[sid] = rows
+    return {"manifest": manifest, "state": {**core, "streams": streams}, "extra": extra}
+
+
 def load_checkpoint(path: str | os.PathLike[str], learner: StreamLearner) -> dict[str, Any]:
     """Restore ``learner`` from ``path``; return the checkpoint's ``extra``.
 

@@ -37,6 +37,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,6 +47,7 @@ from learner.errors import ConfigError, FoveateError, InputError
 from learner.streaming import StreamLearner, resolve_device
 from service import live, metrics
 from service.broker import Broker, Message
+from service.checkpointer import Checkpointer
 from service.config import Settings
 from service.decode import decode_source
 from service.dedup import APPLY, Decision, decide, fingerprint
@@ -155,7 +157,11 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._last_beat = self._last_diag = 0.0
         self._last_ckpt = time.monotonic()
-        self._lock = threading.Lock()  # one tick, command or checkpoint at a time
+        self._lock = threading.Lock()  # one tick, command or checkpoint snapshot at a time
+        self._writer = Checkpointer()  # writes the snapshots beside the loop
+        # called by the writer with "rows" and "commit" (learner/checkpoint.py write_snapshot): tests
+        # hold a write there to show that ticks go on meanwhile, or fail it
+        self.checkpoint_stage: Callable[[str], None] | None = None
         self.started = False
         self.max_resident = self._limit_memory()
 
@@ -224,6 +230,7 @@ class Worker:
         self.broker.stop_worker()
         if checkpoint and self.settings.checkpoint_path is not None and self.started:
             self.checkpoint()
+        self._writer.wait()
         metrics.WORKER_UP.set(0)
         self.started = False
 
@@ -235,11 +242,12 @@ class Worker:
 
     def restore(self) -> bool:
         """Load ``checkpoint_path`` if it exists; ``ArchitectureMismatch``, ``CheckpointError`` propagate."""
+        from learner.checkpoint import has_checkpoint, load_checkpoint
+
         path = self.settings.checkpoint_path
-        if path is None or not path.exists():
+        if path is None or not has_checkpoint(path):
             logger.info("no checkpoint at %s: starting fresh", path)
             return False
-        from learner.checkpoint import load_checkpoint
 
         extra = load_checkpoint(path, self.learner)
         saved = extra.get("service", {})
@@ -255,13 +263,21 @@ class Worker:
         metrics.ACTIVE_STREAMS.set(len(self.records))
         return True
 
-    def checkpoint(self) -> dict[str, Any]:
-        """Write everything to ``checkpoint_path`` now (atomically) and return what was written."""
+    def checkpoint(self, *, wait: bool = True) -> dict[str, Any] | None:
+        """Checkpoint everything to ``checkpoint_path``: learning pauses for the snapshot only.
+
+        ``wait``: return what was written once the manifest is committed (after the write in
+        flight, if any). Otherwise (the periodic checkpoint) return at once, None; and skip it when a
+        write is in flight already (learner/checkpoint.py, service/checkpointer.py).
+        """
         path = self.settings.checkpoint_path
         if path is None:
             raise ConfigError("checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH")
-        from learner.checkpoint import save_checkpoint
+        from learner.checkpoint import take_snapshot, write_snapshot
 
+        if not wait and self._writer.busy:
+            return None
+        self._writer.wait()
         with self._lock:
             start, written_at = time.perf_counter(), time.time()
             info: dict[str, Any] = {"path": str(path), "written_at": written_at,
@@ -275,17 +291,25 @@ class Worker:
                 "input_offset": None if through is None else entry_text(through),
                 "deleted": {sid: entry_text(key) for sid, key in self._deleted.items()},
             }
-            extra = {"service": service}
-            save_checkpoint(path, self.learner, extra)
-            info["seconds"] = time.perf_counter() - start
-            info["bytes"] = path.stat().st_size
-        metrics.CHECKPOINT_SECONDS.observe(info["seconds"])
-        metrics.CHECKPOINT_BYTES.set(info["bytes"])
-        self.last_checkpoint = info
+            snap = take_snapshot(path, self.learner, {"service": service})
+            info["stall_seconds"] = time.perf_counter() - start
+        metrics.CHECKPOINT_STALL_SECONDS.observe(info["stall_seconds"])
         self._last_ckpt = time.monotonic()
-        metrics.CHECKPOINTS.inc()
-        metrics.LAST_CHECKPOINT.set(written_at)
-        return info
+
+        def write() -> dict[str, Any]:  # in the writer's thread
+            written = write_snapshot(snap, self.checkpoint_stage)
+            info.update(written)
+            info["seconds"] = written["write_seconds"]
+            metrics.CHECKPOINT_SECONDS.observe(written["write_seconds"])
+            metrics.CHECKPOINT_BYTES.set(written["bytes"])
+            metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
+            metrics.CHECKPOINTS.inc()
+            metrics.LAST_CHECKPOINT.set(written_at)
+            self.last_checkpoint = info
+            return info
+
+        job = self._writer.submit(write)
+        return job.result() if wait else None
 
     # ------------------------------------------------------------------ gathering
 
@@ -536,11 +560,11 @@ class Worker:
             self._checkpoint_quietly(f"after the {ctl.command} command")
         self.broker.reply([(ctl, payload)])
 
-    def _checkpoint_quietly(self, when: str) -> None:
+    def _checkpoint_quietly(self, when: str, *, wait: bool = True) -> None:
         if self.settings.checkpoint_path is None:
             return
         try:
-            self.checkpoint()
+            self.checkpoint(wait=wait)
         except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval
             logger.error("checkpoint %s failed: %s", when, exc)
 
@@ -643,7 +667,7 @@ class Worker:
             self.settings.checkpoint_path is not None
             and now - self._last_ckpt >= self.settings.checkpoint_interval_s
         ):
-            self._checkpoint_quietly("periodic")
+            self._checkpoint_quietly("periodic", wait=False)  # written beside the loop
             self._last_ckpt = time.monotonic()
 
     def _export_diagnostics(self) -> None:
