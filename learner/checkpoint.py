@@ -32,6 +32,7 @@ A single-file checkpoint of an older foveate (version 3 and before) is refused w
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -214,11 +215,17 @@ def _stamp_or_none(path: Path) -> tuple[int, int] | None:
 
 
 def _save(path: Path, obj: Any) -> int:
+    # Serialised in memory first: torch.save into a file holds the GIL through each write, and a
+    # write that waits for the disk (the page cache full of the checkpoint) then held the tick loop
+    # for seconds; Python's own write and fsync let it run.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-        return f.tell()
+    return len(data)
 
 
 def _fsync_dir(path: Path) -> None:

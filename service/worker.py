@@ -308,7 +308,7 @@ class Worker:
             self.last_checkpoint = info
             return info
 
-        job = self._writer.submit(write)
+        job = self._writer.submit(write, background=not wait)
         return job.result() if wait else None
 
     # ------------------------------------------------------------------ gathering
