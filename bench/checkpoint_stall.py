@@ -3,7 +3,8 @@
 The default model on the CPU, trunk features fed directly (``tick_features``). A loop of ticks (B
 streams each, drawn at random) stands for the worker's; a checkpoint is taken as the worker takes
 it: the loop pauses for ``take_snapshot`` (the stall), then a thread writes the snapshot while the
-loop goes on ticking (at niceness 10, as the worker's periodic checkpoints; ``--nice 0``: not niced). Measured in one run:
+loop goes on ticking (at niceness 10, as the worker's periodic checkpoints; ``--nice 0``: not
+niced). Measured in one run:
 
 * the stall (snapshot) against the 100 ms target, and against the single-file checkpoint of
   foveate before issue 16 (``torch.save`` of the whole ``state_dict()``, the loop waiting for all of
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from learner.checkpoint import take_snapshot, write_snapshot
+from learner.checkpoint import take_snapshot, trunk_fingerprint, write_snapshot
 from learner.config import ModelConfig
 from learner.rfp import RFPLearner
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     learner = RFPLearner(ModelConfig())
+    trunk_fingerprint(learner)  # computed once per learner, as the worker does at start
     ids = [f"s{i}" for i in range(args.streams)]
     for i in range(0, len(ids), 64):
         chunk = ids[i : i + 64]

@@ -186,6 +186,10 @@ class Worker:
         """Restore the checkpoint if there is one, start receiving (a Redis broker first re-reads what
         came after the checkpoint), and (``thread``) run in a thread."""
         restored = self.restore()
+        if self.settings.checkpoint_path is not None:
+            from learner.checkpoint import trunk_fingerprint
+
+            trunk_fingerprint(self.learner)  # cached: not computed during a checkpoint's stall
         threads = self.settings.torch_threads
         if not threads and self.settings.redis_url is None and self.learner.device.type == "cpu":
             threads = max(1, (os.cpu_count() or 2) - 1)
