@@ -10,7 +10,8 @@ Each loop iteration
 3. publishes one reply per fixation and only then lets the broker acknowledge them;
 4. answers commands (reset, delete, checkpoint, queries) that arrived, after the tick;
 5. every second writes the heartbeat and the queue gauges; every ``diagnostics_interval_s`` the
-   learner's diagnostics; every ``checkpoint_interval_s`` a checkpoint (and one on stop).
+   learner's diagnostics; every ``checkpoint_interval_s`` a checkpoint (and one on stop): the loop
+   pauses for its in-memory snapshot only, a thread writes it (service/checkpointer.py).
 
 A bad message is answered with its error, counted, acknowledged, and never stops the loop.
 
@@ -21,7 +22,9 @@ entry id up to which every entry it read has been answered. A checkpoint saves i
 the weights, the stream states and each stream's last seq, cached results and last entry id; a
 restarted worker (any consumer name) has the broker re-read every entry after it, in order, so the
 fixations applied after the checkpoint are applied again and those before it are recognised as
-duplicates. A reset or delete command is not in the input stream, so it is checkpointed at once.
+duplicates. A reset or delete command is not in the input stream, so it is answered only once a
+checkpoint taken after it has committed (as is the ``checkpoint`` command); the loop learns on
+meanwhile.
 
 Examples
 --------
@@ -47,7 +50,7 @@ from learner.errors import ConfigError, FoveateError, InputError
 from learner.streaming import StreamLearner, resolve_device
 from service import live, metrics
 from service.broker import Broker, Message
-from service.checkpointer import Checkpointer
+from service.checkpointer import Checkpointer, WriteJob
 from service.config import Settings
 from service.decode import decode_source
 from service.dedup import APPLY, Decision, decide, fingerprint
@@ -159,6 +162,10 @@ class Worker:
         self._last_ckpt = time.monotonic()
         self._lock = threading.Lock()  # one tick, command or checkpoint snapshot at a time
         self._writer = Checkpointer()  # writes the snapshots beside the loop
+        # commands answered after a commit (checkpoint; reset and delete over Redis): those waiting
+        # for the next checkpoint, and the write in flight with those waiting for it
+        self._after_commit: list[tuple[Control, dict[str, Any] | None]] = []
+        self._committing: tuple[WriteJob, list[tuple[Control, dict[str, Any] | None]]] | None = None
         # called by the writer with "rows" and "commit" (learner/checkpoint.py write_snapshot): tests
         # hold a write there to show that ticks go on meanwhile, or fail it
         self.checkpoint_stage: Callable[[str], None] | None = None
@@ -221,6 +228,7 @@ class Worker:
                 self._tick(batch)
             for ctl in controls:
                 self._command(ctl)
+            self._settle_commits()
             self._housekeeping()
 
     def request_stop(self) -> None:
@@ -231,6 +239,9 @@ class Worker:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
+        while self._committing is not None or self._after_commit:  # commands waiting for a commit
+            self._writer.wait()
+            self._settle_commits()
         self.broker.stop_worker()
         if checkpoint and self.settings.checkpoint_path is not None and self.started:
             self.checkpoint()
@@ -274,14 +285,20 @@ class Worker:
         flight, if any). Otherwise (the periodic checkpoint) return at once, None; and skip it when a
         write is in flight already (learner/checkpoint.py, service/checkpointer.py).
         """
-        path = self.settings.checkpoint_path
-        if path is None:
+        if self.settings.checkpoint_path is None:
             raise ConfigError("checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH")
-        from learner.checkpoint import take_snapshot, write_snapshot
-
         if not wait and self._writer.busy:
             return None
         self._writer.wait()
+        job = self._start_checkpoint(background=not wait)
+        return job.result() if wait else None
+
+    def _start_checkpoint(self, *, background: bool) -> WriteJob:
+        """Take the snapshot (under the lock: the only pause of learning) and start writing it."""
+        path = self.settings.checkpoint_path
+        assert path is not None
+        from learner.checkpoint import take_snapshot, write_snapshot
+
         with self._lock:
             start, written_at = time.perf_counter(), time.time()
             info: dict[str, Any] = {"path": str(path), "written_at": written_at,
@@ -312,8 +329,42 @@ class Worker:
             self.last_checkpoint = info
             return info
 
-        job = self._writer.submit(write, background=not wait)
-        return job.result() if wait else None
+        return self._writer.submit(write, background=background)
+
+    def _settle_commits(self) -> None:
+        """Answer the commands that waited for a commit, and start the checkpoint the next ones wait
+        for: the loop goes on learning meanwhile (called from the loop, and at stop)."""
+        if self._committing is not None:
+            job, waiting = self._committing
+            if not job.done.is_set():
+                return
+            self._committing = None
+            self.broker.reply([(ctl, self._committed(job, payload)) for ctl, payload in waiting])
+        if self._after_commit and not self._writer.busy:
+            waiting, self._after_commit = self._after_commit, []
+            try:
+                job = self._start_checkpoint(background=False)
+            except (FoveateError, OSError) as exc:
+                failed = WriteJob(lambda: {})
+                failed.error, failed.waited = exc, True
+                failed.done.set()
+                logger.error("checkpoint for %d waiting command(s) failed: %s", len(waiting), exc)
+                self.broker.reply([(ctl, self._committed(failed, payload)) for ctl, payload in waiting])
+                return
+            job.waited = True  # its error goes into the replies
+            self._committing = (job, waiting)
+
+    @staticmethod
+    def _committed(job: WriteJob, payload: dict[str, Any] | None) -> dict[str, Any]:
+        """The reply of a command that waited for ``job``: the checkpoint command gets what was
+        written (or the error); a reset or delete its own answer (its checkpoint failing is logged,
+        retried at the next interval, and does not undo it)."""
+        if payload is not None:
+            return payload
+        if job.error is not None:
+            err = job.error
+            return _fail(err if isinstance(err, Exception) else RuntimeError(str(err)))
+        return {"ok": True, "checkpoint": job.info}
 
     # ------------------------------------------------------------------ gathering
 
@@ -553,15 +604,20 @@ class Worker:
     # ------------------------------------------------------------------ commands
 
     def _command(self, ctl: Control) -> None:
+        checkpoints = self.settings.checkpoint_path is not None
+        if ctl.command == "checkpoint" and checkpoints:
+            self._after_commit.append((ctl, None))  # answered after the commit, the loop going on
+            return
         try:
             payload = {"ok": True, **self.execute(ctl.command, ctl.args)}
         except FoveateError as exc:
             metrics.REJECTED_MESSAGES.labels(reason=_reason(exc)).inc()
             payload = _fail(exc)
-        if payload["ok"] and ctl.command in ("reset", "delete") and self._through is not None:
+        if payload["ok"] and ctl.command in ("reset", "delete") and self._through is not None and checkpoints:
             # Not in the input stream, so a replay after a crash could not repeat it: make it durable
             # before answering (only with a replaying broker: then _through is set).
-            self._checkpoint_quietly(f"after the {ctl.command} command")
+            self._after_commit.append((ctl, payload))
+            return
         self.broker.reply([(ctl, payload)])
 
     def _checkpoint_quietly(self, when: str, *, wait: bool = True) -> None:
