@@ -365,8 +365,11 @@ class StreamStates:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         slot = self._take_slot(sid, busy)  # may raise StateFull: then the stream stays spilled
         self._spilled.discard(sid)
+        changed = sid in self.dirty
         for name, slab in self.named_slabs():
             slab[slot] = saved[name].to(self.device)
+        if not changed:  # back as it was: a checkpoint need not write it again
+            self.dirty.discard(sid)
         path.unlink()
         self.unspills += 1
         return slot
