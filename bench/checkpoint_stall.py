@@ -40,7 +40,7 @@ from learner.rfp import RFPLearner
 
 def tick_times(learner: RFPLearner, ids: list[str], batch: int, gen: torch.Generator, until) -> list[float]:  # type: ignore[no-untyped-def]
     """Tick random batches of ``ids`` until ``until()`` is true; the seconds of each tick."""
-    times = []
+    times: list[float] = []
     while not until(len(times)):
         pick = torch.randperm(len(ids), generator=gen)[:batch].tolist()
         t0 = time.perf_counter()
