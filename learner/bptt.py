@@ -150,8 +150,8 @@ class BPTTLearner(StreamLearner):
         return super().end_segment()
 
     # --- persistence: the windows are part of each stream's state ------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def state_dict(self, *, streams: bool = True) -> dict[str, Any]:
+        sd = super().state_dict(streams=streams)
         windows = {}
         for sid in self.stream_ids():
             s = self.states.slot_of(sid)

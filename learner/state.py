@@ -24,12 +24,16 @@ import heapq
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from learner.errors import InputError, StateFull
+
+if TYPE_CHECKING:
+    from learner.snapshot import RowSnapshot
 
 Plan = list[
     tuple[int, torch.Tensor | None, torch.Tensor]
@@ -40,7 +44,10 @@ class Slab:
     """One per-stream quantity of shape (S, ...) kept in chunks of ``chunk`` rows.
 
     Indexed like a tensor by slot: ``slab[slots]`` with a LongTensor (B,) gives a copy (B, ...),
-    ``slab[slots] = x`` writes rows, ``slab[s]`` with an int gives a view of one row.
+    ``slab[slots] = x`` writes rows, ``slab[s]`` with an int gives a view of one row (which the
+    caller may write through), ``slab.read(s)`` a view that must only be read. Every way to write
+    goes through ``StreamStates.touch`` first: it marks the stream changed (for incremental
+    checkpoints) and, while a checkpoint snapshot is being written, preserves the row beforehand.
     """
 
     def __init__(self, owner: StreamStates, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -64,7 +71,8 @@ class Slab:
     def __getitem__(self, slots: torch.Tensor | int) -> torch.Tensor:
         size = self._owner.chunk
         if isinstance(slots, int):
-            return self._chunk(slots // size)[slots % size]  # a view
+            self._owner.touch(slots)  # a view: the caller may write through it
+            return self._chunk(slots // size)[slots % size]
         plan = self._owner.plan(slots)
         if len(plan) == 1:
             c, _, rows = plan[0]
@@ -74,7 +82,13 @@ class Slab:
             out[pos] = self._chunk(c)[rows]
         return out
 
+    def read(self, slot: int) -> torch.Tensor:
+        """A view of one row, to read only (writing through it would escape ``touch``)."""
+        size = self._owner.chunk
+        return self._chunk(slot // size)[slot % size]
+
     def __setitem__(self, slots: torch.Tensor | int, value: torch.Tensor | float) -> None:
+        self._owner.touch(slots)
         size = self._owner.chunk
         if isinstance(slots, int):
             self._chunk(slots // size)[slots % size] = value
@@ -124,6 +138,10 @@ class StreamStates:
         self.chunk = chunk
         self.max_resident: int | None = None
         self.spill_dir: Path | None = None
+        # a checkpoint being written beside the tick loop (learner/snapshot.py): rows it has not read
+        # yet are copied before they change
+        self.snapshot_in_flight: RowSnapshot | None = None
+        self.writing = False  # a checkpoint of these states is between its snapshot and its commit
         self._clear_all()
         self.limit(max_resident, spill_dir)
 
@@ -138,6 +156,9 @@ class StreamStates:
         self.total = Slab(self, (), torch.long)  # (S,) fixations ever
         self.trace: dict[str, Slab] = {k: Slab(self, shape, dt) for k, shape in self.trace_shapes.items()}
         self._slot_of: dict[str, int] = {}
+        self._sid_at: dict[int, str] = {}  # the inverse of _slot_of
+        self.dirty: set[str] = set()  # streams whose rows changed since the last checkpoint snapshot
+        self.checkpoint_base: object | None = None  # the last commit (learner/checkpoint.py Committed)
         self._free: list[int] = []  # a heap: the lowest free slot first
         self._live: list[int] = []  # live slots per chunk
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident streams, least recently used first
@@ -161,6 +182,18 @@ class StreamStates:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
 
     # --- slots ---------------------------------------------------------------------------------
+    def touch(self, slots: torch.Tensor | int) -> None:
+        """Called by every ``Slab`` write (and ``slab[int]`` view): mark the streams changed, and let
+        a snapshot being written copy their rows first."""
+        listed = [slots] if isinstance(slots, int) else slots.tolist()
+        for s in listed:
+            sid = self._sid_at.get(s)
+            if sid is not None:
+                self.dirty.add(sid)
+        snap = self.snapshot_in_flight
+        if snap is not None:
+            snap.preserve(listed)
+
     def plan(self, slots: torch.Tensor) -> Plan:
         """Which chunk rows ``slots`` (B,) are; cached for the tensor ``slots()`` returned last."""
         cached = self._plan
@@ -186,14 +219,14 @@ class StreamStates:
             for c, pos in by_chunk.items()
         ]
 
-    def _named_slabs(self) -> Iterator[tuple[str, Slab]]:
+    def named_slabs(self) -> Iterator[tuple[str, Slab]]:
         yield from (("h", self.h), ("c", self.c), ("pred", self.pred), ("u", self.u))
         yield from (("step", self.step), ("total", self.total))
         yield from ((f"trace.{k}", v) for k, v in self.trace.items())
 
     def _add_chunk(self) -> None:
         c = next((i for i, n in enumerate(self._live) if self.h.chunks[i] is None), len(self._live))
-        for _, slab in self._named_slabs():
+        for _, slab in self.named_slabs():
             fresh = torch.zeros(self.chunk, *slab.shape, dtype=slab.dtype, device=self.device)
             if c == len(slab.chunks):
                 slab.chunks.append(fresh)
@@ -205,7 +238,7 @@ class StreamStates:
             heapq.heappush(self._free, s)
 
     def _release_chunk(self, c: int) -> None:
-        for _, slab in self._named_slabs():
+        for _, slab in self.named_slabs():
             slab.chunks[c] = None
         lo, hi = c * self.chunk, (c + 1) * self.chunk
         self._free = [s for s in self._free if not lo <= s < hi]
@@ -225,12 +258,14 @@ class StreamStates:
             self._add_chunk()
         slot = heapq.heappop(self._free)
         self._slot_of[sid] = slot
+        self._sid_at[slot] = sid
         self._live[slot // self.chunk] += 1
         self._lru[sid] = None
         return slot
 
     def _free_slot(self, sid: str) -> int:
         slot = self._slot_of.pop(sid)
+        del self._sid_at[slot]
         del self._lru[sid]
         c = slot // self.chunk
         self._live[c] -= 1
@@ -256,7 +291,7 @@ class StreamStates:
                     raise KeyError(sid)
                 else:
                     slot = self._take_slot(sid, busy)
-                    for _, slab in self._named_slabs():
+                    for _, slab in self.named_slabs():
                         slab[slot] = 0
             else:
                 self._lru.move_to_end(sid)
@@ -316,7 +351,7 @@ class StreamStates:
                 raise KeyError(sid)
             saved = torch.load(self._spill_path(sid), map_location="cpu", weights_only=True)
             return {k: v for k, v in saved.items() if k != "id"}
-        return {name: slab[slot].to("cpu", copy=True) for name, slab in self._named_slabs()}
+        return {name: slab.read(slot).to("cpu", copy=True) for name, slab in self.named_slabs()}
 
     def _spill(self, sid: str) -> None:
         rows: dict[str, object] = {"id": sid, **self.row(sid)}
@@ -330,8 +365,11 @@ class StreamStates:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         slot = self._take_slot(sid, busy)  # may raise StateFull: then the stream stays spilled
         self._spilled.discard(sid)
-        for name, slab in self._named_slabs():
+        changed = sid in self.dirty
+        for name, slab in self.named_slabs():
             slab[slot] = saved[name].to(self.device)
+        if not changed:  # back as it was: a checkpoint need not write it again
+            self.dirty.discard(sid)
         path.unlink()
         self.unspills += 1
         return slot
@@ -340,12 +378,13 @@ class StreamStates:
     def reset(self, slots: torch.Tensor) -> None:
         """Start a new sequence in these slots: h, c, traces and step count to zero, together."""
         if slots.numel():
-            for name, slab in self._named_slabs():
+            for name, slab in self.named_slabs():
                 if name != "total":
                     slab[slots] = 0
 
     def drop(self, stream_id: str) -> None:
         """Forget a stream and free its slot (and its chunk, when that was the chunk's last stream)."""
+        self.dirty.discard(stream_id)
         if stream_id in self._spilled:
             self._spilled.discard(stream_id)
             self._spill_path(stream_id).unlink(missing_ok=True)
@@ -353,7 +392,7 @@ class StreamStates:
         self._free_slot(stream_id)
 
     def nbytes_per_stream(self) -> int:
-        return sum(slab.row_bytes() for _, slab in self._named_slabs())
+        return sum(slab.row_bytes() for _, slab in self.named_slabs())
 
     # --- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
@@ -376,25 +415,45 @@ class StreamStates:
         for name, slab in saved.items():
             src = sd[name]
             assert isinstance(src, torch.Tensor)
-            if tuple(src.shape[1:]) != slab.shape:
+            if tuple(src.shape[1:]) != slab.shape:  # refused before anything is replaced
                 raise ValueError(
                     f"stream state {name!r} has shape {tuple(src.shape[1:])}, expected {slab.shape}"
                 )
+        self.load_rows({"id": sid, **{name: sd[name][i] for name in saved}} for i, sid in enumerate(ids))  # type: ignore[index]
+
+    def load_rows(self, rows: Iterable[dict[str, object]]) -> None:
+        """Replace every stream by ``rows``, one dict per stream (``id`` and its tensors by name, as
+        ``row`` gives them), read one at a time: a checkpoint's streams are never all in memory twice."""
         self._clear_all()
         self.limit(self.max_resident, self.spill_dir)
-        for i, sid in enumerate(ids):
-            slot = self.slots([sid])
+        saved = self._saved_slabs()
+        for row in rows:
+            sid = row["id"]
+            assert isinstance(sid, str)
             for name, slab in saved.items():
-                src = sd[name]
+                src = row[name]
                 assert isinstance(src, torch.Tensor)
-                getattr_slab = self._slab(name)
-                getattr_slab[int(slot[0])] = src[i].to(device=self.device, dtype=slab.dtype)
+                if tuple(src.shape) != slab.shape:
+                    raise ValueError(
+                        f"stream state {name!r} has shape {tuple(src.shape)}, expected {slab.shape}"
+                    )
+            slot = int(self.slots([sid])[0])
+            for name, slab in saved.items():
+                src = row[name]
+                assert isinstance(src, torch.Tensor)
+                slab[slot] = src.to(device=self.device, dtype=slab.dtype)
 
-    def _slab(self, name: str) -> Slab:
-        return dict(self._named_slabs())[name]
+    def location(self, stream_id: str) -> int | Path:
+        """Where a stream's rows are: its slot, or its spill file (written once, never rewritten)."""
+        slot = self._slot_of.get(stream_id)
+        if slot is not None:
+            return slot
+        if stream_id not in self._spilled:
+            raise KeyError(stream_id)
+        return self._spill_path(stream_id)
 
     def _saved_slabs(self) -> dict[str, Slab]:
-        named = dict(self._named_slabs())
+        named = dict(self.named_slabs())
         if not self.inputs:  # checkpoints of a state-only embedding keep their old keys
             del named["u"]
         return named

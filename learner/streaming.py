@@ -254,7 +254,7 @@ class StreamLearner:
         ticking = set(slots.tolist())
         for sid in self.states.stream_ids():
             slot = self.states.slot_of(sid)
-            if slot not in ticking and 0 < int(self.states.step[slot]) < seg:
+            if slot not in ticking and 0 < int(self.states.step.read(slot)) < seg:
                 middle.append(sid)
         if middle:
             raise InputError(
@@ -313,25 +313,29 @@ class StreamLearner:
         st = self.states
         return {
             "stream_id": stream_id,
-            "step": int(st.step[slot]),
-            "fixations": int(st.total[slot]),
-            "h_norm": float(st.h[slot].norm()),
+            "step": int(st.step.read(slot)),
+            "fixations": int(st.total.read(slot)),
+            "h_norm": float(st.h.read(slot).norm()),
         }
 
     def prediction(self, stream_id: str) -> torch.Tensor | None:
         """The stream's predicted embedding of its next fixation (D,), or None before its first."""
         slot = self.states.slot_of(stream_id)
-        return None if int(self.states.step[slot]) == 0 else self.states.pred[slot].clone()
+        return None if int(self.states.step.read(slot)) == 0 else self.states.pred.read(slot).clone()
 
     def grads(self) -> dict[str, torch.Tensor]:
         """The gradients accumulated since the last optimizer step, by parameter name."""
         return {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
 
     # --- persistence ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: weights (trunk excluded), optimizer, counters, streams."""
+    def state_dict(self, *, streams: bool = True) -> dict[str, Any]:
+        """Everything needed to continue: weights (trunk excluded), optimizer, counters, streams.
+
+        ``streams=False`` leaves out the per-stream slabs (a checkpoint stores them one file per
+        stream); the tensors returned are the live ones, not copies, but for the gradients.
+        """
         weights = {k: v for k, v in self.model.state_dict().items() if not k.startswith("trunk.")}
-        return {
+        sd = {
             "weights": weights,
             "optimizer": self.optimizer.state_dict(),
             "counters": {
@@ -339,12 +343,16 @@ class StreamLearner:
                 "ticks": self.ticks,
                 "scored_ticks": self._scored_ticks,
             },
-            "streams": self.states.state_dict(),
             # segment mode: the gradient accumulated so far is part of the state
             "grads": {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None},
         }
+        if streams:
+            sd["streams"] = self.states.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; ``sd["streams"]`` may also be an iterable of rows, one dict per
+        stream as ``StreamStates.row`` gives them (``id`` included), read one at a time."""
         missing, unexpected = self.model.load_state_dict(sd["weights"], strict=False)
         missing = [k for k in missing if not k.startswith("trunk.")]
         if missing or unexpected:
@@ -363,7 +371,11 @@ class StreamLearner:
         self.updates_applied = int(counters["updates_applied"])
         self.ticks = int(counters["ticks"])
         self._scored_ticks = int(counters["scored_ticks"])
-        self.states.load_state_dict(sd["streams"])
+        streams = sd["streams"]
+        if isinstance(streams, dict):
+            self.states.load_state_dict(streams)
+        else:
+            self.states.load_rows(streams)
         params = dict(self.model.named_parameters())
         for name, g in sd["grads"].items():
             grad = params[name].grad

@@ -34,6 +34,10 @@ window, below),
 small for a usable gradient),
 ``foveate_update_seconds``, ``foveate_batch_size``, ``foveate_queue_depth``, ``foveate_active_streams``,
 ``foveate_resets_total``, ``foveate_checkpoints_total``, ``foveate_last_checkpoint_timestamp_seconds``,
+``foveate_checkpoint_seconds`` (writing one, beside learning), ``foveate_checkpoint_stall_seconds``
+(learning paused for its in-memory snapshot), ``foveate_checkpoint_bytes`` (the committed
+checkpoint's size) and ``foveate_checkpoint_written_bytes`` (what the last one wrote: the streams
+changed since the one before, and the weights),
 ``foveate_rejected_messages_total{reason}``,
 ``foveate_duplicates_total`` (fixations whose ``(stream, seq)`` was already applied, answered without
 being applied again), ``foveate_seq_gaps_total`` (applied fixations whose ``seq`` skipped numbers)
@@ -180,12 +184,22 @@ SPILLED_STREAMS = Gauge(
 )  # fmt: skip
 CHECKPOINTS = Counter("foveate_checkpoints", "Checkpoints written.", registry=WORKER_REGISTRY)
 CHECKPOINT_SECONDS = Histogram(
-    "foveate_checkpoint_seconds", "Time to write one checkpoint (learning waits for all of it).",
+    "foveate_checkpoint_seconds", "Time to write one checkpoint's files and commit it (beside learning).",
     registry=WORKER_REGISTRY,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )  # fmt: skip
+CHECKPOINT_STALL_SECONDS = Histogram(
+    "foveate_checkpoint_stall_seconds", "Time learning paused for a checkpoint's in-memory snapshot.",
+    registry=WORKER_REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)  # fmt: skip
 CHECKPOINT_BYTES = Gauge(
-    "foveate_checkpoint_bytes", "Size of the last checkpoint written.",
+    "foveate_checkpoint_bytes", "Size of the last checkpoint committed (every file its manifest names).",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
+CHECKPOINT_WRITTEN_BYTES = Gauge(
+    "foveate_checkpoint_written_bytes",
+    "Bytes the last checkpoint wrote (the streams changed since the one before, weights, manifest).",
     registry=WORKER_REGISTRY,
 )  # fmt: skip
 LAST_CHECKPOINT = Gauge(

@@ -9,7 +9,8 @@ Each loop iteration
 3. publishes one reply per fixation and only then lets the broker acknowledge them;
 4. answers commands (reset, delete, checkpoint, queries) that arrived, after the tick;
 5. every second writes the heartbeat and the queue gauges; every ``diagnostics_interval_s`` the
-   learner's diagnostics; every ``checkpoint_interval_s`` a checkpoint (and one on stop).
+   learner's diagnostics; every ``checkpoint_interval_s`` a checkpoint (and one on stop): the loop
+   pauses for its in-memory snapshot only, a thread writes it (service/checkpointer.py).
 
 A bad message is answered with its error, counted, acknowledged, and never stops the loop.
 
@@ -20,7 +21,9 @@ entry id up to which every entry it read has been answered. A checkpoint saves i
 the weights, the stream states and each stream's last seq, cached results and last entry id; a
 restarted worker (any consumer name) has the broker re-read every entry after it, in order, so the
 fixations applied after the checkpoint are applied again and those before it are recognised as
-duplicates. A reset or delete command is not in the input stream, so it is checkpointed at once.
+duplicates. A reset or delete command is not in the input stream, so it is answered only once a
+checkpoint taken after it has committed (as is the ``checkpoint`` command); the loop learns on
+meanwhile.
 
 Examples
 --------
@@ -35,6 +38,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -45,6 +49,7 @@ from learner.streaming import StreamLearner, resolve_device
 from service import live, metrics
 from service.batching import TickBatcher
 from service.broker import Broker, Message
+from service.checkpointer import Checkpointer, WriteJob
 from service.commands import HANDLERS, TAKE_THEIR_OWN_LOCK
 from service.config import Settings
 from service.decode import decode_source
@@ -123,7 +128,15 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._last_beat = self._last_diag = 0.0
         self._last_ckpt = time.monotonic()
-        self._lock = threading.Lock()  # one tick, command or checkpoint at a time
+        self._lock = threading.Lock()  # one tick, command or checkpoint snapshot at a time
+        self._writer = Checkpointer()  # writes the snapshots beside the loop
+        # commands answered after a commit (checkpoint; reset and delete over Redis): those waiting
+        # for the next checkpoint, and the write in flight with those waiting for it
+        self._after_commit: list[tuple[Control, dict[str, Any] | None]] = []
+        self._committing: tuple[WriteJob, list[tuple[Control, dict[str, Any] | None]]] | None = None
+        # called by the writer with "rows" and "commit" (learner/checkpoint.py write_snapshot): tests
+        # hold a write there to show that ticks go on meanwhile, or fail it
+        self.checkpoint_stage: Callable[[str], None] | None = None
         self.started = False
         self.max_resident = self._limit_memory()
 
@@ -148,6 +161,10 @@ class Worker:
         """Restore the checkpoint if there is one, start receiving (a Redis broker first re-reads what
         came after the checkpoint), and (``thread``) run in a thread."""
         restored = self.restore()
+        if self.settings.checkpoint_path is not None:
+            from learner.checkpoint import trunk_fingerprint
+
+            trunk_fingerprint(self.learner)  # cached: not computed during a checkpoint's stall
         threads = self.settings.torch_threads
         if not threads and self.settings.redis_url is None and self.learner.device.type == "cpu":
             threads = max(1, (os.cpu_count() or 2) - 1)
@@ -179,6 +196,7 @@ class Worker:
                 self._tick(batch)
             for ctl in controls:
                 self._command(ctl)
+            self._settle_commits()
             self._housekeeping()
 
     def request_stop(self) -> None:
@@ -189,9 +207,13 @@ class Worker:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
+        while self._committing is not None or self._after_commit:  # commands waiting for a commit
+            self._writer.wait()
+            self._settle_commits()
         self.broker.stop_worker()
         if checkpoint and self.settings.checkpoint_path is not None and self.started:
             self.checkpoint()
+        self._writer.wait()
         metrics.WORKER_UP.set(0)
         self.started = False
 
@@ -203,11 +225,12 @@ class Worker:
 
     def restore(self) -> bool:
         """Load ``checkpoint_path`` if it exists; ``ArchitectureMismatch``, ``CheckpointError`` propagate."""
+        from learner.checkpoint import has_checkpoint, load_checkpoint
+
         path = self.settings.checkpoint_path
-        if path is None or not path.exists():
+        if path is None or not has_checkpoint(path):
             logger.info("no checkpoint at %s: starting fresh", path)
             return False
-        from learner.checkpoint import load_checkpoint
 
         extra = load_checkpoint(path, self.learner)
         saved = extra.get("service", {})
@@ -223,12 +246,26 @@ class Worker:
         metrics.ACTIVE_STREAMS.set(len(self.records))
         return True
 
-    def checkpoint(self) -> dict[str, Any]:
-        """Write everything to ``checkpoint_path`` now (atomically) and return what was written."""
-        path = self.settings.checkpoint_path
-        if path is None:
+    def checkpoint(self, *, wait: bool = True) -> dict[str, Any] | None:
+        """Checkpoint everything to ``checkpoint_path``: learning pauses for the snapshot only.
+
+        ``wait``: return what was written once the manifest is committed (after the write in
+        flight, if any). Otherwise (the periodic checkpoint) return at once, None; and skip it when a
+        write is in flight already (learner/checkpoint.py, service/checkpointer.py).
+        """
+        if self.settings.checkpoint_path is None:
             raise ConfigError("checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH")
-        from learner.checkpoint import save_checkpoint
+        if not wait and self._writer.busy:
+            return None
+        self._writer.wait()
+        job = self._start_checkpoint(background=not wait)
+        return job.result() if wait else None
+
+    def _start_checkpoint(self, *, background: bool) -> WriteJob:
+        """Take the snapshot (under the lock: the only pause of learning) and start writing it."""
+        path = self.settings.checkpoint_path
+        assert path is not None
+        from learner.checkpoint import take_snapshot, write_snapshot
 
         with self._lock:
             start, written_at = time.perf_counter(), time.time()
@@ -243,17 +280,59 @@ class Worker:
                 "input_offset": None if through is None else entry_text(through),
                 "deleted": {sid: entry_text(key) for sid, key in self._deleted.items()},
             }
-            extra = {"service": service}
-            save_checkpoint(path, self.learner, extra)
-            info["seconds"] = time.perf_counter() - start
-            info["bytes"] = path.stat().st_size
-        metrics.CHECKPOINT_SECONDS.observe(info["seconds"])
-        metrics.CHECKPOINT_BYTES.set(info["bytes"])
-        self.last_checkpoint = info
+            snap = take_snapshot(path, self.learner, {"service": service})
+            info["stall_seconds"] = time.perf_counter() - start
+        metrics.CHECKPOINT_STALL_SECONDS.observe(info["stall_seconds"])
         self._last_ckpt = time.monotonic()
-        metrics.CHECKPOINTS.inc()
-        metrics.LAST_CHECKPOINT.set(written_at)
-        return info
+
+        def write() -> dict[str, Any]:  # in the writer's thread
+            written = write_snapshot(snap, self.checkpoint_stage)
+            info.update(written)
+            info["seconds"] = written["write_seconds"]
+            metrics.CHECKPOINT_SECONDS.observe(written["write_seconds"])
+            metrics.CHECKPOINT_BYTES.set(written["bytes"])
+            metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
+            metrics.CHECKPOINTS.inc()
+            metrics.LAST_CHECKPOINT.set(written_at)
+            self.last_checkpoint = info
+            return info
+
+        return self._writer.submit(write, background=background)
+
+    def _settle_commits(self) -> None:
+        """Answer the commands that waited for a commit, and start the checkpoint the next ones wait
+        for: the loop goes on learning meanwhile (called from the loop, and at stop)."""
+        if self._committing is not None:
+            job, waiting = self._committing
+            if not job.done.is_set():
+                return
+            self._committing = None
+            self.broker.reply([(ctl, self._committed(job, payload)) for ctl, payload in waiting])
+        if self._after_commit and not self._writer.busy:
+            waiting, self._after_commit = self._after_commit, []
+            try:
+                job = self._start_checkpoint(background=False)
+            except (FoveateError, OSError) as exc:
+                failed = WriteJob(lambda: {})
+                failed.error, failed.waited = exc, True
+                failed.done.set()
+                logger.error("checkpoint for %d waiting command(s) failed: %s", len(waiting), exc)
+                self.broker.reply([(ctl, self._committed(failed, payload)) for ctl, payload in waiting])
+                return
+            job.waited = True  # its error goes into the replies
+            self._committing = (job, waiting)
+
+    @staticmethod
+    def _committed(job: WriteJob, payload: dict[str, Any] | None) -> dict[str, Any]:
+        """The reply of a command that waited for ``job``: the checkpoint command gets what was
+        written (or the error); a reset or delete its own answer (its checkpoint failing is logged,
+        retried at the next interval, and does not undo it)."""
+        if payload is not None:
+            return payload
+        if job.error is not None:
+            err = job.error
+            return failure(err if isinstance(err, Exception) else RuntimeError(str(err)))
+        return {"ok": True, "checkpoint": job.info}
 
     # ------------------------------------------------------------------ gathering
 
@@ -469,22 +548,27 @@ class Worker:
     # ------------------------------------------------------------------ commands
 
     def _command(self, ctl: Control) -> None:
+        checkpoints = self.settings.checkpoint_path is not None
+        if ctl.command == "checkpoint" and checkpoints:
+            self._after_commit.append((ctl, None))  # answered after the commit, the loop going on
+            return
         try:
             payload = {"ok": True, **self.execute(ctl.command, ctl.args)}
         except FoveateError as exc:
             metrics.REJECTED_MESSAGES.labels(reason=reject_reason(exc)).inc()
             payload = failure(exc)
-        if payload["ok"] and ctl.command in ("reset", "delete") and self._through is not None:
+        if payload["ok"] and ctl.command in ("reset", "delete") and self._through is not None and checkpoints:
             # Not in the input stream, so a replay after a crash could not repeat it: make it durable
             # before answering (only with a replaying broker: then _through is set).
-            self._checkpoint_quietly(f"after the {ctl.command} command")
+            self._after_commit.append((ctl, payload))
+            return
         self.broker.reply([(ctl, payload)])
 
-    def _checkpoint_quietly(self, when: str) -> None:
+    def _checkpoint_quietly(self, when: str, *, wait: bool = True) -> None:
         if self.settings.checkpoint_path is None:
             return
         try:
-            self.checkpoint()
+            self.checkpoint(wait=wait)
         except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval
             logger.error("checkpoint %s failed: %s", when, exc)
 
@@ -563,7 +647,7 @@ class Worker:
             self.settings.checkpoint_path is not None
             and now - self._last_ckpt >= self.settings.checkpoint_interval_s
         ):
-            self._checkpoint_quietly("periodic")
+            self._checkpoint_quietly("periodic", wait=False)  # written beside the loop
             self._last_ckpt = time.monotonic()
 
     def _export_diagnostics(self) -> None:

@@ -226,7 +226,11 @@ class CheckpointOut(BaseModel):
     written_at: float
     updates_applied: int
     streams: int
-    seconds: float | None = None
+    seconds: float | None = Field(default=None, description="writing the files, beside learning")
+    stall_seconds: float | None = Field(default=None, description="learning paused for the snapshot")
+    bytes: int | None = Field(default=None, description="the committed checkpoint's size")
+    bytes_written: int | None = Field(default=None, description="written by this one")
+    streams_written: int | None = Field(default=None, description="streams changed since the last one")
 
 
 class ModelInfo(BaseModel):

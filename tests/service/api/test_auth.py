@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
+from learner.checkpoint import has_checkpoint
 from service.auth import KeyStore, hash_token, new_key, read_keys_file, write_keys_file
 from tests.service._support import REPO_ROOT, ThreadedServer, png, small_settings
 
@@ -163,7 +164,7 @@ def test_model_routes_and_admin_checkpoint(keyed: Keyed) -> None:
         refused = a.post("/v1/model/checkpoint", json={})
         assert refused.status_code == 403 and "admin" in refused.json()["detail"]
         done = admin.post("/v1/model/checkpoint", json={})
-        assert done.status_code == 200 and Path(done.json()["path"]).is_file()
+        assert done.status_code == 200 and has_checkpoint(done.json()["path"])
 
 
 def test_the_stream_quota_is_per_namespace(keyed: Keyed) -> None:

@@ -6,8 +6,8 @@ import base64
 from pathlib import Path
 
 import httpx
-import torch
 
+from learner.checkpoint import read_state
 from tests.service._support import Scanpath, ThreadedServer, png
 
 
@@ -33,6 +33,7 @@ def test_model_info_and_checkpoint(embedded: ThreadedServer, osie: list[Scanpath
     ckpt = client.post("/v1/model/checkpoint", json={}).json()
     path = Path(ckpt["path"])
     assert path.exists() and ckpt["updates_applied"] == info["updates_applied"]
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    assert "model-test" in saved["extra"]["service"]["records"]
+    saved = read_state(path)
+    assert "model-test" in saved["extra"]["service"]["records"] and "model-test" in saved["state"]["streams"]
+    assert ckpt["bytes"] >= ckpt["bytes_written"] > 0 and ckpt["stall_seconds"] >= 0
     assert client.get("/v1/model").json()["last_checkpoint"]["written_at"] == ckpt["written_at"]
