@@ -8,7 +8,10 @@ the API turns the two into
 
 - ``/readyz`` 503 while the backlog needs longer than ``sync_timeout_s`` to serve (a load balancer
   then sends new sessions elsewhere), with ``Retry-After`` = the time until it fits again;
-- ``Retry-After`` on a 429 ``QueueFull``: the time the worker needs to make room for the request.
+- ``Retry-After`` on a 429 ``QueueFull``: the time the worker needs to make room for the request;
+- a 429 ``QueueFull`` for a request that would wait for its result (``wait=true``) while the
+  backlog already needs longer than ``sync_timeout_s``: it would only time out (504) and still be
+  applied later, so it is refused before it is queued, told to come back when the backlog fits.
 
 Examples
 --------
@@ -71,6 +74,12 @@ def overdue(backlog: int, rate: float | None, timeout_s: float) -> float | None:
     if need is None or need <= timeout_s:
         return None
     return need - timeout_s
+
+
+def refuse_waiting(backlog: int, count: int, rate: float | None, timeout_s: float) -> float | None:
+    """Seconds to come back later, when ``count`` more fixations whose sender waits for the result
+    would be served after ``timeout_s``; None when they are admitted (or the rate is unknown)."""
+    return overdue(backlog + count, rate, timeout_s)
 
 
 def queue_full_retry_after(excess: int, rate: float | None) -> float:

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from service.backpressure import queue_full_retry_after
+from service.backpressure import queue_full_retry_after, refuse_waiting
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
 from service.messages import Control, Fixation
@@ -241,6 +241,18 @@ class LocalBroker(Broker):
                 f"{waiting} fixations are waiting for the worker "
                 f"(limit {self.settings.max_queue}); retry later or send fewer at once",
                 retry_after=queue_full_retry_after(excess, self._load[1]),
+            )
+        late = (
+            refuse_waiting(waiting, len(fixations), self._load[1], self.settings.sync_timeout_s)
+            if wait
+            else None
+        )
+        if late is not None:
+            raise QueueFull(
+                f"{waiting} fixations are waiting: the worker would not answer within "
+                f"FOVEATE_SYNC_TIMEOUT_S={self.settings.sync_timeout_s:g}; retry later, "
+                "or send with wait=false",
+                retry_after=late,
             )
         for fix in fixations:
             fix.request_id = fix.request_id or new_request_id()

@@ -76,9 +76,9 @@ class Settings(BaseSettings):
     device
         ``auto`` takes CUDA when torch sees a GPU, the CPU otherwise.
     torch_threads
-        CPU threads of the learner (``torch.set_num_threads``); 0: all cores but one in the embedded
-        mode, where the API's event loop shares the machine (on 2 cores, two torch threads against the
-        API thread halved the learner's throughput in bench.service_speed), torch's default otherwise.
+        CPU threads of the learner (``torch.set_num_threads``); 0: every core the process may use but
+        one, in every mode (``service.worker.torch_threads``): the one left is for the API's event
+        loop, the decode threads and Redis, in this process or beside it (docs/deploy.md, Threads).
     max_batch, max_wait_ms
         A worker tick takes up to ``max_batch`` fixations (one per stream), waiting at most
         ``max_wait_ms`` after the first one for more.

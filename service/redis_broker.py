@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from service import metrics
-from service.backpressure import queue_full_retry_after
+from service.backpressure import queue_full_retry_after, refuse_waiting
 from service.broker import Broker, Decoder, Inbox, Message, new_request_id
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
@@ -222,6 +222,15 @@ class RedisBroker(Broker):
                     retry_after=queue_full_retry_after(
                         backlog + len(fixations) - self.settings.max_queue, self._load[1]
                     ),
+                )
+            timeout = self.settings.sync_timeout_s
+            late = refuse_waiting(backlog, len(fixations), self._load[1], timeout) if wait else None
+            if late is not None:  # (wait: worker_alive above has just read the heartbeat's rate)
+                raise QueueFull(
+                    f"{backlog} fixations are waiting in {self.settings.input_stream}: the worker would "
+                    f"not answer within FOVEATE_SYNC_TIMEOUT_S={timeout:g}; retry later, "
+                    "or send with wait=false",
+                    retry_after=late,
                 )
             pipe = self.aio.pipeline(transaction=False)
             for fix in fixations:

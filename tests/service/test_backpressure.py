@@ -140,7 +140,14 @@ def test_queue_full_and_readyz_tell_when_to_come_back_embedded() -> None:
             _until(lambda: broker.inbox.fixations() == 0, "the worker did not take the fixation")
             # the worker now waits in its tick; report the rate its heartbeat would: 2 fixations/s
             broker.heartbeat({"queue_depth": 0, "service_rate": 2.0})
-            for _ in range(6):
+            for _ in range(4):
+                assert client.post("/v1/streams/a/fixations?wait=false", json=BODY).status_code == 202
+            # one more that waits for its result would be served in (4 + 1) / 2 = 2.5 s, 1.5 s late:
+            # refused before it is queued, rather than timed out after it
+            late = client.post("/v1/streams/a/fixations", json=BODY)
+            assert late.status_code == 429 and late.headers["retry-after"] == "2", late.text
+            assert "FOVEATE_SYNC_TIMEOUT_S" in late.json()["detail"]
+            for _ in range(2):
                 assert client.post("/v1/streams/a/fixations?wait=false", json=BODY).status_code == 202
             batch = {"fixations": [{"stream_id": "a", **BODY}] * 3}
             full = client.post("/v1/fixations/batch?wait=false", json=batch)
@@ -159,7 +166,7 @@ def test_queue_full_and_readyz_tell_when_to_come_back_embedded() -> None:
 def test_readyz_and_refusals_over_redis_carry_retry_after(redis_server: str) -> None:
     from service.api.main import create_app
 
-    settings = small_settings(redis_url=redis_server, max_queue=20, sync_timeout_s=10.0)
+    settings = small_settings(redis_url=redis_server, max_queue=21, sync_timeout_s=10.0)
     server = ThreadedServer(create_app(settings)).start()  # the API alone, as `foveate api`
     try:
         client = httpx.Client(base_url=server.url, timeout=30.0)
@@ -177,8 +184,11 @@ def test_readyz_and_refusals_over_redis_carry_retry_after(redis_server: str) -> 
         assert late.status_code == 503 and late.headers["retry-after"] == "50", late.text
         for _ in range(20):
             r.xadd(settings.input_stream, {"stream_id": "a", **RAW})  # type: ignore[arg-type]
-        full = client.post("/v1/streams/a/fixations?wait=false", json=BODY)
-        assert full.status_code == 429 and full.headers["retry-after"] == "2"  # 1 over at 0.5/s
+        batch = {"fixations": [{"stream_id": "a", **BODY}] * 2}
+        full = client.post("/v1/fixations/batch?wait=false", json=batch)
+        assert full.status_code == 429 and full.headers["retry-after"] == "2"  # 1 over the 21 at 0.5/s
+        late = client.post("/v1/streams/a/fixations", json=BODY)  # fits, but served in 42 s: 32 s late
+        assert late.status_code == 429 and late.headers["retry-after"] == "32", late.text
     finally:
         server.stop()
 
