@@ -14,10 +14,11 @@ run:
    server's ``Retry-After`` within ``--max-wait`` seconds in all. A stream keeps at most ``--window``
    fixations in flight; one produced while the window is full is dropped by the client (a rig's
    full buffer) and counted as *shed*;
-4. samples the server's RSS (``/proc/PID/status``), ``/readyz`` and its queue depth every
-   ``--sample-s`` seconds, and reports per minute: fixations produced, answered, refused for good
-   (after the retries), timed out, shed, p50/p99 latency (production to answer, retries included),
-   RSS.
+4. samples the server's RSS (``/proc/PID/status``), ``/readyz``, its queue depth and its own
+   answer time for the fixation route (``/metrics``) every ``--sample-s`` seconds, and reports per
+   minute: fixations produced, answered, refused for good (after the retries), timed out, shed,
+   p50/p99 latency (production to answer, retries included), the server's mean answer time (the
+   rest of the latency was spent in the client or waiting for the server to accept), RSS.
 
 RSS growth is the last minute's peak over the first minute's peak (the first minute holds the
 allocations of warm-up: model, state chunks, buffers). The benchmark's own process shares the
@@ -73,6 +74,7 @@ class Minute:
     not_ready: int = 0
     samples: int = 0
     seconds: float = 60.0  # the last minute of a run of --minutes 2.5 lasts 30 s
+    server: list[tuple[float, float]] = field(default_factory=list)  # the fixation route's (sum, count)
 
     def summary(self, index: int) -> dict[str, Any]:
         answered = self.outcomes.get("ok", 0)
@@ -90,7 +92,16 @@ class Minute:
             "rss_mb_max": max(self.rss) / 2**20 if self.rss else None,
             "queue_max": max(self.queue) if self.queue else None,
             "not_ready_share": self.not_ready / self.samples if self.samples else None,
+            "server_ms_mean": self.server_ms(),
         }
+
+    def server_ms(self) -> float | None:
+        """Mean time the server took to answer a fixation request in this minute (its histogram):
+        what the latency above holds beyond it was spent in the client or in the server's accept queue."""
+        if len(self.server) < 2 or self.server[-1][1] <= self.server[0][1]:
+            return None
+        (s0, n0), (s1, n1) = self.server[0], self.server[-1]
+        return 1000.0 * (s1 - s0) / (n1 - n0)
 
 
 class Soak:
@@ -182,7 +193,9 @@ class Soak:
                     minute.samples += 1
                     ready = await http.get("/readyz")
                     minute.not_ready += ready.status_code != 200
-                    minute.queue.append(await queue_depth(http))
+                    depth, route = await server_gauges(http)
+                    minute.queue.append(depth)
+                    minute.server.append(route)
                     await asyncio.sleep(args.sample_s)
 
         inflight = [0] * args.streams
@@ -192,15 +205,25 @@ class Soak:
         return book
 
 
-async def queue_depth(http: httpx.AsyncClient) -> float:
+async def server_gauges(http: httpx.AsyncClient) -> tuple[float, tuple[float, float]]:
+    """The worker's queue depth, and (sum, count) of the fixation route's answer-time histogram."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = (await http.get("/metrics")).text
+    depth, total, count = float("nan"), 0.0, 0.0
+    route = "/v1/streams/{stream_id}/fixations"
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "foveate_queue_depth":
-                return float(s.value)
-    return float("nan")
+                depth = float(s.value)
+            elif (
+                s.name.startswith("foveate_http_request_duration_seconds") and s.labels.get("route") == route
+            ):
+                if s.name.endswith("_sum"):
+                    total = float(s.value)
+                elif s.name.endswith("_count"):
+                    count = float(s.value)
+    return depth, (total, count)
 
 
 def load_patches(size: int, count: int = 256) -> tuple[list[np.ndarray], str]:
@@ -276,8 +299,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return doc
 
 
-COLUMNS = ("minute", "produced", "answered/s", "shed", "refused", "timed out", "p50 ms", "p99 ms", "RSS MB",
-           "queue max", "not ready")  # fmt: skip
+COLUMNS = ("minute", "produced", "answered/s", "shed", "refused", "timed out", "p50 ms", "p99 ms",
+           "server mean ms", "RSS MB", "queue max", "not ready")  # fmt: skip
 
 
 def _cell(value: Any, fmt: str = "{:.0f}") -> str:
@@ -289,7 +312,8 @@ def print_table(doc: dict[str, Any]) -> None:
     print("|" + "---|" * len(COLUMNS))
     for m in doc["minutes"]:
         cells = [m["minute"], m["produced"], f"{m['answered_per_s']:.1f}", m["shed"], m["refused"],
-                 m["timed_out"], _cell(m["p50_ms"]), _cell(m["p99_ms"]), _cell(m["rss_mb_max"], "{:.1f}"),
+                 m["timed_out"], _cell(m["p50_ms"]), _cell(m["p99_ms"]), _cell(m.get("server_ms_mean")),
+                 _cell(m["rss_mb_max"], "{:.1f}"),
                  _cell(m["queue_max"]), _cell(m["not_ready_share"], "{:.0%}")]  # fmt: skip
         print("| " + " | ".join(str(c) for c in cells) + " |")
     growth = doc["rss_growth"]
