@@ -160,6 +160,17 @@ def test_queue_full_and_readyz_tell_when_to_come_back_embedded() -> None:
         _until(lambda: client.get("/readyz").status_code == 200, "readyz stayed 503 after the backlog")
 
 
+def test_a_new_stream_over_the_workers_limit_is_told_when_to_come_back_embedded() -> None:
+    # refused by the worker and re-raised by the API from the worker's reply (no wait of its own)
+    with _embedded(max_streams=2) as (server, _):
+        client = httpx.Client(base_url=server.url, timeout=60.0)
+        for stream in ("a", "b"):
+            assert client.post(f"/v1/streams/{stream}/fixations", json=BODY).status_code == 200
+        refused = client.post("/v1/streams/c/fixations", json=BODY)
+        assert refused.status_code == 429 and refused.json()["error"] == "TooManyStreams"
+        assert refused.headers["retry-after"] == "1"
+
+
 # ---------------------------------------------------------------- over Redis
 
 
