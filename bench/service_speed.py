@@ -221,6 +221,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
+        "FOVEATE_TORCH_THREADS": threads,  # else the worker's own default (cores - 1) would override
         "FOVEATE_CHECKPOINT_PATH": "",
         "FOVEATE_LOG_LEVEL": "WARNING",
         "FOVEATE_SYNC_TIMEOUT_S": "120",

@@ -11,22 +11,31 @@ worker's threads). Both sides speak :class:`~service.messages.Fixation` and
     worker_alive()                ◄──  thread  / heartbeat key        ◄──  heartbeat(info)
 
 :class:`LocalBroker` is the embedded default (``foveate serve``: one process, a bounded
-``queue.Queue``, replies handed to asyncio futures). :class:`~service.redis_broker.RedisBroker`
+:class:`Inbox`, replies handed to asyncio futures). :class:`~service.redis_broker.RedisBroker`
 carries the same traffic over Redis Streams so that the API and the worker can be separate
 processes; docs/redis-format.md specifies its messages.
+
+Commands never queue behind fixations: both brokers hand the worker its messages through an
+:class:`Inbox`, where a command overtakes every fixation still waiting, and the worker answers
+waiting commands between any two ticks (a reset, a GET or ``/v1/model`` waits for at most one tick,
+not for a backlog of thousands). The price: a command overtakes fixations sent before it that
+are still queued; to reset a stream exactly between two fixations, send ``reset=true`` with the
+second one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import queue
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from service.backpressure import queue_full_retry_after, refuse_waiting
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
 from service.messages import Control, Fixation
@@ -40,6 +49,76 @@ Decoder = Callable[[Fixation], None]
 def new_request_id() -> str:
     """A fresh request id (32 hex characters)."""
     return uuid.uuid4().hex
+
+
+class Inbox:
+    """The worker's side of a broker: commands first, then fixations in arrival order.
+
+    Fixations are bounded (``capacity``: a full inbox refuses or blocks the producer); commands have
+    a bound of their own, so that a flood of fixations can never keep a command out.
+
+    Examples
+    --------
+    >>> box = Inbox(capacity=2)
+    >>> box.put_fixation(Fixation("a")), box.put_command(Control("ping", {}))
+    (True, True)
+    >>> type(box.get(0)).__name__, box.fixations()
+    ('Control', 1)
+    """
+
+    def __init__(self, capacity: int, command_capacity: int = 1024) -> None:
+        self.capacity, self.command_capacity = capacity, command_capacity
+        self._fixations: deque[Fixation] = deque()
+        self._commands: deque[Control] = deque()
+        self._ready = threading.Condition()
+
+    def put_fixation(self, fix: Fixation, timeout: float = 0.0) -> bool:
+        """Queue a fixation, waiting up to ``timeout`` s for room; False when there was none."""
+        with self._ready:
+            if len(self._fixations) >= self.capacity:
+                self._ready.wait_for(lambda: len(self._fixations) < self.capacity, timeout)
+                if len(self._fixations) >= self.capacity:
+                    return False
+            self._fixations.append(fix)
+            self._ready.notify_all()
+            return True
+
+    def put_command(self, ctl: Control) -> bool:
+        """Queue a command ahead of every fixation; False when ``command_capacity`` are waiting."""
+        with self._ready:
+            if len(self._commands) >= self.command_capacity:
+                return False
+            self._commands.append(ctl)
+            self._ready.notify_all()
+            return True
+
+    def get(self, timeout: float) -> Message | None:
+        """The oldest command, else the oldest fixation, waiting up to ``timeout`` s for either."""
+        with self._ready:
+            if timeout > 0:
+                self._ready.wait_for(lambda: self._commands or self._fixations, timeout)
+            msg: Message | None = None
+            if self._commands:
+                msg = self._commands.popleft()
+            elif self._fixations:
+                msg = self._fixations.popleft()
+                self._ready.notify_all()  # room for a producer waiting in put_fixation
+            return msg
+
+    def commands(self) -> list[Control]:
+        """Every command waiting now (never waits)."""
+        with self._ready:
+            out = list(self._commands)
+            self._commands.clear()
+            return out
+
+    def fixations(self) -> int:
+        """Fixations waiting."""
+        return len(self._fixations)
+
+    def command_count(self) -> int:
+        """Commands waiting."""
+        return len(self._commands)
 
 
 class Broker(ABC):
@@ -81,6 +160,11 @@ class Broker(ABC):
     async def worker_alive(self) -> tuple[bool, str]:
         """(alive, why) for ``/readyz``."""
 
+    async def worker_load(self) -> tuple[int, float | None]:
+        """(fixations waiting, the worker's service rate in fixations/s or None) for ``/readyz``: the
+        worker's last heartbeat (service/backpressure.py)."""
+        return 0, None
+
     # --- worker side (blocking) --------------------------------------------------------------
     @abstractmethod
     def start_worker(self, decode: Decoder, *, after: str | None = None) -> str | None:
@@ -95,7 +179,12 @@ class Broker(ABC):
 
     @abstractmethod
     def get(self, timeout: float) -> Message | None:
-        """The next message in arrival order, waiting up to ``timeout`` s (0: do not wait)."""
+        """The next message, waiting up to ``timeout`` s (0: do not wait): a waiting command first,
+        else the oldest fixation."""
+
+    def commands(self) -> list[Control]:
+        """The commands waiting now, without waiting: the worker answers them between ticks."""
+        return []
 
     @abstractmethod
     def reply(self, replies: Sequence[tuple[Message, dict[str, Any]]]) -> None:
@@ -127,12 +216,13 @@ class LocalBroker(Broker):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._queue: queue.Queue[Message] = queue.Queue(maxsize=settings.max_queue)
+        self.inbox = Inbox(settings.max_queue)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._decode: Decoder | None = None
         self._ids = itertools.count(1)
         self._last_beat = 0.0
+        self._load: tuple[int, float | None] = (0, None)  # the heartbeat's backlog and service rate
 
     async def start_api(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -144,26 +234,42 @@ class LocalBroker(Broker):
 
     async def submit(self, fixations: Sequence[Fixation], *, wait: bool) -> None:
         # Only this event loop puts, so the check below cannot be raced into overflowing the queue.
-        if self._queue.qsize() + len(fixations) > self.settings.max_queue:
+        waiting = self.inbox.fixations()
+        if waiting + len(fixations) > self.settings.max_queue:
+            excess = waiting + len(fixations) - self.settings.max_queue
             raise QueueFull(
-                f"{self._queue.qsize()} fixations are waiting for the worker "
-                f"(limit {self.settings.max_queue}); retry later or send fewer at once"
+                f"{waiting} fixations are waiting for the worker "
+                f"(limit {self.settings.max_queue}); retry later or send fewer at once",
+                retry_after=queue_full_retry_after(excess, self._load[1]),
+            )
+        late = (
+            refuse_waiting(waiting, len(fixations), self._load[1], self.settings.sync_timeout_s)
+            if wait
+            else None
+        )
+        if late is not None:
+            raise QueueFull(
+                f"{waiting} fixations are waiting: the worker would not answer within "
+                f"FOVEATE_SYNC_TIMEOUT_S={self.settings.sync_timeout_s:g}; retry later, "
+                "or send with wait=false",
+                retry_after=late,
             )
         for fix in fixations:
             fix.request_id = fix.request_id or new_request_id()
             fix.entry_id = f"local-{next(self._ids)}"
             if wait:
                 self._expect(fix.request_id)
-            self._queue.put_nowait(fix)
+            self.inbox.put_fixation(fix)
 
     async def _send_control(self, control: Control, timeout: float) -> None:
         assert control.request_id is not None
         self._expect(control.request_id)
-        try:
-            self._queue.put_nowait(control)
-        except queue.Full as exc:
+        if not self.inbox.put_command(control):
             self._waiters.pop(control.request_id, None)
-            raise QueueFull("the worker's queue is full; retry the command later") from exc
+            raise QueueFull(
+                f"{self.inbox.command_capacity} commands are waiting for the worker; retry later",
+                retry_after=1.0,
+            )
 
     async def result(self, request_id: str, timeout: float) -> dict[str, Any]:
         future = self._waiters.get(request_id)
@@ -187,6 +293,9 @@ class LocalBroker(Broker):
             return False, f"the worker's last heartbeat was {age:.1f} s ago"
         return True, "worker thread alive"
 
+    async def worker_load(self) -> tuple[int, float | None]:
+        return self.inbox.fixations(), self._load[1]
+
     # --- worker side ---
     def start_worker(self, decode: Decoder, *, after: str | None = None) -> str | None:
         self._decode = decode
@@ -194,10 +303,7 @@ class LocalBroker(Broker):
         return None  # the queue dies with the process: nothing to deliver again
 
     def get(self, timeout: float) -> Message | None:
-        try:
-            msg = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-        except queue.Empty:
-            return None
+        msg = self.inbox.get(timeout)
         if isinstance(msg, Fixation) and msg.patch is None and msg.problem is None and self._decode:
             self._decode(msg)
         return msg
@@ -217,11 +323,15 @@ class LocalBroker(Broker):
             if future is not None and not future.done():
                 future.set_result(payload)
 
+    def commands(self) -> list[Control]:
+        return self.inbox.commands()
+
     def heartbeat(self, info: dict[str, Any]) -> None:
         self._last_beat = time.time()
+        self._load = (int(info.get("queue_depth", 0)), info.get("service_rate"))
 
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return self.inbox.fixations()
 
     def stop_worker(self) -> None:
         self._decode = None
@@ -230,6 +340,7 @@ class LocalBroker(Broker):
 __all__ = [
     "Broker",
     "Decoder",
+    "Inbox",
     "LocalBroker",
     "Message",
     "WorkerUnavailable",

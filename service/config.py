@@ -95,9 +95,9 @@ class Settings(_ModelSettings):
     device
         ``auto`` takes CUDA when torch sees a GPU, the CPU otherwise.
     torch_threads
-        CPU threads of the learner (``torch.set_num_threads``); 0: all cores but one in the embedded
-        mode, where the API's event loop shares the machine and a learner on every core starves it
-        (docs/results.md, "Service"), torch's default otherwise.
+        CPU threads of the learner (``torch.set_num_threads``); 0: every core the process may use but
+        one, in every mode (``service.worker.torch_threads``): the one left is for the API's event
+        loop, the decode threads and Redis, in this process or beside it (docs/deploy.md, Threads).
     max_batch, max_wait_ms
         A worker tick takes up to ``max_batch`` fixations (one per stream), waiting at most
         ``max_wait_ms`` after the first one for more.

@@ -31,17 +31,15 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
         ├── WorkerTimeout               no result within ``sync_timeout_s``             504 timeout
         └── WorkerError                 the worker failed on valid input (a bug)        500 internal
 
-Through those handlers, FastAPI's own ``RequestValidationError`` (a field missing or of the wrong
-type, a stream id that does not match ``^[A-Za-z0-9_.:-]{1,128}$``) answers 422 as ``InputError``; a
-body that is not valid JSON answers **400** as ``MalformedRequest``; an unknown route 404, a wrong
-method 405, and an unexpected failure (a bug) 500 as ``InternalError``. A client that disconnects
-before its answer is counted with status 499 and logged at DEBUG (it is not a server error). A 401
-carries ``WWW-Authenticate: Bearer``; a 429 for a key's rate or stream quota ``Retry-After``. Every
-error body has one shape::
+Through those handlers (service/api/errors.py), FastAPI's own ``RequestValidationError`` (a field
+missing or of the wrong type, a stream id that does not match ``^[A-Za-z0-9_.:-]{1,128}$``) answers
+422 as ``InputError``; a body that is not valid JSON answers **400** as ``MalformedRequest``; an
+unknown route 404, a wrong method 405, and an unexpected failure (a bug) 500 as ``InternalError``. A
+client that disconnects before its answer is counted with status 499 and logged at DEBUG (it is not a
+server error). A 401 carries ``WWW-Authenticate: Bearer``; every 429 and 503 carries ``Retry-After``
+(whole seconds; see :func:`error_headers`). Every error body has one shape::
 
     {"error": "<class name>", "detail": "<what to fix>"}
-
-A 429 ``too_many_streams`` also carries ``Retry-After`` (seconds).
 
 The same two fields travel in worker results over Redis, so the API re-raises the worker's class
 (:func:`error_from_payload`).
@@ -213,14 +211,23 @@ def error_from_payload(payload: dict[str, Any]) -> FoveateError:
 
 
 RETRY_AFTER_S = 1  # what a refused new stream (429 too_many_streams) is told to wait before it retries
+UNAVAILABLE_RETRY_S = 5  # 503: a worker restarting, or Redis coming back, takes seconds, not minutes
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, at least 1 (the header takes no fractions)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def error_headers(exc: FoveateError) -> dict[str, str]:
-    """The headers an error answer carries: ``Retry-After`` on 429, ``WWW-Authenticate`` on 401."""
+    """The headers an error answer carries: ``Retry-After`` on every 429 and 503 (the wait the
+    exception knows, else a default), ``WWW-Authenticate`` on 401."""
     if isinstance(exc, Overloaded) and exc.retry_after is not None:
-        return {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    if isinstance(exc, (TooManyStreams, StateFull)):  # a refused new stream: slots free up as streams go
-        return {"Retry-After": str(RETRY_AFTER_S)}
+        return retry_after_header(exc.retry_after)
+    if isinstance(exc, (Overloaded, StateFull)):  # a refused new stream: slots free up as streams go
+        return retry_after_header(RETRY_AFTER_S)
+    if isinstance(exc, WorkerUnavailable):
+        return retry_after_header(UNAVAILABLE_RETRY_S)
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": 'Bearer realm="foveate"'}
     return {}

@@ -10,14 +10,16 @@ Keys (names from :class:`~service.config.Settings`; the format is in docs/redis-
   or never; the worker's per-stream seq and entry id tell them from those the checkpoint holds.
   Then it reads new entries. Entries left pending for ``claim_idle_ms`` outside that range (an
   acknowledgement that failed) are taken over with ``XAUTOCLAIM`` and answered as duplicates.
-- ``foveate:control``: commands (reset, delete, checkpoint, queries), same group; a command past its
-  ``deadline`` is acknowledged and dropped, since its caller has already timed out.
+- ``foveate:control``: commands (reset, delete, checkpoint, queries), same group, read by a thread
+  of its own into the front of the worker's inbox, so that no backlog of fixations delays them; a
+  command past its ``deadline`` is acknowledged and dropped, since its caller has already timed out.
 - ``foveate:results`` and ``foveate:results:<stream_id>``: every result, capped streams (rigs XREAD).
 - ``foveate:result:<request_id>``: a list holding the JSON reply for one request; the API waits with
   ``BLPOP``; it expires after ``result_ttl_s``. A list (not pub/sub) keeps a reply that arrives
   before the API starts waiting, and lets a rig fetch its own reply the same way.
-- ``foveate:worker:heartbeat``: JSON ``{"ts": unix time, …}`` set each second; ``/readyz`` wants it
-  younger than ``heartbeat_timeout_s``.
+- ``foveate:worker:heartbeat``: JSON ``{"ts": unix time, "queue_depth", "service_rate", …}`` set
+  each second; ``/readyz`` wants it younger than ``heartbeat_timeout_s`` and the backlog servable
+  within ``sync_timeout_s`` (service/backpressure.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -37,7 +38,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from service import metrics
-from service.broker import Broker, Decoder, Message, new_request_id
+from service.backpressure import queue_full_retry_after, refuse_waiting
+from service.broker import Broker, Decoder, Inbox, Message, new_request_id
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
 from service.messages import (
@@ -138,16 +140,21 @@ class RedisBroker(Broker):
         self._decode_threads = decode_threads
         self._aio: aioredis.Redis | None = None
         self._sync: redis.Redis | None = None
-        self._inbox: queue.Queue[Message] = queue.Queue(maxsize=4 * settings.max_batch + 64)
+        self.inbox = Inbox(4 * settings.max_batch + 64)
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._control_thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._decode: Decoder | None = None
         self._replay: tuple[str, str] | None = None  # (after, until): entries to re-read at start
+        # the API's reading (unread + pending, for admission) and the worker's (unread, for its
+        # gauge) are different numbers: `serve --redis` has both sides in one object, so two caches
+        self._api_backlog_cache = (0.0, 0)
         self._backlog_cache = (0.0, 0)
         self._alive_cache: tuple[float, bool, str] = (0.0, False, "")
+        self._load: tuple[int, float | None] = (0, None)  # the last heartbeat's backlog and rate
         self._last_error_log = 0.0
 
     def _unavailable(self, exc: Exception) -> WorkerUnavailable:
@@ -175,8 +182,8 @@ class RedisBroker(Broker):
 
     async def _backlog_async(self) -> int:
         now = time.monotonic()
-        if now - self._backlog_cache[0] < _CACHE_S:
-            return self._backlog_cache[1]
+        if now - self._api_backlog_cache[0] < _CACHE_S:
+            return self._api_backlog_cache[1]
         try:
             groups = await self.aio.xinfo_groups(self.settings.input_stream)
         except ResponseError:  # no stream yet
@@ -184,7 +191,7 @@ class RedisBroker(Broker):
         value = self._count_backlog(groups, unread_only=False)
         if value is None:
             value = int(await self.aio.xlen(self.settings.input_stream))  # no group yet: nothing read
-        self._backlog_cache = (now, value)
+        self._api_backlog_cache = (now, value)
         return value
 
     def _count_backlog(self, groups: list[dict[Any, Any]], *, unread_only: bool) -> int | None:
@@ -208,9 +215,22 @@ class RedisBroker(Broker):
                     )
             backlog = await self._backlog_async()
             if backlog + len(fixations) > self.settings.max_queue:
+                await self.worker_alive()  # refreshes the heartbeat's service rate
                 raise QueueFull(
                     f"{backlog} fixations are waiting in {self.settings.input_stream} "
-                    f"(limit {self.settings.max_queue}); retry later"
+                    f"(limit {self.settings.max_queue}); retry later",
+                    retry_after=queue_full_retry_after(
+                        backlog + len(fixations) - self.settings.max_queue, self._load[1]
+                    ),
+                )
+            timeout = self.settings.sync_timeout_s
+            late = refuse_waiting(backlog, len(fixations), self._load[1], timeout) if wait else None
+            if late is not None:  # (wait: worker_alive above has just read the heartbeat's rate)
+                raise QueueFull(
+                    f"{backlog} fixations are waiting in {self.settings.input_stream}: the worker would "
+                    f"not answer within FOVEATE_SYNC_TIMEOUT_S={timeout:g}; retry later, "
+                    "or send with wait=false",
+                    retry_after=late,
                 )
             pipe = self.aio.pipeline(transaction=False)
             for fix in fixations:
@@ -262,11 +282,18 @@ class RedisBroker(Broker):
             if raw is None:
                 alive, why = False, f"no worker heartbeat in {self.settings.heartbeat_key}"
             else:
-                age = time.time() - float(json.loads(raw).get("ts", 0.0))
+                info = json.loads(raw)
+                age = time.time() - float(info.get("ts", 0.0))
                 alive = age <= self.settings.heartbeat_timeout_s
                 why = f"worker heartbeat {age:.1f} s old"
+                rate = info.get("service_rate")
+                self._load = (int(info.get("queue_depth") or 0), None if rate is None else float(rate))
         self._alive_cache = (now, alive, why)
         return alive, why
+
+    async def worker_load(self) -> tuple[int, float | None]:
+        await self.worker_alive()
+        return self._load
 
     # ------------------------------------------------------------------ worker side
 
@@ -303,6 +330,9 @@ class RedisBroker(Broker):
         self._stop.clear()
         self._thread = threading.Thread(target=self._intake, name="foveate-intake", daemon=True)
         self._thread.start()
+        self._control_thread = threading.Thread(target=self._command_intake, name="foveate-commands",
+                                                daemon=True)  # fmt: skip
+        self._control_thread.start()
         return after
 
     def _last_delivered(self) -> str:
@@ -354,12 +384,26 @@ class RedisBroker(Broker):
                     last_claim = time.monotonic()
                     self._claim()
                 resp = self.sync.xreadgroup(
-                    s.consumer_group, s.consumer_name, {s.input_stream: ">", s.control_stream: ">"},
-                    count=s.max_batch, block=200,
+                    s.consumer_group, s.consumer_name, {s.input_stream: ">"}, count=s.max_batch, block=200
                 )  # fmt: skip
                 self._accept(resp)
             except RedisError as exc:
                 self._log_error("reading from Redis failed", exc)
+                self._stop.wait(1.0)
+
+    def _command_intake(self) -> None:
+        """Read commands into the front of the inbox: apart from the fixations, so that a backlog of
+        them (or a full inbox) never holds a command back."""
+        s = self.settings
+        resp: Any
+        while not self._stop.is_set():
+            try:
+                resp = self.sync.xreadgroup(
+                    s.consumer_group, s.consumer_name, {s.control_stream: ">"}, count=64, block=200
+                )  # fmt: skip
+                self._accept(resp)
+            except RedisError as exc:
+                self._log_error("reading commands from Redis failed", exc)
                 self._stop.wait(1.0)
 
     def _claim(self) -> None:
@@ -396,11 +440,11 @@ class RedisBroker(Broker):
                         continue
                     ctl = control_from_fields(fields, _id(eid))
                     deadline = _deadline(fields)
-                    if time.time() > deadline + _CONTROL_GRACE_S:
-                        logger.info("dropping command %s past its deadline", ctl.command)
+                    if time.time() > deadline + _CONTROL_GRACE_S or not self.inbox.put_command(ctl):
+                        logger.info("dropping command %s past its deadline or over the inbox's limit",
+                                    ctl.command)  # fmt: skip
                         self.sync.xack(s.control_stream, s.consumer_group, _id(eid))
                         continue
-                    self._put(ctl)
 
     def _trusted(self, fields: dict[str, bytes]) -> bool:
         """Whether a control entry comes from an API holding the secret (and is not a replay)."""
@@ -422,19 +466,15 @@ class RedisBroker(Broker):
             self._decode(fix)
         return fix
 
-    def _put(self, msg: Message) -> None:
-        while not self._stop.is_set():
-            try:
-                self._inbox.put(msg, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+    def _put(self, fix: Fixation) -> None:
+        while not self._stop.is_set() and not self.inbox.put_fixation(fix, timeout=0.2):
+            pass
 
     def get(self, timeout: float) -> Message | None:
-        try:
-            return self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
-        except queue.Empty:
-            return None
+        return self.inbox.get(timeout)
+
+    def commands(self) -> list[Control]:
+        return self.inbox.commands()
 
     def reply(self, replies: Sequence[tuple[Message, dict[str, Any]]]) -> None:
         s = self.settings
@@ -486,19 +526,20 @@ class RedisBroker(Broker):
     def backlog(self) -> int:
         now = time.monotonic()
         if now - self._backlog_cache[0] < 1.0:
-            return self._backlog_cache[1] + self._inbox.qsize()
+            return self._backlog_cache[1] + self.inbox.fixations()
         try:
             groups = self.sync.xinfo_groups(self.settings.input_stream)
             value = self._count_backlog(groups, unread_only=True) or 0
         except RedisError:
             value = self._backlog_cache[1]
         self._backlog_cache = (now, value)
-        return value + self._inbox.qsize()
+        return value + self.inbox.fixations()
 
     def stop_worker(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        for thread in (self._thread, self._control_thread):
+            if thread is not None:
+                thread.join(timeout=5.0)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._sync is not None:

@@ -7,10 +7,13 @@ Each loop iteration
 2. runs one ``learner.tick`` on the stacked patches (decoded earlier, off this thread: by the API for
    HTTP, by the broker's decode pool for Redis messages);
 3. publishes one reply per fixation and only then lets the broker acknowledge them;
-4. answers commands (reset, delete, checkpoint, queries) that arrived, after the tick;
-5. every second writes the heartbeat and the queue gauges; every ``diagnostics_interval_s`` the
-   learner's diagnostics; every ``checkpoint_interval_s`` a checkpoint (and one on stop): the loop
-   pauses for its in-memory snapshot only, a thread writes it (service/checkpointer.py).
+4. answers commands (reset, delete, checkpoint, queries) that arrived, after the tick: the broker
+   hands them over ahead of any fixation still queued, so a command waits for one tick at most;
+5. every second writes the heartbeat (with the backlog and the measured service rate, from which
+   the API's ``/readyz`` and ``Retry-After`` are computed: service/backpressure.py) and the queue
+   gauges; every ``diagnostics_interval_s`` the learner's diagnostics; every
+   ``checkpoint_interval_s`` a checkpoint (and one on stop): the loop pauses for its in-memory
+   snapshot only, a thread writes it (service/checkpointer.py).
 
 A bad message is answered with its error, counted, acknowledged, and never stops the loop.
 
@@ -47,6 +50,7 @@ import torch
 from learner.errors import ConfigError, FoveateError, InputError
 from learner.streaming import StreamLearner, resolve_device
 from service import live, metrics
+from service.backpressure import ServiceRate
 from service.batching import TickBatcher
 from service.broker import Broker, Message
 from service.checkpointer import Checkpointer, WriteJob
@@ -77,6 +81,22 @@ def build_learner(settings: Settings) -> StreamLearner:
     from learner.rfp import RFPLearner
 
     return RFPLearner(cfg, device=device)
+
+
+def torch_threads(settings: Settings) -> int:
+    """The learner's CPU threads: ``torch_threads``, or when 0 every core this process may use but one.
+
+    The one left over is for the API's event loop, the decode threads and Redis, whether they share
+    this process (``serve``) or only the machine (a compose stack): on 2 cores torch's default of 2
+    threads spun against them and made a 64-stream run 14 times slower (docs/deploy.md, Threads).
+    """
+    if settings.torch_threads:
+        return settings.torch_threads
+    try:
+        cores = len(os.sched_getaffinity(0))  # what a container's cpuset allows, not the host's count
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
 
 
 def _nan(value: float | None) -> float:
@@ -137,6 +157,7 @@ class Worker:
         # called by the writer with "rows" and "commit" (learner/checkpoint.py write_snapshot): tests
         # hold a write there to show that ticks go on meanwhile, or fail it
         self.checkpoint_stage: Callable[[str], None] | None = None
+        self.rate = ServiceRate()  # fixations answered per second of tick time
         self.started = False
         self.max_resident = self._limit_memory()
 
@@ -165,11 +186,7 @@ class Worker:
             from learner.checkpoint import trunk_fingerprint
 
             trunk_fingerprint(self.learner)  # cached: not computed during a checkpoint's stall
-        threads = self.settings.torch_threads
-        if not threads and self.settings.redis_url is None and self.learner.device.type == "cpu":
-            threads = max(1, (os.cpu_count() or 2) - 1)
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads(self.settings))
         offset = self.broker.start_worker(self._decode, after=self._saved_offset)
         self._through = entry_key(offset)
         if offset is not None and not restored:
@@ -191,9 +208,13 @@ class Worker:
         logger.info("worker running on %s: %d streams, %d updates applied",
                     self.learner.device, len(self.records), self.learner.updates_applied)  # fmt: skip
         while not self._stop.is_set():
+            for ctl in self.broker.commands():  # those that came during the last tick: before the next
+                self._command(ctl)
             batch, controls = self.batcher.gather(self._receive, self._stop.is_set)
             if batch:
+                start = time.perf_counter()
                 self._tick(batch)
+                self.rate.observe(len(batch), time.perf_counter() - start)
             for ctl in controls:
                 self._command(ctl)
             self._settle_commits()
@@ -633,8 +654,8 @@ class Worker:
         metrics.STATE_BYTES.set(states.allocated_bytes())
         metrics.RESIDENT_STREAMS.set(states.resident)
         metrics.SPILLED_STREAMS.set(states.spilled)
-        self.broker.heartbeat({"updates_applied": self.learner.updates_applied,
-                               "streams": len(self.records), "queue_depth": depth})  # fmt: skip
+        self.broker.heartbeat({"updates_applied": self.learner.updates_applied, "streams": len(self.records),
+                               "queue_depth": depth, "service_rate": self.rate.per_second()})  # fmt: skip
 
     def _housekeeping(self) -> None:
         now = time.monotonic()

@@ -58,13 +58,24 @@ def auth_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict
 
 @dataclass(frozen=True)
 class Call(Generic[T]):
-    """One API request and how to read its answer."""
+    """One API request and how to read its answer.
+
+    ``idempotent``: sending it twice has the effect of sending it once, so a request whose answer
+    was lost (a dropped connection, a killed server) may be sent again. Every GET is; a fixation is
+    when it carries a ``seq`` (the worker applies each (stream, seq) once and answers a repeat with
+    the original result).
+    """
 
     method: str
     path: str
     parse: Callable[[Any], T]
     json: Any = None
     params: Mapping[str, str] | None = None
+    idempotent: bool = False
+
+    @property
+    def safe_to_repeat(self) -> bool:
+        return self.idempotent or self.method == "GET"
 
 
 def _flag(value: bool) -> str:
@@ -91,7 +102,7 @@ def fixation_call(
     parse: Callable[[Any], Any] = FixationResult.from_json if wait else Accepted.from_json
     body = item.to_json(encoding, with_stream=False)
     params = {"wait": _flag(wait), "return_prediction": _flag(return_prediction)}
-    return Call("POST", _stream_path(stream_id, "/fixations"), parse, body, params)
+    return Call("POST", _stream_path(stream_id, "/fixations"), parse, body, params, item.seq is not None)
 
 
 def batch_call(
@@ -105,7 +116,8 @@ def batch_call(
         raise errors.InputError(
             "post_fixations needs a non-empty list of FixationItem (or dicts of its fields)"
         )
-    body = [(it if isinstance(it, FixationItem) else FixationItem(**it)).to_json(encoding) for it in items]
+    fixations = [it if isinstance(it, FixationItem) else FixationItem(**it) for it in items]
+    body = [it.to_json(encoding) for it in fixations]
 
     def parse(data: Any) -> list[BatchItem]:
         results = data.get("results") if isinstance(data, dict) else None
@@ -114,7 +126,8 @@ def batch_call(
         return [BatchItem.from_json(r) for r in results]
 
     return Call("POST", f"{API_PREFIX}/fixations/batch", parse, {"fixations": body},
-                {"wait": _flag(wait), "return_prediction": _flag(return_prediction)})  # fmt: skip
+                {"wait": _flag(wait), "return_prediction": _flag(return_prediction)},
+                all(it.seq is not None for it in fixations))  # fmt: skip
 
 
 def _list_of(parse: Callable[[Any], T], key: str) -> Callable[[Any], list[T]]:

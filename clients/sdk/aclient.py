@@ -111,16 +111,17 @@ class AsyncFoveateClient:
     async def _send(self, call: Call[T], *, retry: bool = True) -> T:
         policy = self.retry if retry else NO_RETRY
         request = self._http.build_request(call.method, call.path, json=call.json, params=call.params)
-        attempt = 0
+        attempt, waited = 0, 0.0
         while True:
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as exc:
-                event = next_retry(policy, request, attempt, exc=exc)
+                event = next_retry(policy, request, attempt, exc=exc, safe_to_repeat=call.safe_to_repeat,
+                                   waited=waited)  # fmt: skip
                 if event is None:
                     raise transport_error(exc, request) from exc
             else:
-                event = next_retry(policy, request, attempt, response=response)
+                event = next_retry(policy, request, attempt, response=response, waited=waited)
                 if event is None:
                     return read_answer(call, response)
                 await response.aclose()
@@ -130,6 +131,7 @@ class AsyncFoveateClient:
             )
             if self.on_retry is not None:
                 self.on_retry(event)
+            waited += event.delay
             await asyncio.sleep(event.delay)
 
     async def aclose(self) -> None:

@@ -105,16 +105,17 @@ class FoveateClient:
     def _send(self, call: Call[T], *, retry: bool = True) -> T:
         policy = self.retry if retry else NO_RETRY
         request = self._http.build_request(call.method, call.path, json=call.json, params=call.params)
-        attempt = 0
+        attempt, waited = 0, 0.0
         while True:
             try:
                 response = self._http.send(request)
             except httpx.TransportError as exc:
-                event = next_retry(policy, request, attempt, exc=exc)
+                event = next_retry(policy, request, attempt, exc=exc, safe_to_repeat=call.safe_to_repeat,
+                                   waited=waited)  # fmt: skip
                 if event is None:
                     raise transport_error(exc, request) from exc
             else:
-                event = next_retry(policy, request, attempt, response=response)
+                event = next_retry(policy, request, attempt, response=response, waited=waited)
                 if event is None:
                     return read_answer(call, response)
                 response.close()
@@ -124,6 +125,7 @@ class FoveateClient:
             )
             if self.on_retry is not None:
                 self.on_retry(event)
+            waited += event.delay
             time.sleep(event.delay)
 
     def close(self) -> None:

@@ -37,12 +37,15 @@ class RetryPolicy:
 
     Retried: answers with a status in ``statuses`` (429 back-pressure, 503 no worker; the server
     refused these before queueing anything), and connection failures (the request never left).
-    Timeouts and dropped connections are retried only for GET, since a POST may have been applied.
+    Timeouts and dropped connections (the server may have acted on the request) are retried only
+    for requests that are safe to repeat: GETs, and fixations that carry a ``seq``, which the
+    worker applies once however often they arrive (the same body, so the same seq, is sent again).
 
     The wait before retry ``k`` (1, 2, ...) is ``min(max_backoff, backoff * 2**(k-1))`` scaled by a
     random factor in ``[1 - jitter, 1]`` (so that many clients refused together do not come back
     together), or the server's ``Retry-After`` (seconds or an HTTP date) when it sends one, capped
-    at ``max_retry_after``.
+    at ``max_retry_after``. The client gives up (raising the last error) after ``max_retries``
+    retries, or when the next wait would take the waits' total past ``max_total_wait``.
 
     Examples
     --------
@@ -58,14 +61,16 @@ class RetryPolicy:
     max_backoff: float = 5.0
     jitter: float = 0.5
     max_retry_after: float = 60.0
+    max_total_wait: float = 120.0
     statuses: frozenset[int] = frozenset({429, 503})
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        if not (self.backoff >= 0 and self.max_backoff >= 0 and self.max_retry_after >= 0):
-            raise ValueError("backoff, max_backoff and max_retry_after must be >= 0 seconds")
+        waits = (self.backoff, self.max_backoff, self.max_retry_after, self.max_total_wait)
+        if not all(w >= 0 for w in waits):
+            raise ValueError("backoff, max_backoff, max_retry_after and max_total_wait must be >= 0 seconds")
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
 
@@ -111,11 +116,12 @@ def transport_error(exc: httpx.TransportError, request: httpx.Request) -> errors
     return errors.TransportError(f"{where} failed: {type(exc).__name__}: {exc}")
 
 
-def retryable_transport(exc: httpx.TransportError, method: str) -> bool:
-    """Connection failures always (nothing was sent); others only for GET (a POST may have been applied)."""
+def retryable_transport(exc: httpx.TransportError, safe_to_repeat: bool) -> bool:
+    """Connection failures always (nothing was sent); others (a timeout, a connection dropped by a
+    server that died mid-request) only for a request that is safe to repeat: it may have been acted on."""
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
         return True
-    return method == "GET"
+    return safe_to_repeat
 
 
 def _reason(response: httpx.Response) -> str:
@@ -134,17 +140,21 @@ def next_retry(
     *,
     response: httpx.Response | None = None,
     exc: httpx.TransportError | None = None,
+    safe_to_repeat: bool | None = None,
+    waited: float = 0.0,
 ) -> RetryEvent | None:
     """The retry to make after ``attempt`` retries already made, or None to stop here.
 
     Give the ``response`` (retried when its status is in ``policy.statuses``) or the transport
-    ``exc`` (retried when :func:`retryable_transport`).
+    ``exc`` (retried when :func:`retryable_transport`; ``safe_to_repeat`` defaults to "is a GET"),
+    and the seconds ``waited`` before the earlier retries.
     """
     if attempt >= policy.max_retries:
         return None
     retry_after: float | None = None
     if exc is not None:
-        if not retryable_transport(exc, request.method):
+        repeatable = request.method == "GET" if safe_to_repeat is None else safe_to_repeat
+        if not retryable_transport(exc, repeatable):
             return None
         reason = f"{type(exc).__name__}: {exc}"
     else:
@@ -154,4 +164,6 @@ def next_retry(
         retry_after = parse_retry_after(response)
         reason = _reason(response)
     delay = policy.delay(attempt + 1, retry_after)
+    if waited + delay > policy.max_total_wait:
+        return None
     return RetryEvent(request.method, str(request.url), attempt + 1, delay, reason, retry_after)

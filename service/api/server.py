@@ -9,8 +9,9 @@ here add two limits to uvicorn's own (httptools, or h11 without it):
   (or of the previous response), else the server answers 408 and closes the connection;
 - the headers may take at most ``max_header_bytes``, else 431 and close.
 
-The body's limits (size 413, time 408) are the app's (service/api/middleware.py); uvicorn's
-``limit_concurrency`` answers 503 beyond ``max_connections`` connections and tasks.
+The body's limits (size 413, time 408) are the app's (service/api/middleware.py). Beyond
+``max_connections`` connections or tasks (uvicorn's ``limit_concurrency``) the server answers 503
+with the API's error body and ``Retry-After``, where uvicorn's own answer has neither.
 
 Examples
 --------
@@ -23,6 +24,8 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -38,6 +41,19 @@ except ImportError:  # pragma: no cover  (uvicorn[standard] brings httptools)
 _HEAD = b"content-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
 _408 = b"HTTP/1.1 408 Request Timeout\r\n" + _HEAD
 _431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\n" + _HEAD
+OVER_CAPACITY_RETRY_S = 1  # connections come and go within a second or so
+
+
+async def over_capacity(scope: Any, receive: Any, send: Any) -> None:
+    """The answer beyond ``max_connections``: 503 with ``Retry-After``, in the API's error shape."""
+    body = json.dumps({
+        "error": "ServiceUnavailable",
+        "detail": "the server holds FOVEATE_MAX_CONNECTIONS connections or requests; retry after Retry-After",
+    }).encode()  # fmt: skip
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", str(OVER_CAPACITY_RETRY_S).encode()), (b"connection", b"close")]  # fmt: skip
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _Guard:
@@ -48,6 +64,23 @@ class _Guard:
 
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
+    app: Any
+    limit_concurrency: int | None
+    connections: set[Any]
+    tasks: set[Any]
+
+    def _dispatch(self, handle: Callable[[], None]) -> None:
+        """Run uvicorn's dispatch of a request; over ``limit_concurrency`` with :func:`over_capacity` as
+        the app (and uvicorn's own check, which would answer a bare 503, off for that call)."""
+        limit = self.limit_concurrency
+        if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
+            handle()
+            return
+        app, self.app, self.limit_concurrency = self.app, over_capacity, None
+        try:
+            handle()
+        finally:
+            self.app, self.limit_concurrency = app, limit
 
     def _arm(self) -> None:
         self._disarm()
@@ -106,7 +139,7 @@ if HttpToolsProtocol is not None:
 
         def on_headers_complete(self) -> None:
             self._disarm()
-            super().on_headers_complete()
+            self._dispatch(super().on_headers_complete)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -132,7 +165,7 @@ class GuardedH11Protocol(_Guard, H11Protocol):
         # h11 reports the whole request head as one event: once it is out, the headers are in.
         if self._waiting_headers and self.conn.their_state in (h11.SEND_BODY, h11.DONE):
             self._disarm()
-        super().handle_events()
+        self._dispatch(super().handle_events)
         if self._waiting_headers and self.conn.their_state in (h11.SEND_BODY, h11.DONE):
             self._disarm()
 

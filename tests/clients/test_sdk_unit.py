@@ -169,6 +169,41 @@ def test_read_timeout_is_retried_for_get_but_not_for_post() -> None:
     assert len(get.requests) == 2 and len(events) == 1
 
 
+def test_a_fixation_with_seq_is_sent_again_after_a_dropped_connection() -> None:
+    # The server died mid-request (the API SIGKILLed): the fixation may have been applied, but the
+    # worker applies each (stream, seq) once and answers a repeat with the original result, so the
+    # same body (same seq) is sent again. Without a seq, or in a batch where one item lacks it, not.
+    dropped = httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    script = Script(dropped, httpx.ConnectError("refused"), httpx.Response(200, json=RESULT))
+    client, events = client_with(script)
+    assert client.post_fixation("s1", PATCH, seq=0).step == 1
+    assert len(script.requests) == 3 and len({r.content for r in script.requests}) == 1
+    assert json.loads(script.requests[0].content)["seq"] == 0
+    assert events[0].reason.startswith("RemoteProtocolError")
+    for send in (
+        lambda c: c.post_fixation("s1", PATCH),
+        lambda c: c.post_fixations(
+            [{"stream_id": "s1", "patch": PATCH, "seq": 0}, {"stream_id": "s1", "patch": PATCH}]
+        ),
+    ):
+        once = Script(dropped)
+        client, _ = client_with(once)
+        with pytest.raises(sdk.TransportError):
+            send(client)
+        assert len(once.requests) == 1
+
+
+def test_retries_stop_when_the_total_wait_would_pass_its_bound() -> None:
+    # Retry-After of 0.05 s each time, at most 0.12 s of waiting in all: two retries, not a third.
+    policy = sdk.RetryPolicy(max_retries=10, max_total_wait=0.12)
+    script = Script(error_response(429, "QueueFull", headers={"Retry-After": "0.05"}))
+    client, events = client_with(script, policy)
+    with pytest.raises(sdk.QueueFull):
+        client.post_fixation("s1", PATCH, seq=0)
+    assert len(events) == 2 and len(script.requests) == 3
+    assert sum(e.delay for e in events) <= 0.12
+
+
 @pytest.mark.parametrize("status, name", [(504, "WorkerTimeout"), (422, "PatchError"), (500, "WorkerError")])
 def test_other_errors_are_not_retried(status: int, name: str) -> None:
     script = Script(error_response(status, name))

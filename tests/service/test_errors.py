@@ -70,10 +70,8 @@ def test_unknown_class_name_becomes_worker_error() -> None:
     assert isinstance(exc, WorkerError) and "ZeroDivisionError" in str(exc)
 
 
-@pytest.mark.parametrize(
-    ("exc", "retry"), [(TooManyStreams, "1"), (WorkerUnavailable, None), (InputError, None)]
-)
-def test_back_pressure_answers_carry_retry_after(exc: type[FoveateError], retry: str | None) -> None:
+def _retry_after_of(exc: FoveateError) -> str | None:
+    """The Retry-After an exception's answer carries, through a real FastAPI app and its handlers."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
@@ -82,8 +80,36 @@ def test_back_pressure_answers_carry_retry_after(exc: type[FoveateError], retry:
 
     @app.get("/boom")
     def boom() -> None:
-        raise exc("try later")
+        raise exc
 
     r = TestClient(app).get("/boom")
-    assert r.status_code == status_of(exc)[0]
-    assert r.headers.get("retry-after") == retry
+    assert r.status_code == status_of(type(exc))[0]
+    return r.headers.get("retry-after")
+
+
+@pytest.mark.parametrize(
+    ("exc", "retry"),
+    [
+        (TooManyStreams("full"), "1"),
+        (QueueFull("full", retry_after=2.2), "3"),  # whole seconds, rounded up
+        (QueueFull("full", retry_after=0.01), "1"),  # never 0: that invites a tight loop
+        (WorkerUnavailable("no worker"), str(errors.UNAVAILABLE_RETRY_S)),
+        (WorkerTimeout("late"), None),
+        (InputError("bad"), None),
+    ],
+)
+def test_back_pressure_answers_carry_retry_after(exc: FoveateError, retry: str | None) -> None:
+    assert _retry_after_of(exc) == retry
+
+
+def test_every_429_and_503_carries_retry_after() -> None:
+    # Every class of the tree that answers 429 or 503, raised as the worker's payload rebuilds it
+    # (without a retry_after of its own): each must still tell the client when to come back.
+    classes = errors._all_classes().values()
+    refusals = [k for k in classes if status_of(k)[0] in (429, 503)]
+    assert {"QueueFull", "TooManyStreams", "RateLimited", "StateFull", "WorkerUnavailable"} <= {
+        k.__name__ for k in refusals
+    }
+    for klass in refusals:
+        seconds = _retry_after_of(klass("refused"))
+        assert seconds is not None and int(seconds) >= 1, klass.__name__

@@ -56,7 +56,7 @@ class Running:
         async def go() -> dict[str, Any]:
             fix.request_id, fix.entry_id = f"req-{entry_id}", entry_id
             self.broker._expect(fix.request_id)
-            self.broker._queue.put_nowait(fix)
+            self.broker.inbox.put_fixation(fix)
             return await self.broker.result(fix.request_id, 30.0)
 
         return self.loop.run_until_complete(go())
@@ -81,7 +81,7 @@ def test_gather_takes_one_fixation_per_stream_in_order() -> None:
     broker = LocalBroker(settings)
     worker = Worker(settings, broker)
     for fix in [_fix("a", 1), _fix("a", 2), _fix("b", 1), _fix("a", 3), _fix("b", 2), _fix("c", 1)]:
-        broker._queue.put_nowait(fix)
+        broker.inbox.put_fixation(fix)
     ticks = []
     while True:
         batch, _ = worker.batcher.gather(worker._receive)
