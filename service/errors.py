@@ -183,11 +183,16 @@ def status_of(exc_type: type[FoveateError]) -> tuple[int, str]:
 
 
 def _all_classes() -> dict[str, type[FoveateError]]:
+    """The service's error classes by name. The SDK's classes (clients.sdk.errors) derive from the
+    same root and share some names (``UnknownStream``, ``QueueFull``), so only the learner's and the
+    service's own modules count: a worker's ``UnknownStream`` must become the 404 class, not the
+    SDK's, whatever else the process has imported."""
     found: dict[str, type[FoveateError]] = {}
     pending: list[type[FoveateError]] = [FoveateError]
     while pending:
         klass = pending.pop()
-        found[klass.__name__] = klass
+        if klass.__module__.split(".")[0] in ("learner", "service"):
+            found[klass.__name__] = klass
         pending.extend(klass.__subclasses__())
     return found
 

@@ -65,6 +65,19 @@ def test_payload_round_trip_keeps_the_class_and_message() -> None:
     assert type(exc) is PatchError and str(exc) == "send PNG"
 
 
+def test_a_worker_error_keeps_its_service_class_beside_the_sdk() -> None:
+    """The SDK's errors derive from the same root and reuse names: a worker's UnknownStream must come
+    back as the service's (404), not the SDK's (which has no status here: 500)."""
+    import clients.sdk.errors as sdk_errors
+    from service.errors import QueueFull, UnknownStream
+
+    for klass in (UnknownStream, QueueFull, PatchError):
+        assert hasattr(sdk_errors, klass.__name__)  # the names the SDK shares
+        exc = error_from_payload(error_payload(klass("x")))
+        assert type(exc) is klass
+        assert status_of(type(exc))[0] < 500
+
+
 def test_unknown_class_name_becomes_worker_error() -> None:
     exc = error_from_payload({"error": "ZeroDivisionError", "detail": "boom"})
     assert isinstance(exc, WorkerError) and "ZeroDivisionError" in str(exc)
