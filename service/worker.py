@@ -4,29 +4,31 @@ Each loop iteration
 
 1. gathers up to ``max_batch`` fixations within ``max_wait_ms`` of the first, **at most one per
    stream**, keeping each stream's order (the policy is service/batching.py's ``TickBatcher``);
-2. runs one ``learner.tick`` on the stacked patches (decoded earlier, off this thread: by the API for
-   HTTP, by the broker's decode pool for Redis messages);
+2. screens them (service/admission.py: exactly once, stream limits) and runs one ``learner.tick``
+   on the stacked patches of those admitted (decoded earlier, off this thread: by the API for HTTP,
+   by the broker's decode pool for Redis messages);
 3. publishes one reply per fixation and only then lets the broker acknowledge them;
-4. answers commands (reset, delete, checkpoint, queries) that arrived, after the tick: the broker
-   hands them over ahead of any fixation still queued, so a command waits for one tick at most;
+4. answers commands (reset, delete, checkpoint, queries: service/commands.py) that arrived, after
+   the tick: the broker hands them over ahead of any fixation still queued, so a command waits for
+   one tick at most;
 5. every second writes the heartbeat (with the backlog and the measured service rate, from which
    the API's ``/readyz`` and ``Retry-After`` are computed: service/backpressure.py) and the queue
    gauges; every ``diagnostics_interval_s`` the learner's diagnostics; every
    ``checkpoint_interval_s`` a checkpoint (and one on stop): the loop pauses for its in-memory
-   snapshot only, a thread writes it (service/checkpointer.py).
+   snapshot only, a thread writes it (service/checkpointer.py ``CheckpointDriver``).
 
 A bad message is answered with its error, counted, acknowledged, and never stops the loop.
 
 Exactly once. A fixation is applied at most once per ``(stream_id, seq)``: before a tick each
 fixation goes through the rule of service/dedup.py, and a retry is answered with its original result
-instead of being applied again. Over Redis, the worker also keeps the *input offset*: the greatest
-entry id up to which every entry it read has been answered. A checkpoint saves it atomically with
-the weights, the stream states and each stream's last seq, cached results and last entry id; a
-restarted worker (any consumer name) has the broker re-read every entry after it, in order, so the
-fixations applied after the checkpoint are applied again and those before it are recognised as
-duplicates. A reset or delete command is not in the input stream, so it is answered only once a
-checkpoint taken after it has committed (as is the ``checkpoint`` command); the loop learns on
-meanwhile.
+instead of being applied again. Over Redis, the worker also keeps the *input offset*
+(service/streams.py ``InputOffset``): the greatest entry id up to which every entry it read has been
+answered. A checkpoint saves it atomically with the weights, the stream states and each stream's
+last seq, cached results and last entry id; a restarted worker (any consumer name) has the broker
+re-read every entry after it, in order, so the fixations applied after the checkpoint are applied
+again and those before it are recognised as duplicates. A reset or delete command is not in the
+input stream, so it is answered only once a checkpoint taken after it has committed (as is the
+``checkpoint`` command); the loop learns on meanwhile.
 
 Examples
 --------
