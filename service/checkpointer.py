@@ -1,10 +1,17 @@
-"""The worker's checkpoint writer: one background thread per write, at most one write in flight.
+"""The worker's checkpoints: when they are taken, what they hold, who waits for them, and the thread
+that writes them.
 
-The tick loop only takes the snapshot (``learner.checkpoint.take_snapshot``, milliseconds) and hands
-it here; the files are written and the manifest committed beside the loop. A periodic checkpoint
-asked for while one is being written is skipped (coalesced: the next interval takes it); an explicit
-one (``POST /v1/model/checkpoint``, a reset or delete over Redis, the final one at stop) first waits
-for the write in flight, then takes its own and waits for its commit.
+:class:`CheckpointDriver` restores the checkpoint at start and takes one when asked, periodically and
+at stop. The tick loop only takes the snapshot (``learner.checkpoint.take_snapshot``, milliseconds,
+under the worker's lock): the weights, the stream states and the worker's own bookkeeping
+(``Worker.service_state``: each stream's record, the input offset, the deleted streams). A
+:class:`Checkpointer` writes the files and commits the manifest beside the loop, one write at a time.
+A periodic checkpoint asked for while one is being written is skipped (coalesced: the next interval
+takes it); an explicit one (``POST /v1/model/checkpoint``, the final one at stop) first waits for the
+write in flight, then takes its own and waits for its commit. The commands that must not be answered
+before a commit (``checkpoint``; ``reset`` and ``delete`` over Redis, which a replay could not
+repeat) wait in the driver while the loop learns on: :meth:`CheckpointDriver.settle`, called from the
+loop, starts their checkpoint and answers them once it has committed.
 
 A write nobody waits for runs at a lower CPU priority (niceness ``BACKGROUND_NICE``, this thread
 only, on Linux): on two shared cores the writer otherwise slowed every tick during the write 2-3x;
@@ -17,8 +24,17 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from learner.errors import ConfigError, FoveateError
+from service import metrics
+from service.messages import Control
+from service.replies import failure
+
+if TYPE_CHECKING:
+    from service.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +109,148 @@ class Checkpointer:
         self._thread = threading.Thread(target=job.run, name="foveate-checkpoint", daemon=True)
         self._thread.start()
         return job
+
+
+#: Commands waiting for a commit, each with its answer (None: the checkpoint command, answered with it).
+Waiting = list[tuple[Control, dict[str, Any] | None]]
+
+
+class CheckpointDriver:
+    """Restores and takes the worker's checkpoints, and answers the commands that wait for a commit.
+
+    Parameters
+    ----------
+    worker
+        Whose learner and bookkeeping (``service_state``, ``load_service_state``) are saved and
+        restored, at its ``settings.checkpoint_path``, and whose broker carries the answers.
+    lock
+        The worker's tick lock: the snapshot is taken under it, the only pause of learning.
+    """
+
+    def __init__(self, worker: Worker, lock: threading.Lock) -> None:
+        self.worker = worker
+        self._lock = lock
+        self.writer = Checkpointer()  # writes the snapshots beside the loop
+        # commands waiting for the next checkpoint, and the write in flight with those waiting for it
+        self._waiting: Waiting = []
+        self._committing: tuple[WriteJob, Waiting] | None = None
+        self.last_taken = time.monotonic()
+
+    def restore(self) -> bool:
+        """Load ``checkpoint_path`` if it exists; ``ArchitectureMismatch``, ``CheckpointError`` propagate."""
+        from learner.checkpoint import has_checkpoint, load_checkpoint
+
+        path = self.worker.settings.checkpoint_path
+        if path is None or not has_checkpoint(path):
+            logger.info("no checkpoint at %s: starting fresh", path)
+            return False
+        extra = load_checkpoint(path, self.worker.learner)
+        self.worker.load_service_state(extra.get("service", {}))
+        return True
+
+    def checkpoint(self, *, wait: bool = True) -> dict[str, Any] | None:
+        """Checkpoint everything to ``checkpoint_path``: learning pauses for the snapshot only.
+
+        ``wait``: return what was written once the manifest is committed (after the write in
+        flight, if any). Otherwise (the periodic checkpoint) return at once, None; and skip it when a
+        write is in flight already (learner/checkpoint.py).
+        """
+        if self.worker.settings.checkpoint_path is None:
+            raise ConfigError("checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH")
+        if not wait and self.writer.busy:
+            return None
+        self.writer.wait()
+        job = self._start(background=not wait)
+        return job.result() if wait else None
+
+    def quietly(self, when: str, *, wait: bool = True) -> None:
+        """:meth:`checkpoint`, logging a failure instead of raising it; nothing without a path."""
+        if self.worker.settings.checkpoint_path is None:
+            return
+        try:
+            self.checkpoint(wait=wait)
+        except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval
+            logger.error("checkpoint %s failed: %s", when, exc)
+
+    def after_commit(self, ctl: Control, payload: dict[str, Any] | None = None) -> None:
+        """Answer ``ctl`` (with ``payload``, or the checkpoint's info) once the next checkpoint commits."""
+        self._waiting.append((ctl, payload))
+
+    @property
+    def pending(self) -> bool:
+        """Whether a command waits for a commit."""
+        return self._committing is not None or bool(self._waiting)
+
+    def _start(self, *, background: bool) -> WriteJob:
+        """Take the snapshot (under the lock: the only pause of learning) and start writing it."""
+        worker = self.worker
+        path = worker.settings.checkpoint_path
+        assert path is not None
+        from learner.checkpoint import take_snapshot, write_snapshot
+
+        with self._lock:
+            start, written_at = time.perf_counter(), time.time()
+            info: dict[str, Any] = {"path": str(path), "written_at": written_at,
+                                    "updates_applied": worker.learner.updates_applied,
+                                    "streams": len(worker.records)}  # fmt: skip
+            service = worker.service_state(dict(info))
+            snap = take_snapshot(path, worker.learner, {"service": service})
+            info["stall_seconds"] = time.perf_counter() - start
+        metrics.CHECKPOINT_STALL_SECONDS.observe(info["stall_seconds"])
+        self.last_taken = time.monotonic()
+
+        def write() -> dict[str, Any]:  # in the writer's thread
+            written = write_snapshot(snap, worker.checkpoint_stage)
+            info.update(written)
+            info["seconds"] = written["write_seconds"]
+            metrics.CHECKPOINT_SECONDS.observe(written["write_seconds"])
+            metrics.CHECKPOINT_BYTES.set(written["bytes"])
+            metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
+            metrics.CHECKPOINTS.inc()
+            metrics.LAST_CHECKPOINT.set(written_at)
+            worker.last_checkpoint = info
+            return info
+
+        return self.writer.submit(write, background=background)
+
+    def settle(self) -> None:
+        """Answer the commands that waited for a commit, and start the checkpoint the next ones wait
+        for: the loop goes on learning meanwhile (called from the loop, and at stop)."""
+        reply = self.worker.broker.reply
+        if self._committing is not None:
+            job, waiting = self._committing
+            if not job.done.is_set():
+                return
+            self._committing = None
+            reply([(ctl, self._committed(job, payload)) for ctl, payload in waiting])
+        if self._waiting and not self.writer.busy:
+            waiting, self._waiting = self._waiting, []
+            try:
+                job = self._start(background=False)
+            except (FoveateError, OSError) as exc:
+                failed = WriteJob(lambda: {})
+                failed.error, failed.waited = exc, True
+                failed.done.set()
+                logger.error("checkpoint for %d waiting command(s) failed: %s", len(waiting), exc)
+                reply([(ctl, self._committed(failed, payload)) for ctl, payload in waiting])
+                return
+            job.waited = True  # its error goes into the replies
+            self._committing = (job, waiting)
+
+    def drain(self) -> None:
+        """Until no command waits for a commit (at stop, the loop having ended)."""
+        while self.pending:
+            self.writer.wait()
+            self.settle()
+
+    @staticmethod
+    def _committed(job: WriteJob, payload: dict[str, Any] | None) -> dict[str, Any]:
+        """The reply of a command that waited for ``job``: the checkpoint command gets what was
+        written (or the error); a reset or delete its own answer (its checkpoint failing is logged,
+        retried at the next interval, and does not undo it)."""
+        if payload is not None:
+            return payload
+        if job.error is not None:
+            err = job.error
+            return failure(err if isinstance(err, Exception) else RuntimeError(str(err)))
+        return {"ok": True, "checkpoint": job.info}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from service import live, metrics
 from service.errors import UnknownStream
 from service.messages import COMMANDS, Command
 from service.streams import StreamRecord
@@ -59,14 +60,25 @@ def _prediction(worker: Worker, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reset(worker: Worker, args: dict[str, Any]) -> dict[str, Any]:
+    """Start the stream afresh: its state, its step count and its seq numbering."""
     rec = _record(worker, args)
-    worker.reset_stream(rec)
+    worker.learner.reset(rec.stream_id)
+    rec.resets += 1
+    rec.step = 0
+    rec.forget_seq()
+    metrics.RESETS.inc()
     return {"stream_id": rec.stream_id, "step": 0}
 
 
 def _delete(worker: Worker, args: dict[str, Any]) -> dict[str, Any]:
+    """Forget the stream everywhere, remembering its last entry so that a replay cannot revive it."""
     rec = _record(worker, args)
-    worker.delete_stream(rec)
+    worker.learner.drop(rec.stream_id)
+    del worker.records[rec.stream_id]
+    worker.deleted.bury(rec.stream_id, rec.last_entry_id)
+    worker.broker.forget_stream(rec.stream_id)
+    live.FEED.forget(rec.stream_id)
+    metrics.ACTIVE_STREAMS.set(len(worker.records))
     return {"stream_id": rec.stream_id, "deleted": True}
 
 

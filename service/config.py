@@ -96,7 +96,7 @@ class Settings(_ModelSettings):
         ``auto`` takes CUDA when torch sees a GPU, the CPU otherwise.
     torch_threads
         CPU threads of the learner (``torch.set_num_threads``); 0: every core the process may use but
-        one, in every mode (``service.worker.torch_threads``): the one left is for the API's event
+        one, in every mode (``service.learner_setup.torch_threads``): the one left is for the API's event
         loop, the decode threads and Redis, in this process or beside it (docs/deploy.md, Threads).
     max_batch, max_wait_ms
         A worker tick takes up to ``max_batch`` fixations (one per stream), waiting at most

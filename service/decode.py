@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from learner.errors import PatchError
+from learner.errors import FoveateError, InputError, PatchError
 from learner.patches import as_patch, cut_patch, decode_image, patch_size_px, resize_patch
-from service.messages import PatchSource
+from service.messages import Fixation, PatchSource
 
 
 def fit(patch: np.ndarray, size: int | None) -> np.ndarray:
@@ -84,3 +84,16 @@ def decode_source(
     else:
         raise PatchError(f"unknown payload kind {source.kind!r}")
     return fit(patch, size)
+
+
+def decode_fixation(fix: Fixation, *, max_pixels: int, size: int | None, max_patch_px: int) -> None:
+    """Fill ``fix.patch`` from ``fix.source``, or set ``fix.problem`` (the worker's decoder, which
+    runs in the broker's decode threads); the encoded bytes are dropped either way."""
+    if fix.source is None:
+        fix.problem = InputError("the fixation carries no image")
+        return
+    try:
+        fix.patch = decode_source(fix.source, max_pixels=max_pixels, size=size, max_patch_px=max_patch_px)
+    except FoveateError as exc:
+        fix.problem = exc
+    fix.source = None  # the encoded bytes are not needed any more

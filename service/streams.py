@@ -63,6 +63,92 @@ def entry_before(key: EntryKey) -> EntryKey:
     return (ms - 1, _MAX_ENTRY_SEQ) if ms else (0, 0)
 
 
+class Tombstones:
+    """Deleted streams, each with the last entry id it applied: a Redis entry re-read after a restart
+    must not bring a deleted stream back. The newest ``limit`` deletions are kept.
+
+    Examples
+    --------
+    >>> graves = Tombstones()
+    >>> graves.bury("a", "7-0")
+    >>> graves.covers("a", "6-3"), graves.covers("a", "8-0"), graves.covers("b", "1-0")
+    (True, False, False)
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._last: dict[str, EntryKey] = {}
+
+    def bury(self, stream_id: str, last_entry_id: str | None) -> None:
+        key = entry_key(last_entry_id)
+        if key is not None:  # a stream fed over HTTP only has nothing to re-read
+            self._last[stream_id] = key
+            if len(self._last) > self.limit:
+                del self._last[next(iter(self._last))]
+
+    def lift(self, stream_id: str) -> None:
+        """The stream is back (new fixations after its deletion)."""
+        self._last.pop(stream_id, None)
+
+    def covers(self, stream_id: str, entry_id: str | None) -> bool:
+        """Whether ``entry_id`` of ``stream_id`` was applied before the stream was deleted."""
+        gone, key = self._last.get(stream_id), entry_key(entry_id)
+        return gone is not None and key is not None and key <= gone
+
+    def to_dict(self) -> dict[str, str]:
+        return {sid: entry_text(key) for sid, key in self._last.items()}
+
+    def load(self, saved: dict[str, str]) -> None:
+        """Take back what :meth:`to_dict` gave (in a checkpoint)."""
+        keys = {sid: entry_key(eid) for sid, eid in saved.items()}
+        self._last = {sid: key for sid, key in keys.items() if key is not None}
+
+
+class InputOffset:
+    """The worker's input offset over Redis: the greatest entry id up to which every entry it has
+    read has been answered. A checkpoint saves it; a restarted worker re-reads every entry after it.
+
+    Entries arrive in id order (the broker reads them so), so everything below the oldest entry still
+    open (received, not answered yet) has been answered; stale entries claimed late are below the
+    offset already. Fixations without an entry id (HTTP on the in-process broker) leave it alone.
+
+    Examples
+    --------
+    >>> offset = InputOffset("5-3")
+    >>> offset.opened("5-4"); offset.opened("5-5")
+    >>> offset.answered(["5-5"]); offset.text  # 5-4 is still open
+    '5-3'
+    >>> offset.answered(["5-4"]); offset.text
+    '5-5'
+    """
+
+    def __init__(self, start: str | None = None) -> None:
+        self.through = entry_key(start)  # None: no Redis offset (no replaying broker)
+        self._open: set[EntryKey] = set()
+        self._answered_max: EntryKey | None = None
+
+    @property
+    def text(self) -> str | None:
+        return None if self.through is None else entry_text(self.through)
+
+    def opened(self, entry_id: str | None) -> None:
+        key = entry_key(entry_id)
+        if key is not None:
+            self._open.add(key)
+
+    def answered(self, entry_ids: list[str | None]) -> None:
+        """Advance past the entries just answered."""
+        for entry_id in entry_ids:
+            key = entry_key(entry_id)
+            if key is not None:
+                self._open.discard(key)
+                if self._answered_max is None or key > self._answered_max:
+                    self._answered_max = key
+        done = entry_before(min(self._open)) if self._open else self._answered_max
+        if done is not None and (self.through is None or done > self.through):
+            self.through = done
+
+
 @dataclass
 class StreamRecord:
     """Service-side facts about one stream.

@@ -14,10 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from learner.streaming import TickOutput
 from service import metrics
+from service.admission import Accepted as _Accepted
 from service.broker import LocalBroker
 from service.dedup import APPLY
 from service.messages import Fixation
-from service.worker import Worker, _Accepted
+from service.worker import Worker
 from tests.service._support import small_settings
 
 Key = tuple[str, tuple[tuple[str, str], ...]]

@@ -1,0 +1,162 @@
+"""The API's half of ``RedisBroker`` (service/redis_broker.py has the keys): submit fixations (``XADD``
+to the input stream, refused when the backlog is over ``max_queue`` or could not be served within
+``sync_timeout_s``), send commands (``XADD`` to the control stream, signed when a secret is set),
+wait for a reply (``BLPOP`` on its result key), and read the worker's heartbeat. It runs in the
+API's event loop, on an asyncio connection; its readings of Redis are cached for ``_CACHE_S``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from service.backpressure import queue_full_retry_after, refuse_waiting
+from service.broker import new_request_id
+from service.config import Settings
+from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
+from service.messages import Control, Fixation, control_to_fields, fixation_to_fields, sign_control
+from service.redis_common import RedisSide, id_text
+
+_CACHE_S = 0.25  # how long the API trusts a backlog or heartbeat reading
+
+
+class RedisApiSide(RedisSide):
+    """Submits fixations and commands to Redis and waits for their replies (see the module docstring)."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self._aio: aioredis.Redis | None = None
+        # unread + pending entries, for admission (the worker side keeps a reading of its own)
+        self._api_backlog_cache = (0.0, 0)
+        self._alive_cache: tuple[float, bool, str] = (0.0, False, "")
+        self._load: tuple[int, float | None] = (0, None)  # the last heartbeat's backlog and rate
+
+    def _unavailable(self, exc: Exception) -> WorkerUnavailable:
+        # The answer names neither the URL nor the server's message (either may carry a password or
+        # an address); the log has the address without credentials.
+        self._log_error("Redis is unreachable", exc)
+        return WorkerUnavailable(
+            f"cannot reach Redis ({type(exc).__name__}); check FOVEATE_REDIS_URL and the Redis server"
+        )
+
+    @property
+    def aio(self) -> aioredis.Redis:
+        if self._aio is None:
+            # no read timeout: BLPOP waits up to the request's own timeout, which may exceed
+            # redis-py's default of 5 s (a read timeout would answer those long waits with 503)
+            self._aio = aioredis.Redis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=None)
+        return self._aio
+
+    async def close_api(self) -> None:
+        if self._aio is not None:
+            await self._aio.aclose()
+            self._aio = None
+
+    async def _backlog_async(self) -> int:
+        now = time.monotonic()
+        if now - self._api_backlog_cache[0] < _CACHE_S:
+            return self._api_backlog_cache[1]
+        try:
+            groups = await self.aio.xinfo_groups(self.settings.input_stream)
+        except ResponseError:  # no stream yet
+            groups = []
+        value = self._count_backlog(groups, unread_only=False)
+        if value is None:
+            value = int(await self.aio.xlen(self.settings.input_stream))  # no group yet: nothing read
+        self._api_backlog_cache = (now, value)
+        return value
+
+    async def submit(self, fixations: Sequence[Fixation], *, wait: bool) -> None:
+        try:
+            if wait:
+                alive, why = await self.worker_alive()
+                if not alive:
+                    raise WorkerUnavailable(
+                        f"no live worker: {why}; start `foveate worker` or send with wait=false"
+                    )
+            backlog = await self._backlog_async()
+            if backlog + len(fixations) > self.settings.max_queue:
+                await self.worker_alive()  # refreshes the heartbeat's service rate
+                raise QueueFull(
+                    f"{backlog} fixations are waiting in {self.settings.input_stream} "
+                    f"(limit {self.settings.max_queue}); retry later",
+                    retry_after=queue_full_retry_after(
+                        backlog + len(fixations) - self.settings.max_queue, self._load[1]
+                    ),
+                )
+            timeout = self.settings.sync_timeout_s
+            late = refuse_waiting(backlog, len(fixations), self._load[1], timeout) if wait else None
+            if late is not None:  # (wait: worker_alive above has just read the heartbeat's rate)
+                raise QueueFull(
+                    f"{backlog} fixations are waiting in {self.settings.input_stream}: the worker would "
+                    f"not answer within FOVEATE_SYNC_TIMEOUT_S={timeout:g}; retry later, "
+                    "or send with wait=false",
+                    retry_after=late,
+                )
+            pipe = self.aio.pipeline(transaction=False)
+            for fix in fixations:
+                fix.request_id = fix.request_id or new_request_id()
+                pipe.xadd(self.settings.input_stream, fixation_to_fields(fix),  # type: ignore[arg-type]
+                          maxlen=self.settings.stream_maxlen, approximate=True)  # fmt: skip
+            ids = await pipe.execute()
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+        for fix, entry in zip(fixations, ids, strict=True):
+            fix.entry_id = id_text(entry)
+
+    async def _send_control(self, control: Control, timeout: float) -> None:
+        fields = control_to_fields(control)
+        fields["deadline"] = repr(time.time() + timeout)
+        if self._secret is not None:
+            sign_control(fields, self._secret)
+        try:
+            await self.aio.xadd(self.settings.control_stream, fields,  # type: ignore[arg-type]
+                                maxlen=10_000, approximate=True)  # fmt: skip
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    async def result(self, request_id: str, timeout: float) -> dict[str, Any]:
+        key = self.settings.result_key_prefix + request_id
+        try:
+            item = await self.aio.blpop([key], timeout=max(timeout, 0.01))
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+        if item is None:
+            raise WorkerTimeout(
+                f"the worker did not answer within {timeout:g} s (request {request_id}); the fixation "
+                f"stays queued and its result will be in {self.settings.results_stream}"
+            )
+        payload: dict[str, Any] = json.loads(item[1])
+        return payload
+
+    async def worker_alive(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        stamp, alive, why = self._alive_cache
+        if now - stamp < _CACHE_S:
+            return alive, why
+        try:
+            raw = await self.aio.get(self.settings.heartbeat_key)
+        except RedisError as exc:
+            self._log_error("reading the heartbeat failed", exc)
+            alive, why = False, f"cannot reach Redis ({type(exc).__name__}); check FOVEATE_REDIS_URL"
+        else:
+            if raw is None:
+                alive, why = False, f"no worker heartbeat in {self.settings.heartbeat_key}"
+            else:
+                info = json.loads(raw)
+                age = time.time() - float(info.get("ts", 0.0))
+                alive = age <= self.settings.heartbeat_timeout_s
+                why = f"worker heartbeat {age:.1f} s old"
+                rate = info.get("service_rate")
+                self._load = (int(info.get("queue_depth") or 0), None if rate is None else float(rate))
+        self._alive_cache = (now, alive, why)
+        return alive, why
+
+    async def worker_load(self) -> tuple[int, float | None]:
+        await self.worker_alive()
+        return self._load
