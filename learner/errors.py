@@ -11,8 +11,11 @@ The whole tree, with the HTTP status the service maps each one to, is drawn in
     │                                 stream can be spilled                        (429)
     ├── TrunkWeightsError             a trunk weights file is missing, unreadable,
     │                                 or its keys do not match the architecture    (500 at start-up)
-    └── CheckpointError               a checkpoint is unreadable or malformed
-        └── ArchitectureMismatch      the checkpoint was written by another architecture
+    ├── CheckpointError               a checkpoint is unreadable or malformed
+    │   └── ArchitectureMismatch      the checkpoint was written by another architecture
+    └── DistributedError              ranks that share one model disagree (out of lockstep,
+        │                             different weights): a bug or a misconfiguration
+        └── RankLost                  another rank stopped, or stalled past the timeout
 """
 
 from __future__ import annotations
@@ -48,3 +51,11 @@ class CheckpointError(FoveateError):
 
 class ArchitectureMismatch(CheckpointError):
     """A checkpoint written by a model of another architecture than the one configured."""
+
+
+class DistributedError(FoveateError):
+    """Ranks that share one model (``learner.distributed``) disagree about the tick or the model."""
+
+
+class RankLost(DistributedError):
+    """A collective failed: another rank exited, or stalled past the process group's timeout."""
