@@ -212,6 +212,8 @@ def join(learner: StreamLearner, group: dist.ProcessGroup | None = None) -> Tick
 
 def idle_tick(learner: StreamLearner) -> TickOutput:
     """This rank's part of a learning tick in which it has no fixation: zero rows, zero gradient."""
+    if learner.sync is None:
+        raise ConfigError("idle_tick is a rank's part of a collective tick: join(learner) first")
     return learner.tick_features([], learner.model.rgc.W.new_zeros(0, learner.cfg.M))
 
 

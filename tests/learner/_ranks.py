@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from learner.config import ModelConfig
 from learner.distributed import fingerprint, idle_tick, join, shared_state
-from learner.errors import RankLost
+from learner.errors import DistributedError, RankLost
 from learner.rfp import RFPLearner
 from service.shards import rank_of
 
@@ -33,7 +33,7 @@ Tick = list[tuple[str, np.ndarray, bool]]  # (stream id, features (M,), reset)
 
 def schedule(ticks: int, world: int, seed: int = 0) -> list[Tick]:
     """The global ticks: each stream fires with probability 0.6, sometimes with a reset; every
-    fifth tick one rank (in turn) gets no fixation at all; no tick is empty for every rank."""
+    fifth tick one rank (in turn) gets no fixation at all (with one rank: nobody has one)."""
     rng = np.random.default_rng(seed)
     drift = rng.standard_normal((len(STREAMS), SMALL["in_features"]))  # a per-stream mean: something to learn
     out: list[Tick] = []
@@ -65,7 +65,8 @@ def play(learner: RFPLearner, ticks: list[Tick], rank: int | None, world: int) -
             in_rank_order(tick, world) if rank is None else [f for f in tick if rank_of(f[0], world) == rank]
         )
         if not mine:
-            idle_tick(learner)
+            if rank is not None:  # a rank takes part in every tick; one learner has no empty tick
+                idle_tick(learner)
             continue
         ids = [f[0] for f in mine]
         x = torch.tensor(np.stack([f[1] for f in mine]), dtype=learner.dtype)
@@ -77,7 +78,8 @@ def play(learner: RFPLearner, ticks: list[Tick], rank: int | None, world: int) -
 
 def rank_main(rank: int, world: int, port: int, out: str, ticks: int, role: str, timeout_s: float) -> None:
     """One rank. ``role``: ``play`` (the whole schedule), ``exit`` / ``stall`` (rank world-1 leaves,
-    or stops calling collectives, after half the schedule; the others go on)."""
+    or stops calling collectives, after half the schedule; the others go on), ``differ`` (rank
+    world-1 starts from another seed, so ``join`` must refuse)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result: dict[str, Any] = {"rank": rank}
@@ -86,10 +88,15 @@ def rank_main(rank: int, world: int, port: int, out: str, ticks: int, role: str,
         # the group the learner uses, with the short collective timeout under test
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
         group = dist.new_group(timeout=timedelta(seconds=timeout_s))
-        learner = RFPLearner(ModelConfig(**SMALL), dtype=torch.float64)
-        join(learner, group)
+        seed = SMALL["seed"] + int(role == "differ" and rank == world - 1)
+        learner = RFPLearner(ModelConfig(**{**SMALL, "seed": seed}), dtype=torch.float64)
+        try:
+            join(learner, group)
+        except DistributedError as e:
+            result["refused"] = str(e)
+            return
         plan = schedule(ticks, world)
-        if role != "play" and rank == world - 1:
+        if role in ("exit", "stall") and rank == world - 1:
             play(learner, plan[: ticks // 2], rank, world)
             if role == "exit":
                 os._exit(3)  # no clean-up: as a killed process

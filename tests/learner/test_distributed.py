@@ -10,21 +10,25 @@ exits, or stalls, makes the others raise ``RankLost`` instead of hanging.
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from learner.config import ModelConfig
-from learner.distributed import shared_state
+from learner.distributed import idle_tick, join, shared_state
+from learner.errors import ConfigError
 from learner.rfp import RFPLearner
 from tests.conftest import find_free_port
 from tests.learner import _ranks
 
 TICKS = 60
-# a process that does not finish within this is a hang (the group's collective timeout is far shorter)
-JOIN_BOUND_S = 600
+# a process that does not finish within this is a hang (the collective timeouts are 10 s and 120 s;
+# pytest-timeout's 600 s would kill the test without saying which rank hung)
+JOIN_BOUND_S = 400
 
 
 def _spawn(tmp_path: Path, world: int, role: str = "play", timeout_s: float = 120) -> list[dict[str, Any]]:
@@ -38,7 +42,7 @@ def _spawn(tmp_path: Path, world: int, role: str = "play", timeout_s: float = 12
     for p in procs:
         p.start()
     try:
-        survivors = procs[:-1] if role != "play" else procs
+        survivors = procs[:-1] if role in ("exit", "stall") else procs
         for p in survivors:
             p.join(JOIN_BOUND_S)
             assert p.exitcode is not None, (
@@ -75,6 +79,7 @@ def _assert_same(a: Any, b: Any, *, exact: bool, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_stay_identical_and_equal_one_learner(tmp_path: Path, world: int) -> None:
     results = _spawn(tmp_path, world)
@@ -105,6 +110,7 @@ def test_ranks_stay_identical_and_equal_one_learner(tmp_path: Path, world: int) 
     assert sum(len(res["errors"]) for res in results) == len(errors)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["exit", "stall"])
 def test_a_lost_rank_is_reported_not_hung(tmp_path: Path, role: str) -> None:
     results = _spawn(tmp_path, 3, role, timeout_s=10)
@@ -116,3 +122,41 @@ def test_a_lost_rank_is_reported_not_hung(tmp_path: Path, role: str) -> None:
         )
         tick = int(lost.split("learning tick ")[1].split(":")[0])
         assert tick > TICKS // 2  # the ticks before the loss were all taken
+
+
+def test_join_refuses_ranks_with_different_models(tmp_path: Path) -> None:
+    results = _spawn(tmp_path, 2, "differ")
+    for res in results:
+        assert "ranks [1] hold another model than rank 0" in res["refused"]
+
+
+@pytest.fixture
+def group_of_one(tmp_path: Path) -> Iterator[None]:
+    """This process as a gloo group of one (a file store: no port)."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_group_of_one_learns_as_one_learner(group_of_one: None) -> None:
+    """In process: the synced learner follows the plain one to rounding; an idle tick changes nothing
+    shared but the tick count; segment mode is refused."""
+    plan = _ranks.schedule(40, 1)  # the whitened loss learns from about the 25th tick
+    plain, synced = (RFPLearner(ModelConfig(**_ranks.SMALL), dtype=torch.float64) for _ in range(2))
+    sync = join(synced)
+    _ranks.play(plain, plan, None, 1)
+    _ranks.play(synced, plan, 0, 1)
+    assert sync.ticks == 40 and synced.updates_applied == plain.updates_applied > 0
+    _assert_same(shared_state(synced), shared_state(plain), exact=False)
+    before = shared_state(synced)
+    idle_tick(synced)
+    assert sync.ticks == 41
+    _assert_same(shared_state(synced), before, exact=True)
+    with pytest.raises(ConfigError, match="every_fixation"):
+        join(RFPLearner(ModelConfig(**_ranks.SMALL, update_mode="segment")))
+
+
+def test_join_needs_a_process_group() -> None:
+    with pytest.raises(ConfigError, match="init_process_group"):
+        join(RFPLearner(ModelConfig(**_ranks.SMALL)))
