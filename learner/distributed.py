@@ -20,12 +20,17 @@ Three collectives a learning tick, in the same order on every rank (``TickSync``
    count, and every rank's new states and scored changes (each rank writes its rows at its offset,
    zeros elsewhere, so the sum is an exact gather) for the context and change statistics.
 
-**Tick boundaries** are a lockstep counter: every rank calls ``tick_features`` with ``learn=True``
-once per tick, a rank with no fixation in it calls ``idle_tick`` (zero rows: it contributes zero
-gradient and a zero count, and still observes the other ranks' rows). A rank whose counter differs
-from the others' raises ``DistributedError``. Forward-only ticks (``learn=False``) touch no shared
-state and are not collective. Only ``update_mode='every_fixation'`` is supported: segment mode would
-need the ranks' segments in lockstep too.
+**Tick boundaries** are a lockstep counter: the k-th learning tick of every rank is global tick k.
+So every rank calls ``tick_features`` with ``learn=True`` exactly once per tick, and a rank with no
+fixation in it calls ``idle_tick`` (zero rows: it contributes zero gradient and a zero count, and
+still observes the other ranks' rows); a caller such as a worker loop must take exactly one of them
+per iteration. The counter travels in the first collective and differing counters raise
+``DistributedError``; since the collectives pair up in order, that catches a rank whose collectives
+went out of step (one that joined another group's ticks, say), not a rank that skips a tick: that
+one's next tick is simply paired with the others' current one. Forward-only ticks
+(``learn=False``) touch no shared state and are not collective. Only
+``update_mode='every_fixation'`` is supported: segment mode would need the ranks' segments in
+lockstep too.
 
 **A rank that stops or stalls**: gloo collectives fail when a peer's connection closes, and time out
 after the ``timeout`` given to ``init_process_group``; both reach the other ranks as ``RankLost``

@@ -79,7 +79,8 @@ def play(learner: RFPLearner, ticks: list[Tick], rank: int | None, world: int) -
 def rank_main(rank: int, world: int, port: int, out: str, ticks: int, role: str, timeout_s: float) -> None:
     """One rank. ``role``: ``play`` (the whole schedule), ``exit`` / ``stall`` (rank world-1 leaves,
     or stops calling collectives, after half the schedule; the others go on), ``differ`` (rank
-    world-1 starts from another seed, so ``join`` must refuse)."""
+    world-1 starts from another seed, so ``join`` must refuse), ``skew`` (rank world-1's tick counter
+    is off by 5, so its first tick must be refused)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result: dict[str, Any] = {"rank": rank}
@@ -101,10 +102,12 @@ def rank_main(rank: int, world: int, port: int, out: str, ticks: int, role: str,
             if role == "exit":
                 os._exit(3)  # no clean-up: as a killed process
             time.sleep(3600)  # stalled: alive, its sockets open, no collective any more
+        if role == "skew" and rank == world - 1:
+            learner.sync.ticks += 5  # as a rank whose collectives went out of step
         try:
             result["errors"] = play(learner, plan, rank, world)
-        except RankLost as e:
-            result["lost"] = str(e)
+        except DistributedError as e:  # RankLost: a peer is gone; else the ranks disagree
+            result["lost" if isinstance(e, RankLost) else "refused"] = str(e)
         result["shared"] = shared_state(learner)
         result["fingerprint"] = fingerprint(learner)
     except Exception:

@@ -130,6 +130,13 @@ def test_join_refuses_ranks_with_different_models(tmp_path: Path) -> None:
         assert "ranks [1] hold another model than rank 0" in res["refused"]
 
 
+def test_ranks_out_of_step_are_refused(tmp_path: Path) -> None:
+    results = _spawn(tmp_path, 2, "skew")
+    for res in results:
+        assert "ranks out of lockstep: their learning ticks are [1, 6]" in res["refused"]
+        assert res["shared"]["updates"] == 0  # refused before anything changed
+
+
 @pytest.fixture
 def group_of_one(tmp_path: Path) -> Iterator[None]:
     """This process as a gloo group of one (a file store: no port)."""
