@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from learner.bptt import BPTTLearner
 from learner.config import ModelConfig
 from learner.distributed import fingerprint, idle_tick, join, shared_state
 from learner.errors import DistributedError, RankLost
 from learner.rfp import RFPLearner
+from learner.streaming import StreamLearner
 from service.shards import rank_of
 
 SMALL = dict(trunk="none", in_features=10, n_units=12, embed_dim=6, pred_hidden=9, lr=1e-2, seed=3)
@@ -56,7 +58,15 @@ def in_rank_order(tick: Tick, world: int) -> Tick:
     return sorted(tick, key=lambda f: rank_of(f[0], world))
 
 
-def play(learner: RFPLearner, ticks: list[Tick], rank: int | None, world: int) -> dict[str, list[float]]:
+def new_learner(kind: str, seed_offset: int = 0) -> StreamLearner:
+    """The tiny float64 learner every rank and the single reference build: RFP, or BPTT(4)."""
+    cfg = ModelConfig(**{**SMALL, "seed": SMALL["seed"] + seed_offset})
+    if kind == "bptt":
+        return BPTTLearner(cfg, dtype=torch.float64, window=4)
+    return RFPLearner(cfg, dtype=torch.float64)
+
+
+def play(learner: StreamLearner, ticks: list[Tick], rank: int | None, world: int) -> dict[str, list[float]]:
     """Feed the ticks (this rank's part, or all of them in rank order with ``rank=None``); return
     each stream's errors in order."""
     errors: dict[str, list[float]] = {}
@@ -76,7 +86,9 @@ def play(learner: RFPLearner, ticks: list[Tick], rank: int | None, world: int) -
     return errors
 
 
-def rank_main(rank: int, world: int, port: int, out: str, ticks: int, role: str, timeout_s: float) -> None:
+def rank_main(
+    rank: int, world: int, port: int, out: str, ticks: int, role: str, timeout_s: float, kind: str = "rfp"
+) -> None:
     """One rank. ``role``: ``play`` (the whole schedule), ``exit`` / ``stall`` (rank world-1 leaves,
     or stops calling collectives, after half the schedule; the others go on), ``differ`` (rank
     world-1 starts from another seed, so ``join`` must refuse), ``skew`` (rank world-1's tick counter
@@ -89,8 +101,7 @@ def rank_main(rank: int, world: int, port: int, out: str, ticks: int, role: str,
         # the group the learner uses, with the short collective timeout under test
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
         group = dist.new_group(timeout=timedelta(seconds=timeout_s))
-        seed = SMALL["seed"] + int(role == "differ" and rank == world - 1)
-        learner = RFPLearner(ModelConfig(**{**SMALL, "seed": seed}), dtype=torch.float64)
+        learner = new_learner(kind, int(role == "differ" and rank == world - 1))
         try:
             join(learner, group)
         except DistributedError as e:

@@ -1,10 +1,11 @@
 """Data-parallel learning across gloo ranks (learner/distributed.py), with real spawned processes.
 
-2 and 3 ranks on 127.0.0.1, each learning from its partition of the streams (``service.shards``)
-over many ticks, some of which give a rank no fixation at all: every rank ends with bit-identical
-shared state (weights, Adam moments, running whitening statistics), equal to one learner that
-ticked every stream in the same ticks; every stream's errors match that learner's. A rank that
-exits, or stalls, makes the others raise ``RankLost`` instead of hanging.
+2 and 3 ranks on 127.0.0.1 (RFP; BPTT with a window on 2), each learning from its partition of
+the streams (``service.shards``) over many ticks, some of which give a rank no fixation at all:
+every rank ends with bit-identical shared state (weights, Adam moments, running whitening
+statistics), equal to one learner that ticked every stream in the same ticks; every stream's errors
+match that learner's. A rank that exits, or stalls, makes the others raise ``RankLost`` instead of
+hanging; ranks that start from different models, or whose ticks go out of step, are refused.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ TICKS = 60
 JOIN_BOUND_S = 400
 
 
-def _spawn(tmp_path: Path, world: int, role: str = "play", timeout_s: float = 120) -> list[dict[str, Any]]:
+def _spawn(
+    tmp_path: Path, world: int, role: str = "play", timeout_s: float = 120, kind: str = "rfp"
+) -> list[dict[str, Any]]:
     """Run ``world`` ranks to the end; return each one's result file (rank order)."""
     ctx = mp.get_context("spawn")
     port = find_free_port()
     procs = [
-        ctx.Process(target=_ranks.rank_main, args=(r, world, port, str(tmp_path), TICKS, role, timeout_s))
+        ctx.Process(
+            target=_ranks.rank_main, args=(r, world, port, str(tmp_path), TICKS, role, timeout_s, kind)
+        )
         for r in range(world)
     ]
     for p in procs:
@@ -80,9 +85,9 @@ def _assert_same(a: Any, b: Any, *, exact: bool, where: str = "") -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_stay_identical_and_equal_one_learner(tmp_path: Path, world: int) -> None:
-    results = _spawn(tmp_path, world)
+@pytest.mark.parametrize(("kind", "world"), [("rfp", 2), ("rfp", 3), ("bptt", 2)])
+def test_ranks_stay_identical_and_equal_one_learner(tmp_path: Path, kind: str, world: int) -> None:
+    results = _spawn(tmp_path, world, kind=kind)
     plan = _ranks.schedule(TICKS, world)
     owners = {sid: _ranks.rank_of(sid, world) for tick in plan for sid, _, _ in tick}
     assert set(owners.values()) == set(range(world)), "every rank must own streams"
@@ -91,7 +96,7 @@ def test_ranks_stay_identical_and_equal_one_learner(tmp_path: Path, world: int) 
     for res in results[1:]:
         assert res["fingerprint"] == results[0]["fingerprint"]
         _assert_same(res["shared"], results[0]["shared"], exact=True)
-    one = RFPLearner(ModelConfig(**_ranks.SMALL), dtype=torch.float64)
+    one = _ranks.new_learner(kind)
     errors = _ranks.play(one, plan, None, world)
     assert one.updates_applied > TICKS // 2  # the whitened loss has learned in most ticks
     assert one.updates_applied == results[0]["shared"]["updates"]
