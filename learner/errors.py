@@ -13,8 +13,11 @@ standard library, so the SDK can use it without PyTorch. The learner's part::
     │                                 stream can be spilled                        (429)
     ├── TrunkWeightsError             a trunk weights file is missing, unreadable,
     │                                 or its keys do not match the architecture    (500 at start-up)
-    └── CheckpointError               a checkpoint is unreadable or malformed
-        └── ArchitectureMismatch      the checkpoint was written by another architecture
+    ├── CheckpointError               a checkpoint is unreadable or malformed
+    │   └── ArchitectureMismatch      the checkpoint was written by another architecture
+    └── DistributedError              ranks that share one model disagree (out of lockstep,
+        │                             different weights): a bug or a misconfiguration
+        └── RankLost                  another rank stopped, or stalled past the timeout
 """
 
 from __future__ import annotations
@@ -50,3 +53,11 @@ class CheckpointError(FoveateError):
 
 class ArchitectureMismatch(CheckpointError):
     """A checkpoint written by a model of another architecture than the one configured."""
+
+
+class DistributedError(FoveateError):
+    """Ranks that share one model (``learner.distributed``) disagree about the tick or the model."""
+
+
+class RankLost(DistributedError):
+    """A collective failed: another rank exited, or stalled past the process group's timeout."""

@@ -120,6 +120,9 @@ class StreamLearner:
         self.ticks = 0
         self._scored_ticks = 0  # ticks with gradients accumulated since the last step (segment mode)
         self.diagnostics = Diagnostics(cfg.embed_dim)
+        # learner.distributed.TickSync when ranks share this model: every learning tick then exchanges
+        # the whitening rows and the gradient sums with the other ranks
+        self.sync: Any = None
 
     def group_lrs(self) -> tuple[float, float, float]:
         """Learning rates of the optimizer's groups: everything else, the RGC's gains, the embedding E."""
@@ -211,7 +214,12 @@ class StreamLearner:
                 self._check_lockstep(slots, starts)
         self._reset_slots(slots[starts])
         scored = ~starts  # (B,) this fixation scores the prediction made at the previous one
-        u = self.model.normalize(u.to(self.dtype), update=learn)  # (B, M)
+        u = u.to(self.dtype)
+        if learn and self.sync is not None:
+            self.sync.observe_inputs(self.model, u)  # every rank's rows join the input statistics
+            u = self.model.normalize(u, update=False)  # (B, M)
+        else:
+            u = self.model.normalize(u, update=learn)  # (B, M)
         scores, blocks = self._learn(slots, u, scored) if learn else self._infer(slots, u, scored)
         st = self.states
         if st.inputs:
@@ -220,8 +228,12 @@ class StreamLearner:
         st.total[slots] += 1
         self.ticks += 1
         updated = False
+        h_seen, seen = None, scores  # the states and scores the running statistics observe
         if learn:
-            self._scored_ticks += int(bool(scores.ok.any()))
+            scored_any = bool(scores.ok.any())
+            if self.sync is not None:  # the gradient becomes the mean over every rank's scored rows
+                scored_any, h_seen, seen = self.sync.reduce(self, scores, st.h[slots])
+            self._scored_ticks += int(scored_any)
             if cfg.update_mode == "every_fixation":
                 updated = self._apply_step()
             elif cfg.segment_len and bool((st.step[slots] >= cfg.segment_len).any()):
@@ -229,9 +241,10 @@ class StreamLearner:
         step = st.step[slots]  # (B,) a copy
         with torch.no_grad():
             h_now = st.h[slots]  # (B, N)
-            if learn:
-                self.model.observe_context(h_now)
-                self.model.observe_change(scores)
+            h_seen = h_now if h_seen is None else h_seen  # (B, N), or every rank's rows
+            if learn and len(h_seen):  # a tick in which no rank had a fixation has nothing to observe
+                self.model.observe_context(h_seen)
+                self.model.observe_change(seen)
             z = self.model.embed(u, h_now)  # (B, D)
             pred = self.model.G(z)  # (B, D) with the weights after this tick's step
             st.pred[slots] = pred

@@ -18,6 +18,8 @@ HTTP status the API answers and the ``reason`` label counted in ``foveate_reject
     ├── TrunkWeightsError               trunk weights missing or unreadable             500 internal
     ├── CheckpointError                 a checkpoint cannot be read or written          500 internal
     │   └── ArchitectureMismatch        checkpoint of another architecture              500 internal
+    ├── DistributedError                worker ranks disagree (learner.distributed)     500 internal
+    │   └── RankLost                    another worker rank exited or stalled           500 internal
     └── ServiceError                    the service cannot take or answer the request
         ├── Unauthorized                no API key, or one that is unknown or revoked   401 unauthorized
         ├── Forbidden                   the key lacks the scope, or a foreign Origin    403 forbidden
