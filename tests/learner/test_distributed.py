@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from bench._servers import free_port
 from learner.config import ModelConfig
 from learner.distributed import idle_tick, join, shared_state
 from learner.errors import ConfigError
 from learner.rfp import RFPLearner
-from tests.conftest import find_free_port
 from tests.learner import _ranks
 
 TICKS = 60
@@ -37,7 +37,7 @@ def _spawn(
 ) -> list[dict[str, Any]]:
     """Run ``world`` ranks to the end; return each one's result file (rank order)."""
     ctx = mp.get_context("spawn")
-    port = find_free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_ranks.rank_main, args=(r, world, port, str(tmp_path), TICKS, role, timeout_s, kind)
