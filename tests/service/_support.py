@@ -107,6 +107,9 @@ class ServiceProcess:
     def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
         full_env = {**os.environ, **SMALL_ENV, "PYTHONPATH": str(REPO_ROOT), **env}
         full_env.setdefault("OMP_NUM_THREADS", "1")
+        # beside the log, not the default checkpoints/ of the repository, which other tests' workers
+        # (and an older foveate's checkpoint file) would share
+        full_env.setdefault("FOVEATE_CHECKPOINT_PATH", str(log.parent / "checkpoint"))
         self.log = log
         self._log_file = open(log, "ab")
         self.process = subprocess.Popen(
