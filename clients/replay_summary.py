@@ -44,7 +44,7 @@ class ReplayRecord:
     seq: int
     reset: bool
     t: float  # fixation onset, seconds since the start of the stream's session (recorded clock)
-    step: int | None  # None: the server had applied this seq long before ("already_applied")
+    step: int | None  # None: not applied now ("late", or "already_applied" long before)
     error: float | None  # None where no prediction existed (step 1, after a reset)
     running_error: float | None
     updates_applied: int

@@ -5,7 +5,8 @@ Before a tick, under the worker's lock, :func:`screen` takes the gathered fixati
 1. one that failed to decode is refused with its error;
 2. the exactly-once rule (service/dedup.py) on its ``(stream_id, seq)`` and image fingerprint: a
    retry is answered with its original result, or "already applied" when that result is no longer
-   kept; a seq reused with another image is refused. A Redis entry re-read after a restart is
+   kept; a seq that arrives after a later one was applied is answered "late" (not applied); a seq
+   reused with another image is refused. A Redis entry re-read after a restart is
    recognised by its stream's last entry id, or by a deleted stream's tombstone (``Worker.deleted``);
 3. a new stream is admitted while the worker holds fewer than ``max_streams`` and the state memory
    (``max_state_mb``) can take it; otherwise it is refused with ``TooManyStreams``.
@@ -61,7 +62,7 @@ def screen(
                 "stream (POST /v1/streams/{id}/reset, or reset=true) to number it afresh"
             )
         elif decision.action != "apply":
-            metrics.DUPLICATES.inc()
+            (metrics.SEQ_LATE if decision.action == "late" else metrics.DUPLICATES).inc()
             replies.append((fix, _repeat(worker, fix, decision)))
             continue
         if problem is None:
@@ -95,14 +96,15 @@ def _decide(worker: Worker, fix: Fixation, print_: int) -> Decision:
 
 
 def _repeat(worker: Worker, fix: Fixation, decision: Decision) -> dict[str, Any]:
-    """The answer to a fixation that was applied before: its original result, or "already applied"."""
+    """The answer to a fixation not applied now: its original result, "already applied" or "late"."""
     learner = worker.learner
     rec = worker.records.get(fix.stream_id)
     payload: dict[str, Any] = {"ok": True, "stream_id": fix.stream_id, "seq": fix.seq}
     original = decision.original
     if original is None:
-        logger.info("fixation seq %s of %r was already applied", fix.seq, fix.stream_id[:140])
-        payload.update(status="already_applied", step=None, **fixation_scores(math.nan, math.nan, False))
+        status = "late" if decision.action == "late" else "already_applied"
+        logger.info("fixation seq %s of %r: %s, not applied", fix.seq, fix.stream_id[:140], status)
+        payload.update(status=status, step=None, **fixation_scores(math.nan, math.nan, False))
         running = None if rec is None else rec.running_error
         payload.update(gap=0, running_error=running, updates_applied=learner.updates_applied)
         payload["request_id"] = fix.request_id

@@ -13,8 +13,15 @@ first of the stream, or ``seq`` > last applied      applied; ``gap`` = seqs skip
 ``seq`` <= last, cached, other image, ``reset``     a new run: applied, numbering starts again here
 ``seq`` <= last, cached, other image, no ``reset``  rejected (``InputError``): the seq was reused
 ``seq`` <= last, not cached, ``reset``              a new run: applied, numbering starts again here
-``seq`` <= last, not cached, no ``reset``           ``already_applied``: not applied, no scores
+``seq`` <= last, skipped by a gap, no ``reset``     ``late``: not applied (seqs apply in order)
+``seq`` <= last, older than the cache, no ``reset`` ``already_applied``: not applied, no scores
 =================================================  ===========================================
+
+*Skipped by a gap* is told from *older than the cache* by the cache itself: it holds every seq applied
+since the stream's numbering started (a reset or a new run clears it) until it is full, and after that
+the last :data:`CACHE_SIZE`, whose seqs rise. A seq not in it that is above its oldest one, or any seq
+not in it while it is not full, was never applied: it arrived after a later one (its gap was reported
+then) and is answered ``late``. Only a seq below a full cache's oldest is ``already_applied``.
 
 A retry carries the same image, so it is a ``duplicate`` whether or not it asked for a reset; a
 client that starts a new run on the same stream (a restarted bridge, numbering from 0 again) sends
@@ -103,6 +110,15 @@ class ResultCache:
         self._skipped[row] = bool(result["skipped"])
         self._written += 1
 
+    def never_applied(self, seq: int) -> bool:
+        """Whether a ``seq`` this cache does not hold was never applied (see the module docstring):
+        the cache is not full, or ``seq`` is above the oldest seq it holds."""
+        if len(self) < self.size:
+            return True
+        assert self._ints is not None
+        oldest = int(self._ints[self._written % self.size, 0])  # full: the next row to overwrite
+        return seq > oldest
+
     def get(self, seq: int) -> dict[str, Any] | None:
         """The result kept for ``seq``, or None when it is not (any more) in the cache."""
         if self._ints is None:
@@ -138,7 +154,7 @@ class ResultCache:
         return cache
 
 
-Action = Literal["apply", "duplicate", "already_applied", "reused"]
+Action = Literal["apply", "duplicate", "late", "already_applied", "reused"]
 
 
 @dataclass(frozen=True)
@@ -164,7 +180,7 @@ def decide(
     >>> decide(None, cache, 0, 1, False), decide(4, cache, 7, 1, False).gap
     (Decision(action='apply', gap=0, new_run=False, original=None), 2)
     >>> decide(4, cache, 3, 1, False).action, decide(4, cache, 3, 1, True).new_run
-    ('already_applied', True)
+    ('late', True)
     """
     if seq is None or last_seq is None:
         return APPLY
@@ -175,4 +191,6 @@ def decide(
         return Decision("duplicate", original=original)
     if reset:
         return Decision("apply", new_run=True)
-    return Decision("reused" if original is not None else "already_applied")
+    if original is not None:
+        return Decision("reused")
+    return Decision("late" if cache.never_applied(seq) else "already_applied")

@@ -220,6 +220,12 @@ SEQ_GAPS = Counter(
     "foveate_seq_gaps", "Applied fixations whose seq skipped numbers after the stream's last seq.",
     registry=WORKER_REGISTRY,
 )  # fmt: skip
+SEQ_LATE = Counter(
+    "foveate_seq_late",
+    "Fixations that came after a later seq of their stream had been applied (skipped by a gap): "
+    "answered late, not applied, since a stream's fixations are applied in seq order.",
+    registry=WORKER_REGISTRY,
+)  # fmt: skip
 SEQ_MISSING = Counter(
     "foveate_seq_missing", "Sequence numbers skipped by those gaps (fixations the worker never saw).",
     registry=WORKER_REGISTRY,

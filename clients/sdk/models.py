@@ -66,12 +66,13 @@ class FixationResult:
         The stream and the client's sequence number (None if none was sent).
     status
         ``"applied"``; ``"duplicate"``: this ``seq`` was applied before (a retry), the fields are the
-        original result's; ``"already_applied"``: applied before, its result no longer kept.
+        original result's; ``"late"``: a later ``seq`` was applied before this one came, so it is not
+        applied (in-order learning); ``"already_applied"``: applied before, its result no longer kept.
     gap
         Sequence numbers skipped before this one (fixations the server never saw).
     step
         Fixations since the stream's last reset, this one included (1 = first after a reset); None
-        when ``status`` is ``"already_applied"``.
+        when ``status`` is ``"late"`` or ``"already_applied"``.
     error
         This fixation's prediction error; None where nothing was predicted (step 1).
     repeat_error

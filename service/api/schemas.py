@@ -92,10 +92,12 @@ class FixationResult(BaseModel):
 
     stream_id: str
     seq: int | None = None
-    status: Literal["applied", "duplicate", "already_applied"] = Field(
+    status: Literal["applied", "duplicate", "late", "already_applied"] = Field(
         default="applied",
         description="applied: learned from now. duplicate: this (stream, seq) was applied before with "
         "the same image (a retry); the fields are the original result's and nothing was applied again. "
+        "late: a later seq of the stream was applied before this one came (its gap was reported "
+        "then); fixations apply in seq order, so nothing is applied; step and scores null. "
         "already_applied: applied before, too long ago for its result to be kept; nothing applied, "
         "step and scores null.",
     )
@@ -106,7 +108,7 @@ class FixationResult(BaseModel):
     )
     step: int | None = Field(
         description="Fixations since the stream's last reset, this one included; null when "
-        "status is already_applied."
+        "status is late or already_applied."
     )
     error: float | None = Field(
         description="This fixation's prediction error; null at step 1 (nothing predicted)."

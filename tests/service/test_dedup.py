@@ -38,7 +38,28 @@ def test_decide() -> None:
     assert decide(3, cache, 3, 7, True).action == "duplicate"  # a retried reset fixation
     assert decide(3, cache, 3, 8, False).action == "reused"  # another image under the same seq
     assert decide(3, cache, 3, 8, True).new_run and decide(3, cache, 1, 8, True).new_run
-    assert decide(3, cache, 1, 8, False).action == "already_applied"  # older than the cache
+    assert decide(3, cache, 1, 8, False).action == "late"  # the cache holds every applied seq: 1 never was
+
+
+def test_a_seq_skipped_by_a_gap_is_late_and_one_older_than_the_cache_already_applied() -> None:
+    # applied: 0, 1, 2, then 5, 6, 7 (3 and 4 skipped by a gap); the cache keeps the last 4
+    cache = ResultCache(size=4)
+    applied = [0, 1, 2, 5, 6, 7]
+    for seq in applied[:3]:
+        cache.put(_result(seq))
+    assert [decide(2, cache, s, 9, False).action for s in (0, 1)] == ["reused", "reused"]
+    for seq in applied[3:]:
+        cache.put(_result(seq))
+    # the cache holds 2, 5, 6, 7: 3 and 4 lie above its oldest and were never applied
+    assert [decide(7, cache, s, 9, False).action for s in (3, 4)] == ["late", "late"]
+    assert [decide(7, cache, s, 9, False).action for s in (0, 1)] == ["already_applied"] * 2
+    assert decide(7, cache, 2, 9, False).action == "reused"  # kept, another image
+    assert decide(7, cache, 4, 9, True).new_run  # a reset still starts a new run
+    # the same after a checkpoint
+    again = ResultCache.from_list(cache.to_list(), size=4)
+    assert [decide(7, again, s, 9, False).action for s in (0, 1, 3, 4)] == ["already_applied"] * 2 + [
+        "late"
+    ] * 2
 
 
 def test_fingerprint_tells_images_apart() -> None:

@@ -260,7 +260,7 @@ def test_batch_limits(client: httpx.Client) -> None:
 
 def _counters(url: str) -> dict[str, float]:
     got = scrape(url + "/metrics")
-    names = ("duplicates", "seq_gaps", "seq_missing", "fixations")
+    names = ("duplicates", "seq_gaps", "seq_missing", "seq_late", "fixations")
     return {n: got.get((f"foveate_{n}_total", ()), 0.0) for n in names}
 
 
@@ -272,16 +272,17 @@ def test_a_seq_is_applied_once_and_its_retries_get_the_original_result(
     patches = osie[0].patches
     before = _counters(embedded.url)
     body = []
-    for seq in [0, 1, 2, 2, 1, 0, 5]:
+    for seq in [0, 1, 2, 2, 1, 0, 5, 4]:
         patch = patches[seq % len(patches)]
         r = client.post(
             "/v1/streams/once/fixations", json={"seq": seq, "reset": seq == 0, "patch_b64": b64(png(patch))}
         )
         assert r.status_code == 200, r.text
         body.append(r.json())
-    assert [b["status"] for b in body] == ["applied"] * 3 + ["duplicate"] * 3 + ["applied"]
-    assert [b["step"] for b in body] == [1, 2, 3, 3, 2, 1, 4]
-    assert [b["gap"] for b in body] == [0, 0, 0, 0, 0, 0, 2]  # seqs 3 and 4 never came
+    assert [b["status"] for b in body] == ["applied"] * 3 + ["duplicate"] * 3 + ["applied", "late"]
+    assert [b["step"] for b in body] == [1, 2, 3, 3, 2, 1, 4, None]
+    assert [b["gap"] for b in body] == [0, 0, 0, 0, 0, 0, 2, 0]  # seqs 3 and 4 had not come by 5
+    assert body[-1]["error"] is None  # 4 came after 5: too late to learn from in order
     for dup, first in ((3, 2), (4, 1), (5, 0)):
         assert body[dup]["request_id"] != body[first]["request_id"]
         same = {k: v for k, v in body[dup].items() if k not in ("status", "request_id")}
@@ -290,7 +291,7 @@ def test_a_seq_is_applied_once_and_its_retries_get_the_original_result(
     assert (info["step"], info["fixations"], info["last_seq"]) == (4, 4, 5)
     after = _counters(embedded.url)
     assert {k: after[k] - before[k] for k in after} == {
-        "duplicates": 3, "seq_gaps": 1, "seq_missing": 2, "fixations": 4
+        "duplicates": 3, "seq_gaps": 1, "seq_missing": 2, "seq_late": 1, "fixations": 4
     }  # fmt: skip
 
     # A retried batch is answered from the same results, in order.
