@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from learner.state import Slab
+    from learner.slab import Slab
 
 
 def mix(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

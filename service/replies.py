@@ -11,8 +11,8 @@ import math
 from typing import Any
 
 from learner.errors import FoveateError
-from service import metrics
 from service.errors import error_payload, status_of
+from service.running_stats import skill
 
 
 def fixation_scores(error: float, repeat_error: float, skipped: bool) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def fixation_scores(error: float, repeat_error: float, skipped: bool) -> dict[st
     if math.isnan(error):
         return {"error": None, "repeat_error": None, "skill": None, "skipped": bool(skipped)}
     repeat = None if math.isnan(repeat_error) else repeat_error
-    value = math.nan if repeat is None else metrics.skill(error, repeat)
+    value = math.nan if repeat is None else skill(error, repeat)
     return {
         "error": error,
         "repeat_error": repeat,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.dedup import ResultCache
-from service.metrics import skill
+from service.running_stats import skill
 
 #: Weight of the newest error in ``running_error`` (an exponential moving average).
 RUNNING_ALPHA = 0.1

@@ -6,7 +6,7 @@ import math
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import metrics
+from service import metrics, running_stats
 
 
 def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -19,7 +19,7 @@ def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_add_many_is_add_in_order() -> None:
-    one, many = metrics._StepMeans(alpha=0.3), metrics._StepMeans(alpha=0.3)
+    one, many = running_stats.StepMeans(alpha=0.3), running_stats.StepMeans(alpha=0.3)
     values = [0.9, 0.1, 0.5, 0.7, 0.2, 1.5]
     for v in values:
         expected = one.add("s", v)

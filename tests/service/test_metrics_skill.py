@@ -13,7 +13,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from learner.streaming import TickOutput
-from service import metrics
+from service import metrics, running_stats
 from service.admission import Accepted as _Accepted
 from service.broker import LocalBroker
 from service.dedup import APPLY
@@ -43,14 +43,14 @@ def _skill(samples: dict[Key, float], step: str) -> float:
 
 
 @pytest.fixture
-def fresh_windows(monkeypatch: pytest.MonkeyPatch) -> Iterator[metrics._SkillWindows]:
+def fresh_windows(monkeypatch: pytest.MonkeyPatch) -> Iterator[running_stats.SkillWindows]:
     """Skill windows of 3 fixations, empty: other tests of this process fed the module's own."""
-    windows = metrics._SkillWindows(size=3)
+    windows = running_stats.SkillWindows(size=3)
     monkeypatch.setattr(metrics, "_SKILL", windows)
     yield windows
 
 
-def test_repeat_errors_and_skill_reach_the_exposition(fresh_windows: metrics._SkillWindows) -> None:
+def test_repeat_errors_and_skill_reach_the_exposition(fresh_windows: running_stats.SkillWindows) -> None:
     before = _samples()
     steps = [1, 2, 2, 3, 25]
     errors = [math.nan, 0.25, 0.5, 0.25, 0.125]
@@ -79,7 +79,7 @@ def test_repeat_errors_and_skill_reach_the_exposition(fresh_windows: metrics._Sk
     assert fresh_windows.count("2") == 3
 
 
-def test_without_repeat_errors_only_the_model_is_observed(fresh_windows: metrics._SkillWindows) -> None:
+def test_without_repeat_errors_only_the_model_is_observed(fresh_windows: running_stats.SkillWindows) -> None:
     before = _samples()
     metrics.observe_errors([4, 5], [0.5, 0.25])
     after = _samples()
@@ -91,7 +91,7 @@ def test_without_repeat_errors_only_the_model_is_observed(fresh_windows: metrics
 
 
 def test_skill_windows_stay_exact_and_bounded() -> None:
-    windows = metrics._SkillWindows(size=4)
+    windows = running_stats.SkillWindows(size=4)
     rng = np.random.default_rng(0)
     pairs = [(float(e), float(r)) for e, r in rng.uniform(0.0, 1.0, (1001, 2))]
     for i in range(0, len(pairs), 7):
@@ -101,8 +101,8 @@ def test_skill_windows_stay_exact_and_bounded() -> None:
     assert got == pytest.approx(1 - sum(e for e, _ in last) / sum(r for _, r in last), rel=1e-12)
     # a window whose repeat errors sum to 0 has no skill (NaN), and so does a fixation's
     assert math.isnan(windows.add_many("3", [(0.0, 0.0)]))
-    assert math.isnan(metrics.skill(0.5, 0.0)) and math.isnan(metrics.skill(0.5, math.nan))
-    assert metrics.skill(0.25, 0.5) == 0.5
+    assert math.isnan(running_stats.skill(0.5, 0.0)) and math.isnan(running_stats.skill(0.5, math.nan))
+    assert running_stats.skill(0.25, 0.5) == 0.5
     assert metrics.SKILL_WINDOW == metrics._SKILL.size == 1000
 
 
@@ -122,7 +122,7 @@ class _StubLearner:
         return 1_000
 
 
-def test_a_tick_output_becomes_replies_and_metrics(fresh_windows: metrics._SkillWindows) -> None:
+def test_a_tick_output_becomes_replies_and_metrics(fresh_windows: running_stats.SkillWindows) -> None:
     nan = math.nan
     out = TickOutput(
         stream_ids=["s-a", "s-b", "s-c"],
