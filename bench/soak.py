@@ -19,10 +19,16 @@ run:
    *server* (its backlog passing what the worker serves within ``FOVEATE_SYNC_TIMEOUT_S``), so that
    its own back-pressure is what answers it: 429 ``QueueFull`` with ``Retry-After``, ``/readyz`` 503.
    (A window of 4, the first version, kept 256 fixations in flight at most: the queue never passed
-   9 and the server never refused anything; the clients shed the overload instead.);
+   9 and the server never refused anything; the clients shed the overload instead.) Fixations of
+   one stream in flight together can overtake each other; with ``seq`` the worker answers one that
+   arrives after a later one of its stream was applied as ``already_applied``, not learned, and the
+   soak counts it as *not learned*. ``--no-seq`` sends without ``seq``: every fixation is learned
+   (the worker does the whole overload's work), in the order it arrives, but the SDK cannot resend
+   one whose connection dropped (counted under its transport error);
 4. samples the server's RSS (``/proc/PID/status``), ``/readyz``, its queue depth and its own
    answer time for the fixation route (``/metrics``) every ``--sample-s`` seconds, and reports per
-   minute: fixations produced, answered, refused for good (429 after the retries), timed out
+   minute: fixations produced, answered (learned), not learned, refused for good (429 after the
+   retries), timed out
    (504), other server errors (5xx), shed, the SDK's retries (by reason), p50/p99 latency
    (production to answer, retries included), the server's mean answer time (the rest of the
    latency was spent in the client or waiting for the server to accept), RSS (and its anonymous
@@ -33,7 +39,7 @@ RSS growth is the last minute's peak over the first minute's peak, as issue 16 w
 benchmark's own process shares the machine with the server; both CPU totals and the load average
 are in the JSON.
 
-    python -m bench.soak --minutes 10 --threads 1 --json runs/bench/soak.json
+    python -m bench.soak --minutes 10 --threads 1 --no-seq --sample-s 3 --json runs/bench/soak.json
     python -m bench.soak --minutes 1 --calibrate-s 10 --threads 1              # a short run
 """
 
