@@ -101,6 +101,7 @@ class Minute:
 
     produced: int = 0
     shed: int = 0
+    unsent: int = 0  # due before the end, but the client's loop reached them only after it
     outcomes: Counter[str] = field(default_factory=Counter)  # "ok", or the SDK error's class name
     kinds: Counter[str] = field(default_factory=Counter)  # ok / refused / timed_out / server_5xx / other
     retries: Counter[str] = field(default_factory=Counter)  # the SDK's retries in this minute, by reason
@@ -123,6 +124,7 @@ class Minute:
             "produced": self.produced,
             "answered": answered,
             "shed": self.shed,
+            "unsent": self.unsent,
             "not_learned": self.kinds.get("not_learned", 0),
             "refused": self.kinds.get("refused", 0),
             "timed_out": self.kinds.get("timed_out", 0),
@@ -267,7 +269,9 @@ class Soak:
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
                 minute = book[min(n_min - 1, int((next_at - start) // 60))]
                 minute.produced += 1
-                if inflight[i] >= args.window:
+                if time.perf_counter() >= end:  # the client fell behind its clock: the run still ends
+                    minute.unsent += 1
+                elif inflight[i] >= args.window:
                     minute.shed += 1
                 else:
                     inflight[i] += 1
@@ -456,6 +460,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "produced": produced,
         "answered": outcomes.get("ok", 0),
         "shed": sum(m.shed for m in book),
+        "unsent": sum(m.unsent for m in book),
         "not_learned": kinds.get("not_learned", 0),
         "refused": kinds.get("refused", 0),
         "timed_out": kinds.get("timed_out", 0),
