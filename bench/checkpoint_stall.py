@@ -13,6 +13,10 @@ niced). Measured in one run:
   tick touches before the writer has read it, and the writer competes for the cores); the max
   includes, on whichever tick it falls, the running whitening's eigendecomposition (about 1-2 s
   at M = 1752 on one core, learner/model.py), which checkpoints do not cause;
+* the process's resident memory (``VmRSS``, sampled every 10 ms by a thread) before the snapshot
+  and its peak until the write ends: copy-on-write keeps the snapshot's view of every row that a
+  tick changes before the writer has read it, so a full write while every stream keeps ticking
+  can hold up to one more copy of the streams' state;
 * the write's duration and bytes; then ``--rounds`` checkpoints, each after another 10 % of the
   streams changed, whose bytes should be about 10 % of the first's (plus the core file).
 
@@ -49,10 +53,41 @@ def tick_times(learner: RFPLearner, ids: list[str], batch: int, gen: torch.Gener
     return times
 
 
+def rss_bytes() -> int:
+    """This process's resident set size (``VmRSS``), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class RssPeak:
+    """A thread that samples this process's RSS every ``period`` s until stopped; ``peak`` is the most
+    it saw (``VmHWM`` would hold the whole run's peak, start-up included, and cannot be reset)."""
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.period, self.peak = period, rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.peak = max(self.peak, rss_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        return self.peak
+
+
 def checkpoint(
     learner: RFPLearner, path: Path, ids: list[str], batch: int, gen: torch.Generator, nice: int = 0
 ) -> dict:  # type: ignore[type-arg]
     """One checkpoint as the worker takes it, the loop ticking during the write."""
+    rss_before = rss_bytes()
+    watch = RssPeak()
     t0 = time.perf_counter()
     snap = take_snapshot(path, learner, {"bench": True})
     stall = time.perf_counter() - t0
@@ -67,7 +102,9 @@ def checkpoint(
     writer.start()
     during = tick_times(learner, ids, batch, gen, lambda n: not writer.is_alive() and n >= 1)
     writer.join()
-    return {**out, "stall": stall, "ticks_during": during}
+    peak = watch.stop()
+    return {**out, "stall": stall, "ticks_during": during, "rss_before": rss_before, "rss_peak": peak,
+            "streams_ticked": len(learner.states.dirty)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,12 +159,21 @@ def main(argv: list[str] | None = None) -> None:
               f"{c['bytes_written'] / 2**20:.0f} MB written of {c['bytes'] / 2**20:.0f} MB; {len(during)} "
               f"ticks during it: median {statistics.median(during) / tick:.2f}x, p90 "
               f"{p90(during) / p90(base):.2f}x, max {max(during) * 1e3:.0f} ms")  # fmt: skip
+    state = args.streams * learner.memory_per_stream()
+    extra = first["rss_peak"] - first["rss_before"]
+    print(f"RSS during the full write (every stream ticking, {first['streams_ticked']} touched since the "
+          f"snapshot): {first['rss_before'] / 2**20:.0f} MB before the snapshot, peak "
+          f"{first['rss_peak'] / 2**20:.0f} MB: +{extra / 2**20:.0f} MB = {extra / state:.2f}x the streams' "
+          f"state ({state / 2**20:.0f} MB)")  # fmt: skip
     stalls = [c["stall"] for c in rounds]
-    print(f"stall of the incremental checkpoints: median {statistics.median(stalls) * 1e3:.1f} ms, "
-          f"max {max(stalls) * 1e3:.1f} ms")  # fmt: skip
+    if stalls:
+        print(f"stall of the incremental checkpoints: median {statistics.median(stalls) * 1e3:.1f} ms, "
+              f"max {max(stalls) * 1e3:.1f} ms")  # fmt: skip
     if not args.no_legacy:
         print(f"single-file checkpoint of before (the loop waits for all of it): {legacy:.2f} s = "
               f"{legacy / first['stall']:.0f}x the full checkpoint's stall")  # fmt: skip
+    if not rounds:
+        return
     ratio = statistics.median(c["bytes_written"] / first["bytes_written"] for c in rounds)
     print(f"bytes written, incremental / full: {ratio:.3f} (streams changed: {len(changed) / len(ids):.2f}; "
           f"the rest is the core file, weights and optimizer, written every time)")  # fmt: skip

@@ -4,7 +4,9 @@ Issue 16 asks whether an overloaded foveate stays healthy: its memory flat, its 
 (429 with ``Retry-After``, not 504 after a long wait), the accepted fixations answered promptly. One
 run:
 
-1. starts ``foveate serve`` (embedded: API and worker in one process, no checkpoints);
+1. starts ``foveate serve`` (embedded: API and worker in one process) with checkpoints on, every
+   ``--checkpoint-interval-s`` (60) seconds into a temporary folder, so that the background writer and
+   its copy-on-write snapshot are soaked too;
 2. **calibrates**: every stream posts its next fixation when the previous answer is back (one in
    flight each, as fast as the service goes) for ``--calibrate-s``; the answers per second are the
    *sustainable rate* (skip with ``--rate``);
@@ -12,19 +14,32 @@ run:
    tracker, produces fixations on a clock (evenly spaced, a random phase per stream) and sends each
    with the SDK (``AsyncFoveateClient``, ``wait=true``, its ``seq``), which retries 429/503 after the
    server's ``Retry-After`` within ``--max-wait`` seconds in all. A stream keeps at most ``--window``
-   fixations in flight; one produced while the window is full is dropped by the client (a rig's
-   full buffer) and counted as *shed*;
+   (64) fixations in flight; one produced while the window is full is dropped by the client (a rig's
+   full buffer) and counted as *shed*. The window is wide on purpose: the overload must reach the
+   *server* (its backlog passing what the worker serves within ``FOVEATE_SYNC_TIMEOUT_S``), so that
+   its own back-pressure is what answers it: 429 ``QueueFull`` with ``Retry-After``, ``/readyz`` 503.
+   (A window of 4, the first version, kept 256 fixations in flight at most: the queue never passed
+   9 and the server never refused anything; the clients shed the overload instead.) Fixations of
+   one stream in flight together can overtake each other; with ``seq`` the worker answers one that
+   arrives after a later one of its stream was applied as ``already_applied``, not learned, and the
+   soak counts it as *not learned*. ``--no-seq`` sends without ``seq``: every fixation is learned
+   (the worker does the whole overload's work), in the order it arrives, but the SDK cannot resend
+   one whose connection dropped (counted under its transport error);
 4. samples the server's RSS (``/proc/PID/status``), ``/readyz``, its queue depth and its own
    answer time for the fixation route (``/metrics``) every ``--sample-s`` seconds, and reports per
-   minute: fixations produced, answered, refused for good (after the retries), timed out, shed,
-   p50/p99 latency (production to answer, retries included), the server's mean answer time (the
-   rest of the latency was spent in the client or waiting for the server to accept), RSS.
+   minute: fixations produced, answered (learned), not learned, refused for good (429 after the
+   retries), timed out
+   (504), other server errors (5xx), shed, the SDK's retries (by reason), p50/p99 latency
+   (production to answer, retries included), the server's mean answer time (the rest of the
+   latency was spent in the client or waiting for the server to accept), RSS (and its anonymous
+   and file-backed parts, to tell heap growth from libraries and files paged in), the checkpoints
+   written and their write and stall times (``foveate_checkpoint_*``).
 
-RSS growth is the last minute's peak over the first minute's peak (the first minute holds the
-allocations of warm-up: model, state chunks, buffers). The benchmark's own process shares the
-machine with the server; both CPU totals and the load average are in the JSON.
+RSS growth is the last minute's peak over the first minute's peak, as issue 16 words it. The
+benchmark's own process shares the machine with the server; both CPU totals and the load average
+are in the JSON.
 
-    python -m bench.soak --minutes 10 --threads 1 --json runs/bench/soak.json
+    python -m bench.soak --minutes 10 --threads 1 --no-seq --sample-s 3 --json runs/bench/soak.json
     python -m bench.soak --minutes 1 --calibrate-s 10 --threads 1              # a short run
 """
 
@@ -49,12 +64,31 @@ from bench._servers import cpu_seconds, machine_busy_seconds, start_serve
 from clients import sdk
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (``VmRSS``), bytes."""
+def proc_status(pid: int) -> dict[str, int]:
+    """A process's resident memory from ``/proc/PID/status``, bytes: ``VmRSS`` and its parts
+    ``RssAnon`` (heap, tensors), ``RssFile`` (libraries and files paged in), ``RssShmem``."""
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(value.split()[0]) * 1024
+    if "VmRSS" not in out:
+        raise RuntimeError(f"no VmRSS for process {pid}")
+    return {"RssAnon": 0, "RssFile": 0, "RssShmem": 0, **out}
+
+
+def kind_of(exc: Exception) -> str:
+    """What became of a fixation the SDK gave up on: ``refused`` (429: the server's back-pressure,
+    still refusing when ``--max-wait`` ran out), ``timed_out`` (504: accepted, not answered within
+    ``FOVEATE_SYNC_TIMEOUT_S``, or the client's own timeout), ``server_5xx`` (any other 5xx),
+    ``other`` (transport, 4xx)."""
+    if isinstance(exc, sdk.Overloaded):
+        return "refused"
+    if isinstance(exc, (sdk.WorkerTimeout, sdk.RequestTimeout)):
+        return "timed_out"
+    if isinstance(exc, sdk.ServerError) or getattr(exc, "status_code", 0) >= 500:
+        return "server_5xx"
+    return "other"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -67,14 +101,21 @@ class Minute:
 
     produced: int = 0
     shed: int = 0
+    unsent: int = 0  # due before the end, but the client's loop reached them only after it
     outcomes: Counter[str] = field(default_factory=Counter)  # "ok", or the SDK error's class name
+    kinds: Counter[str] = field(default_factory=Counter)  # ok / refused / timed_out / server_5xx / other
+    retries: Counter[str] = field(default_factory=Counter)  # the SDK's retries in this minute, by reason
     latencies: list[float] = field(default_factory=list)  # seconds, answered ones
     rss: list[int] = field(default_factory=list)
+    rss_anon: list[int] = field(default_factory=list)
+    rss_file: list[int] = field(default_factory=list)
     queue: list[float] = field(default_factory=list)
-    not_ready: int = 0
+    not_ready: int = 0  # samples whose /readyz was not 200 (or not answered)
+    sample_errors: Counter[str] = field(default_factory=Counter)  # /readyz or /metrics not answered
     samples: int = 0
     seconds: float = 60.0  # the last minute of a run of --minutes 2.5 lasts 30 s
     server: list[tuple[float, float]] = field(default_factory=list)  # the fixation route's (sum, count)
+    gauges: list[dict[str, float]] = field(default_factory=list)  # /metrics samples (checkpoints)
 
     def summary(self, index: int) -> dict[str, Any]:
         answered = self.outcomes.get("ok", 0)
@@ -83,17 +124,44 @@ class Minute:
             "produced": self.produced,
             "answered": answered,
             "shed": self.shed,
-            "refused": sum(v for k, v in self.outcomes.items() if k not in ("ok", "WorkerTimeout")),
-            "timed_out": self.outcomes.get("WorkerTimeout", 0),
+            "unsent": self.unsent,
+            "not_learned": self.kinds.get("not_learned", 0),
+            "refused": self.kinds.get("refused", 0),
+            "timed_out": self.kinds.get("timed_out", 0),
+            "server_5xx": self.kinds.get("server_5xx", 0),
+            "other_errors": self.kinds.get("other", 0),
             "errors": dict(self.outcomes - Counter(ok=answered)),
+            "retries": dict(self.retries),
             "answered_per_s": answered / self.seconds,
             "p50_ms": None if not self.latencies else 1000 * percentile(self.latencies, 50),  # type: ignore[operator]
             "p99_ms": None if not self.latencies else 1000 * percentile(self.latencies, 99),  # type: ignore[operator]
             "rss_mb_max": max(self.rss) / 2**20 if self.rss else None,
+            "rss_anon_mb_max": max(self.rss_anon) / 2**20 if self.rss_anon else None,
+            "rss_file_mb_max": max(self.rss_file) / 2**20 if self.rss_file else None,
+            "checkpoints": self.delta("foveate_checkpoints_total"),
+            "checkpoint_s_mean": self.mean("foveate_checkpoint_seconds"),
+            "stall_ms_mean": self.stall_ms(),
             "queue_max": max(self.queue) if self.queue else None,
             "not_ready_share": self.not_ready / self.samples if self.samples else None,
+            "sample_errors": dict(self.sample_errors),
             "server_ms_mean": self.server_ms(),
         }
+
+    def delta(self, name: str) -> float | None:
+        """How much a counter in ``gauges`` grew over this minute's samples."""
+        values = [g[name] for g in self.gauges if name in g]
+        return values[-1] - values[0] if len(values) >= 2 else None
+
+    def mean(self, histogram: str) -> float | None:
+        """A histogram's mean over the observations made in this minute (None: none made)."""
+        count = self.delta(f"{histogram}_count")
+        total = self.delta(f"{histogram}_sum")
+        return None if not count or total is None else total / count
+
+    def stall_ms(self) -> float | None:
+        """Mean time learning paused for the checkpoints snapshotted in this minute, ms."""
+        mean = self.mean("foveate_checkpoint_stall_seconds")
+        return None if mean is None else 1000.0 * mean
 
     def server_ms(self) -> float | None:
         """Mean time the server took to answer a fixation request in this minute (its histogram):
@@ -110,29 +178,52 @@ class Soak:
     def __init__(self, args: argparse.Namespace, url: str, pid: int, patches: list[np.ndarray]) -> None:
         self.args, self.url, self.pid, self.patches = args, url, pid, patches
         self.retries: Counter[str] = Counter()
-        limits = httpx.Limits(max_connections=args.streams * args.window + 8)
+        self.book: list[Minute] = []  # set by soak(); retries are counted in the minute they happen
+        self.start = time.perf_counter()
         policy = sdk.RetryPolicy(
             max_retries=1000, max_retry_after=args.max_wait, max_total_wait=args.max_wait
         )
-        self.client = sdk.AsyncFoveateClient(url, timeout=120.0, retry=policy, encoding="raw",
-                                             transport=httpx.AsyncHTTPTransport(limits=limits),
-                                             on_retry=lambda e: self.retries.update([e.reason]))  # fmt: skip
+        # One client (one connection pool) per stream, as one per eye tracker: one shared pool of
+        # thousands of connections cost the client most of a core and minutes of latency (a trial:
+        # 64 fixations/s calibrated against 241/s with a pool a stream).
+        self.clients = [
+            sdk.AsyncFoveateClient(
+                url,
+                timeout=120.0,
+                retry=policy,
+                encoding="raw",
+                transport=httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=args.window + 2)),
+                on_retry=self.count_retry,
+            )
+            for _ in range(args.streams)
+        ]
         self.seq = [0] * args.streams
+
+    def count_retry(self, event: Any) -> None:
+        reason = event.reason.split(":")[0]  # "HTTP 429 QueueFull", "ReadError" (not its message)
+        self.retries[reason] += 1
+        if self.book:
+            minute = min(len(self.book) - 1, int((time.perf_counter() - self.start) // 60))
+            self.book[minute].retries[reason] += 1
 
     def patch(self, stream: int) -> np.ndarray:
         return self.patches[(stream * 7919 + self.seq[stream]) % len(self.patches)]
 
-    async def send(self, stream: int) -> tuple[str, float]:
-        """One fixation of a stream: (outcome, seconds to the answer)."""
+    async def send(self, stream: int) -> tuple[str, str, float]:
+        """One fixation of a stream: (outcome, its kind, seconds to the answer)."""
         seq = self.seq[stream]
         self.seq[stream] += 1
         start = time.perf_counter()
+        fields = {"seq": seq} if self.args.seq else {}
         try:
-            await self.client.post_fixation(f"soak-{stream}", self.patch(stream), seq=seq)
-            outcome = "ok"
+            result = await self.clients[stream].post_fixation(f"soak-{stream}", self.patch(stream), **fields)
+            # "already_applied": its seq arrived after a later one of its stream had been applied
+            # (fixations of one stream in flight together can overtake each other): answered, not learned
+            outcome = "ok" if result.status == "applied" else str(result.status)
+            kind = "ok" if outcome == "ok" else "not_learned"
         except sdk.ClientError as exc:
-            outcome = type(exc).__name__
-        return outcome, time.perf_counter() - start
+            outcome, kind = type(exc).__name__, kind_of(exc)
+        return outcome, kind, time.perf_counter() - start
 
     async def calibrate(self, seconds: float, warmup: float) -> float:
         """Answers per second with one fixation in flight per stream, after ``warmup`` seconds."""
@@ -142,7 +233,7 @@ class Soak:
 
         async def stream(i: int) -> None:
             while time.perf_counter() < end:
-                outcome, _ = await self.send(i)
+                outcome, _, _ = await self.send(i)
                 if outcome == "ok" and time.perf_counter() > end_warm:
                     counted.append(time.perf_counter())
                 elif outcome != "ok":
@@ -158,15 +249,17 @@ class Soak:
         book = [Minute() for _ in range(n_min)]
         book[-1].seconds = 60.0 * (minutes - (n_min - 1))
         start = time.perf_counter()
+        self.book, self.start = book, start
         end = start + 60.0 * minutes
         interval = args.streams / rate
         rng = random.Random(16)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(i: int, minute: Minute, inflight: list[int]) -> None:
-            outcome, seconds = await self.send(i)
+            outcome, kind, seconds = await self.send(i)
             inflight[i] -= 1
             minute.outcomes[outcome] += 1
+            minute.kinds[kind] += 1
             if outcome == "ok":
                 minute.latencies.append(seconds)
 
@@ -176,7 +269,9 @@ class Soak:
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
                 minute = book[min(n_min - 1, int((next_at - start) // 60))]
                 minute.produced += 1
-                if inflight[i] >= args.window:
+                if time.perf_counter() >= end:  # the client fell behind its clock: the run still ends
+                    minute.unsent += 1
+                elif inflight[i] >= args.window:
                     minute.shed += 1
                 else:
                     inflight[i] += 1
@@ -189,13 +284,22 @@ class Soak:
             async with httpx.AsyncClient(base_url=self.url, timeout=30.0) as http:
                 while time.perf_counter() < end:
                     minute = book[min(n_min - 1, int((time.perf_counter() - start) // 60))]
-                    minute.rss.append(rss_bytes(self.pid))
+                    mem = proc_status(self.pid)
+                    minute.rss.append(mem["VmRSS"])
+                    minute.rss_anon.append(mem["RssAnon"])
+                    minute.rss_file.append(mem["RssFile"] + mem["RssShmem"])
                     minute.samples += 1
-                    ready = await http.get("/readyz")
-                    minute.not_ready += ready.status_code != 200
-                    depth, route = await server_gauges(http)
-                    minute.queue.append(depth)
-                    minute.server.append(route)
+                    try:
+                        ready = await http.get("/readyz")
+                        minute.not_ready += ready.status_code != 200
+                        depth, route, gauges = await server_gauges(http)
+                    except httpx.TransportError as exc:  # counted: an overloaded server may drop one
+                        minute.sample_errors[type(exc).__name__] += 1
+                        minute.not_ready += 1
+                    else:
+                        minute.queue.append(depth)
+                        minute.server.append(route)
+                        minute.gauges.append(gauges)
                     await asyncio.sleep(args.sample_s)
 
         inflight = [0] * args.streams
@@ -205,17 +309,35 @@ class Soak:
         return book
 
 
-async def server_gauges(http: httpx.AsyncClient) -> tuple[float, tuple[float, float]]:
-    """The worker's queue depth, and (sum, count) of the fixation route's answer-time histogram."""
+#: ``/metrics`` samples kept per soak sample: the checkpoint writer's counters and histograms.
+CHECKPOINT_SAMPLES = (
+    "foveate_checkpoints_total",
+    "foveate_checkpoint_seconds_sum",
+    "foveate_checkpoint_seconds_count",
+    "foveate_checkpoint_stall_seconds_sum",
+    "foveate_checkpoint_stall_seconds_count",
+    "foveate_checkpoint_bytes",
+    "foveate_checkpoint_written_bytes",
+)
+
+
+async def server_gauges(http: httpx.AsyncClient) -> tuple[float, tuple[float, float], dict[str, float]]:
+    """The worker's queue depth, (sum, count) of the fixation route's answer-time histogram, and the
+    checkpoint samples (``CHECKPOINT_SAMPLES``, and the two histograms' buckets as ``name{le}``)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = (await http.get("/metrics")).text
     depth, total, count = float("nan"), 0.0, 0.0
+    gauges: dict[str, float] = {}
     route = "/v1/streams/{stream_id}/fixations"
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "foveate_queue_depth":
                 depth = float(s.value)
+            elif s.name in CHECKPOINT_SAMPLES:
+                gauges[s.name] = float(s.value)
+            elif s.name.startswith("foveate_checkpoint") and s.name.endswith("_bucket"):
+                gauges[f"{s.name}{{{s.labels['le']}}}"] = float(s.value)
             elif (
                 s.name.startswith("foveate_http_request_duration_seconds") and s.labels.get("route") == route
             ):
@@ -223,7 +345,50 @@ async def server_gauges(http: httpx.AsyncClient) -> tuple[float, tuple[float, fl
                     total = float(s.value)
                 elif s.name.endswith("_count"):
                     count = float(s.value)
-    return depth, (total, count)
+    return depth, (total, count), gauges
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup`` in kB (Rss, Pss, Anonymous, Private_Dirty, ...), {} where unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            out[key.strip()] = int(value.split()[0])
+    return out
+
+
+def checkpoint_summary(g: dict[str, float]) -> dict[str, Any]:
+    """The checkpoint writer's totals from one ``/metrics`` sample: count, mean write and stall time,
+    and the smallest bucket bound that holds every write and stall (the histograms keep no maximum)."""
+
+    def upper(histogram: str) -> float | None:
+        count = g.get(f"{histogram}_count", 0.0)
+        bounds = sorted(
+            (float(k[len(histogram) + 8 : -1]), v)
+            for k, v in g.items()
+            if k.startswith(f"{histogram}_bucket{{")
+        )
+        return next((le for le, v in bounds if v >= count), None) if count else None
+
+    def mean(histogram: str) -> float | None:
+        count = g.get(f"{histogram}_count", 0.0)
+        return g.get(f"{histogram}_sum", 0.0) / count if count else None
+
+    return {
+        "written": g.get("foveate_checkpoints_total"),
+        "write_s_mean": mean("foveate_checkpoint_seconds"),
+        "write_s_at_most": upper("foveate_checkpoint_seconds"),
+        "stall_s_mean": mean("foveate_checkpoint_stall_seconds"),
+        "stall_s_at_most": upper("foveate_checkpoint_stall_seconds"),
+        "stall_s_total": g.get("foveate_checkpoint_stall_seconds_sum"),
+        "bytes_last": g.get("foveate_checkpoint_bytes"),
+        "written_bytes_last": g.get("foveate_checkpoint_written_bytes"),
+    }
 
 
 def load_patches(size: int, count: int = 256) -> tuple[list[np.ndarray], str]:
@@ -246,7 +411,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "OMP_NUM_THREADS": str(args.threads),
         "MKL_NUM_THREADS": str(args.threads),
         "FOVEATE_TORCH_THREADS": str(args.threads),
-        "FOVEATE_CHECKPOINT_PATH": "",
+        "FOVEATE_CHECKPOINT_PATH": str(workdir / "checkpoints" / "foveate.pt")
+        if args.checkpoint_interval_s > 0
+        else "",
+        "FOVEATE_CHECKPOINT_INTERVAL_S": str(args.checkpoint_interval_s or 300.0),
         "FOVEATE_LOG_LEVEL": "WARNING",
         # every fixation in flight holds a connection: uvicorn must not refuse them before the app can
         "FOVEATE_MAX_CONNECTIONS": str(args.streams * args.window + 64),
@@ -272,19 +440,35 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         book = await soak.soak(rate * args.overload, args.minutes)
         wall = time.perf_counter() - t0
         busy1, cpu1, srv1 = machine_busy_seconds(), cpu_seconds(os.getpid()), server.cpu_seconds()
-        await soak.client.aclose()
+        async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
+            doc["checkpoints"] = checkpoint_summary((await server_gauges(http))[2])
+        doc["smaps_rollup_end"] = smaps_rollup(server.pid)
+        for client in soak.clients:
+            await client.aclose()
     doc["minutes"] = [m.summary(i) for i, m in enumerate(book)]
     doc["retries_by_reason"] = dict(soak.retries.most_common(10))
+    doc["rss_mb_by_minute"] = {
+        part: [m[f"{part}_mb_max"] for m in doc["minutes"]] for part in ("rss", "rss_anon", "rss_file")
+    }
     peaks = [m["rss_mb_max"] for m in doc["minutes"] if m["rss_mb_max"] is not None]
     doc["rss_growth"] = peaks[-1] / peaks[0] - 1.0 if len(peaks) >= 2 else None
     latencies = [x for m in book for x in m.latencies]
     outcomes = sum((m.outcomes for m in book), Counter())
+    kinds = sum((m.kinds for m in book), Counter())
     produced = sum(m.produced for m in book)
     doc["total"] = {
         "produced": produced,
         "answered": outcomes.get("ok", 0),
         "shed": sum(m.shed for m in book),
+        "unsent": sum(m.unsent for m in book),
+        "not_learned": kinds.get("not_learned", 0),
+        "refused": kinds.get("refused", 0),
+        "timed_out": kinds.get("timed_out", 0),
+        "server_5xx": kinds.get("server_5xx", 0),
+        "other_errors": kinds.get("other", 0),
         "outcomes": dict(outcomes),
+        "not_ready_share": sum(m.not_ready for m in book) / max(1, sum(m.samples for m in book)),
+        "queue_max": max((q for m in book for q in m.queue), default=None),
         "answered_per_s": outcomes.get("ok", 0) / wall,
         "p50_ms": None if not latencies else 1000 * percentile(latencies, 50),  # type: ignore[operator]
         "p99_ms": None if not latencies else 1000 * percentile(latencies, 99),  # type: ignore[operator]
@@ -299,8 +483,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return doc
 
 
-COLUMNS = ("minute", "produced", "answered/s", "shed", "refused", "timed out", "p50 ms", "p99 ms",
-           "server mean ms", "RSS MB", "queue max", "not ready")  # fmt: skip
+COLUMNS = ("minute", "produced", "answered", "answered/s", "not learned", "refused", "timed out", "5xx",
+           "shed", "unsent", "429 retries", "p50 ms", "p99 ms", "server mean ms", "RSS MB", "anon MB",
+           "file MB", "queue max", "not ready", "ckpts", "stall ms")  # fmt: skip
+
+
+def refusals(retries: dict[str, int]) -> int:
+    """The SDK's retries after a 429 (any error name)."""
+    return sum(v for k, v in retries.items() if k.startswith("HTTP 429"))
 
 
 def _cell(value: Any, fmt: str = "{:.0f}") -> str:
@@ -311,15 +501,21 @@ def print_table(doc: dict[str, Any]) -> None:
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for m in doc["minutes"]:
-        cells = [m["minute"], m["produced"], f"{m['answered_per_s']:.1f}", m["shed"], m["refused"],
-                 m["timed_out"], _cell(m["p50_ms"]), _cell(m["p99_ms"]), _cell(m.get("server_ms_mean")),
-                 _cell(m["rss_mb_max"], "{:.1f}"),
-                 _cell(m["queue_max"]), _cell(m["not_ready_share"], "{:.0%}")]  # fmt: skip
+        cells = [m["minute"], m["produced"], m["answered"], f"{m['answered_per_s']:.1f}", m["not_learned"],
+                 m["refused"], m["timed_out"], m["server_5xx"], m["shed"], m["unsent"],
+                 refusals(m["retries"]),
+                 _cell(m["p50_ms"]), _cell(m["p99_ms"]), _cell(m.get("server_ms_mean")),
+                 _cell(m["rss_mb_max"], "{:.1f}"), _cell(m["rss_anon_mb_max"], "{:.1f}"),
+                 _cell(m["rss_file_mb_max"], "{:.1f}"),
+                 _cell(m["queue_max"]), _cell(m["not_ready_share"], "{:.0%}"), _cell(m["checkpoints"]),
+                 _cell(m["stall_ms_mean"], "{:.1f}")]  # fmt: skip
         print("| " + " | ".join(str(c) for c in cells) + " |")
     growth = doc["rss_growth"]
     print(f"RSS growth (last minute's peak / first's): {'-' if growth is None else f'{100 * growth:+.2f} %'}")
     print(f"total: {json.dumps(doc['total'])}")
     print(f"retries: {json.dumps(doc['retries_by_reason'])}; cpu: {json.dumps(doc.get('cpu'))}")
+    print(f"checkpoints: {json.dumps(doc.get('checkpoints'))}")
+    print(f"smaps_rollup at the end (kB): {json.dumps(doc.get('smaps_rollup_end'))}")
     print(f"load average: start {doc['loadavg_start']}, end {doc['loadavg_end']}")
 
 
@@ -330,7 +526,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overload", type=float, default=2.0, help="offered rate over the sustainable rate")
     p.add_argument("--rate", type=float, help="the sustainable rate (fixations/s); measured when left out")
     p.add_argument("--calibrate-s", type=float, default=30.0, help="calibration window after 5 s warm-up")
-    p.add_argument("--window", type=int, default=4, help="fixations in flight per stream at most")
+    p.add_argument("--window", type=int, default=64, help="fixations in flight per stream at most")
+    p.add_argument("--no-seq", dest="seq", action="store_false",
+                   help="send without seq: every fixation is learned in the order it arrives, but the SDK "
+                        "cannot resend one whose connection dropped")  # fmt: skip
+    p.add_argument("--checkpoint-interval-s", type=float, default=60.0,
+                   help="the server's checkpoint interval; 0: no checkpoints")  # fmt: skip
     p.add_argument("--max-wait", type=float, default=30.0, help="SDK: seconds of Retry-After waits in all")
     p.add_argument("--sample-s", type=float, default=5.0, help="RSS, /readyz and queue sampling period")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
