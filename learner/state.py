@@ -101,7 +101,7 @@ class StreamStates:
         self._live: list[int] = []  # live slots per chunk
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident streams, least recently used first
         self._spilled: set[str] = set()
-        self._plan: tuple[torch.Tensor, Plan] | None = None
+        self._plan: tuple[torch.Tensor, Plan, list[int]] | None = None  # slots(), their plan and list
         self.spills = self.unspills = 0  # counters, for metrics
 
     def limit(self, max_resident: int | None, spill_dir: str | os.PathLike[str] | None = None) -> None:
@@ -123,7 +123,11 @@ class StreamStates:
     def touch(self, slots: torch.Tensor | int) -> None:
         """Called by every ``Slab`` write (and ``slab[int]`` view): mark the streams changed, and let
         a snapshot being written copy their rows first."""
-        listed = [slots] if isinstance(slots, int) else slots.tolist()
+        if isinstance(slots, int):
+            listed = [slots]
+        else:  # the tick's slots (every slab write of a tick): their list is kept, no device read
+            cached = self._plan
+            listed = cached[2] if cached is not None and cached[0] is slots else slots.tolist()
         for s in listed:
             sid = self._sid_at.get(s)
             if sid is not None:
@@ -139,9 +143,9 @@ class StreamStates:
             return cached[1]
         return self._make_plan(slots)
 
-    def _make_plan(self, slots: torch.Tensor) -> Plan:
+    def _make_plan(self, slots: torch.Tensor, listed: list[int] | None = None) -> Plan:
         size, dev = self.chunk, self.device
-        listed = slots.tolist()
+        listed = slots.tolist() if listed is None else listed
         by_chunk: dict[int, list[int]] = {}
         for i, s in enumerate(listed):
             by_chunk.setdefault(s // size, []).append(i)
@@ -235,7 +239,7 @@ class StreamStates:
                 self._lru.move_to_end(sid)
             out.append(slot)
         slots = torch.tensor(out, dtype=torch.long, device=self.device)
-        self._plan = (slots, self._make_plan(slots))
+        self._plan = (slots, self._make_plan(slots, out), out)
         return slots
 
     def can_admit(self, new: int) -> bool:
