@@ -9,6 +9,7 @@ state, the per-stream outputs it produced and any error in ``out/rank<r>.pt``.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -126,5 +127,9 @@ def rank_main(
         raise
     finally:
         torch.save(result, Path(out) / f"rank{rank}.pt")
-    if "lost" not in result:
-        dist.destroy_process_group()
+    # Leave without tearing gloo down: its destructors can abort the process ("terminate called without
+    # an active exception") when a peer has already closed its sockets, which says nothing about what
+    # is under test, and the result is on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
