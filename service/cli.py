@@ -5,6 +5,7 @@
 - ``api``: the stateless HTTP front end alone; needs ``--redis`` or ``FOVEATE_REDIS_URL``.
 - ``worker``: the learning worker alone, over Redis; serves its metrics on
   ``--metrics-port`` (``FOVEATE_WORKER_METRICS_PORT``, default 9101); SIGTERM checkpoints and exits.
+  ``worker --distributed``: one rank of a group under torchrun (service/dist_worker.py).
 - ``keys create | revoke | list``: the API keys of a keys file (service/auth.py).
 
 Options override the ``FOVEATE_*`` environment variables they name.
@@ -51,6 +52,13 @@ def register(subparsers: Any) -> None:
     )
     worker.add_argument(
         "--metrics-port", type=int, help="port of the worker's /metrics (FOVEATE_WORKER_METRICS_PORT; 0: off)"
+    )
+    worker.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of a group that learns one model, each rank its shard of the streams; launch "
+        "under torchrun: torchrun --nproc-per-node 2 -m foveate worker --distributed (the API needs "
+        "FOVEATE_SHARDS = the number of ranks; docs/deploy.md)",
     )
     worker.set_defaults(func=_worker)
 
@@ -197,16 +205,34 @@ def _api(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from prometheus_client import start_http_server
-
-    from service import metrics
-    from service.redis_broker import RedisBroker
-    from service.worker import Worker
-
     settings = _settings(args)
     _need_redis(settings, "worker")
     _check_control_secret(settings, "worker")
+    if getattr(args, "distributed", False):
+        from service.dist_worker import run_rank
+
+        return run_rank(settings, _serve_worker_metrics, _stop_on_signals)
+
+    from service.redis_broker import RedisBroker
+    from service.worker import Worker
+
     worker = Worker(settings, RedisBroker(settings))
+    _serve_worker_metrics(settings)
+    _stop_on_signals(worker)
+    worker.start(thread=False)
+    try:
+        worker.run()
+    finally:
+        worker.stop()  # final checkpoint
+    return 0
+
+
+def _serve_worker_metrics(settings: Any) -> None:
+    """The worker's ``/metrics`` on its own port (none when the port is 0)."""
+    from prometheus_client import start_http_server
+
+    from service import metrics
+
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host,
                           registry=metrics.WORKER_REGISTRY)  # fmt: skip
@@ -216,18 +242,16 @@ def _worker(args: argparse.Namespace) -> int:
             settings.worker_metrics_port,
         )
 
+
+def _stop_on_signals(worker: Any) -> None:
+    """SIGTERM and SIGINT stop the worker after its tick."""
+
     def stop(signum: int, _frame: Any) -> None:
         logger.info("signal %d: stopping after this tick", signum)
         worker.request_stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    worker.start(thread=False)
-    try:
-        worker.run()
-    finally:
-        worker.stop()  # final checkpoint
-    return 0
 
 
 # ---------------------------------------------------------------- foveate keys

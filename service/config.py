@@ -127,6 +127,12 @@ class Settings(_ModelSettings):
         The HTTP server's limits: a request's headers must arrive within ``header_timeout_s`` and
         its body within ``body_timeout_s`` (408); idle keep-alive connections close after
         ``keep_alive_s``; headers over ``max_header_bytes`` get 431; more concurrent connections 503.
+    shards, dist_timeout_s
+        ``shards``: how many ranks the distributed worker has (``foveate worker --distributed``
+        under torchrun: its ``WORLD_SIZE``); the API writes each stream's fixations and commands to
+        its rank's Redis streams (service/shards.py). 1: the single worker's stream names, unchanged.
+        ``dist_timeout_s``: how long a rank waits in a collective for the others before it reports
+        ``RankLost`` and exits (service/dist_worker.py).
     control_secret
         Shared by API and worker in Redis mode: commands on the control stream are signed with it
         (HMAC-SHA256) and the worker drops unsigned or forged ones.
@@ -170,6 +176,8 @@ class Settings(_ModelSettings):
     stream_results_maxlen: int = Field(default=1_000, ge=10)
     result_ttl_s: int = Field(default=60, ge=1)
     claim_idle_ms: int = Field(default=30_000, ge=100)
+    shards: int = Field(default=1, ge=1, le=1024)
+    dist_timeout_s: float = Field(default=30.0, gt=0.0)
 
     # --- checkpoints ---
     checkpoint_path: Path | None = Path("checkpoints/foveate.pt")

@@ -3,11 +3,20 @@ to the input stream, refused when the backlog is over ``max_queue`` or could not
 ``sync_timeout_s``), send commands (``XADD`` to the control stream, signed when a secret is set),
 wait for a reply (``BLPOP`` on its result key), and read the worker's heartbeat. It runs in the
 API's event loop, on an asyncio connection; its readings of Redis are cached for ``_CACHE_S``.
+
+With ``shards`` > 1 (``FOVEATE_SHARDS``: the ranks of ``foveate worker --distributed``) every stream
+belongs to one rank, ``rank_of(stream_id, shards)`` (service/shards.py): its fixations go to that
+rank's input stream ``shard_key(input_stream, rank)`` and its commands (stream, prediction, reset,
+delete) to that rank's control stream; commands about the model (``model``, ``checkpoint``) go to
+rank 0, and the list of streams is asked of every rank and joined. The backlog is the sum over the
+shards, and the workers are alive when every rank's heartbeat is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +30,7 @@ from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
 from service.messages import Control, Fixation, control_to_fields, fixation_to_fields, sign_control
 from service.redis_common import RedisSide, id_text
+from service.shards import rank_of, shard_key
 
 _CACHE_S = 0.25  # how long the API trusts a backlog or heartbeat reading
 
@@ -57,17 +67,32 @@ class RedisApiSide(RedisSide):
             await self._aio.aclose()
             self._aio = None
 
+    # --- where a message goes (shards) -----------------------------------------------------------
+    def _shard(self, key: str, rank: int) -> str:
+        """``key`` itself with one shard (the single worker's names), else rank ``rank``'s shard of it."""
+        return key if self.settings.shards == 1 else shard_key(key, rank)
+
+    def rank_of(self, stream_id: str) -> int:
+        """The worker rank that holds ``stream_id``."""
+        return rank_of(stream_id, self.settings.shards)
+
+    def _control_rank(self, control: Control) -> int:
+        stream_id = control.args.get("stream_id")
+        return 0 if stream_id is None else self.rank_of(str(stream_id))
+
     async def _backlog_async(self) -> int:
         now = time.monotonic()
         if now - self._api_backlog_cache[0] < _CACHE_S:
             return self._api_backlog_cache[1]
-        try:
-            groups = await self.aio.xinfo_groups(self.settings.input_stream)
-        except ResponseError:  # no stream yet
-            groups = []
-        value = self._count_backlog(groups, unread_only=False)
-        if value is None:
-            value = int(await self.aio.xlen(self.settings.input_stream))  # no group yet: nothing read
+        value = 0
+        for rank in range(self.settings.shards):
+            stream = self._shard(self.settings.input_stream, rank)
+            try:
+                groups = await self.aio.xinfo_groups(stream)
+            except ResponseError:  # no stream yet
+                groups = []
+            count = self._count_backlog(groups, unread_only=False)
+            value += int(await self.aio.xlen(stream)) if count is None else count  # no group: none read
         self._api_backlog_cache = (now, value)
         return value
 
@@ -101,7 +126,8 @@ class RedisApiSide(RedisSide):
             pipe = self.aio.pipeline(transaction=False)
             for fix in fixations:
                 fix.request_id = fix.request_id or new_request_id()
-                pipe.xadd(self.settings.input_stream, fixation_to_fields(fix),  # type: ignore[arg-type]
+                stream = self._shard(self.settings.input_stream, self.rank_of(fix.stream_id))
+                pipe.xadd(stream, fixation_to_fields(fix),  # type: ignore[arg-type]
                           maxlen=self.settings.stream_maxlen, approximate=True)  # fmt: skip
             ids = await pipe.execute()
         except RedisError as exc:
@@ -109,13 +135,38 @@ class RedisApiSide(RedisSide):
         for fix, entry in zip(fixations, ids, strict=True):
             fix.entry_id = id_text(entry)
 
-    async def _send_control(self, control: Control, timeout: float) -> None:
+    async def command(self, control: Control, timeout: float | None = None) -> dict[str, Any]:
+        """Send a command to the rank it concerns; ``streams`` (the list) to every rank, joined."""
+        if control.command != "streams" or self.settings.shards == 1:
+            return await super().command(control, timeout)
+        asks = [
+            self.command_rank(Control(control.command, dict(control.args)), rank, timeout)
+            for rank in range(self.settings.shards)
+        ]
+        replies = await asyncio.gather(*asks)
+        failed = [r for r in replies if not r.get("ok")]
+        if failed:
+            return failed[0]
+        streams = [s for r in replies for s in r["streams"]]
+        return {"ok": True, "streams": streams, "count": len(streams)}
+
+    async def command_rank(self, control: Control, rank: int, timeout: float | None = None) -> dict[str, Any]:
+        """Send a command to worker rank ``rank`` (with one shard: the worker) and return its reply."""
+        if not 0 <= rank < self.settings.shards:
+            raise ValueError(f"rank {rank} is not in 0..{self.settings.shards - 1} (FOVEATE_SHARDS)")
+        control.request_id = control.request_id or new_request_id()
+        wait = self.settings.sync_timeout_s if timeout is None else timeout
+        await self._send_control(control, wait, rank=rank)
+        return await self.result(control.request_id, wait)
+
+    async def _send_control(self, control: Control, timeout: float, *, rank: int | None = None) -> None:
         fields = control_to_fields(control)
         fields["deadline"] = repr(time.time() + timeout)
         if self._secret is not None:
             sign_control(fields, self._secret)
         try:
-            await self.aio.xadd(self.settings.control_stream, fields,  # type: ignore[arg-type]
+            rank = self._control_rank(control) if rank is None else rank
+            await self.aio.xadd(self._shard(self.settings.control_stream, rank), fields,  # type: ignore[arg-type]
                                 maxlen=10_000, approximate=True)  # fmt: skip
         except RedisError as exc:
             raise self._unavailable(exc) from exc
@@ -139,23 +190,34 @@ class RedisApiSide(RedisSide):
         stamp, alive, why = self._alive_cache
         if now - stamp < _CACHE_S:
             return alive, why
+        keys = [self._shard(self.settings.heartbeat_key, r) for r in range(self.settings.shards)]
         try:
-            raw = await self.aio.get(self.settings.heartbeat_key)
+            beats = await self.aio.mget(keys)
         except RedisError as exc:
             self._log_error("reading the heartbeat failed", exc)
             alive, why = False, f"cannot reach Redis ({type(exc).__name__}); check FOVEATE_REDIS_URL"
         else:
-            if raw is None:
-                alive, why = False, f"no worker heartbeat in {self.settings.heartbeat_key}"
-            else:
-                info = json.loads(raw)
-                age = time.time() - float(info.get("ts", 0.0))
-                alive = age <= self.settings.heartbeat_timeout_s
-                why = f"worker heartbeat {age:.1f} s old"
-                rate = info.get("service_rate")
-                self._load = (int(info.get("queue_depth") or 0), None if rate is None else float(rate))
+            alive, why = self._read_heartbeats(keys, beats)
         self._alive_cache = (now, alive, why)
         return alive, why
+
+    def _read_heartbeats(self, keys: list[str], beats: list[Any]) -> tuple[bool, str]:
+        """(alive, why) from every rank's heartbeat: alive when each is there and young enough (the
+        ranks learn in lockstep: one dead rank stops them all). The load is summed over the ranks."""
+        depth, rate, oldest, oldest_key = 0, 0.0, -math.inf, keys[0]
+        for key, raw in zip(keys, beats, strict=True):
+            if raw is None:
+                return False, f"no worker heartbeat in {key}"
+            info = json.loads(raw)
+            age = time.time() - float(info.get("ts", 0.0))
+            if age > oldest:
+                oldest, oldest_key = age, key
+            depth += int(info.get("queue_depth") or 0)
+            value = info.get("service_rate")
+            rate = math.nan if value is None else rate + float(value)
+        self._load = (depth, None if math.isnan(rate) else rate)
+        where = "" if len(keys) == 1 else f" in {oldest_key}"
+        return oldest <= self.settings.heartbeat_timeout_s, f"worker heartbeat{where} {oldest:.1f} s old"
 
     async def worker_load(self) -> tuple[int, float | None]:
         await self.worker_alive()

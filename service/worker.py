@@ -236,22 +236,11 @@ class Worker:
             return []
         fixes = [a.fix for a in accepted]
         ids = [f.stream_id for f in fixes]
-        patches: Any = [f.patch for f in fixes]
-        if len({p.shape for p in patches}) == 1:
-            patches = np.stack(patches)  # (B, P, P, 3) uint8: the learner takes it without resizing
         start = time.perf_counter()
         try:
-            out = self.learner.tick(ids, patches, reset=[f.reset for f in fixes])
-        except FoveateError as exc:
-            if len(fixes) == 1:
-                metrics.REJECTED_MESSAGES.labels(reason=reject_reason(exc)).inc()
-                return [(fixes[0], failure(exc))]
-            # Find the bad one: apply each alone, so the others are still learned from.
-            return [pair for one in accepted for pair in self._apply([one])]
-        except RuntimeError as exc:  # torch failures (out of memory, device lost): answer, keep running
-            logger.exception("learner tick failed on %d fixations", len(fixes))
-            metrics.REJECTED_MESSAGES.labels(reason="internal").inc(len(fixes))
-            return [(f, failure(WorkerError(f"the learner failed: {exc}"))) for f in fixes]
+            out = self._learner_tick(fixes)
+        except (FoveateError, RuntimeError) as exc:
+            return self._failed_tick(accepted, exc)
         metrics.UPDATE_SECONDS.observe(time.perf_counter() - start)
         steps = out.step.tolist()
         errors = out.error.tolist()
@@ -307,6 +296,27 @@ class Worker:
             metrics.UPDATES.inc()
         metrics.ACTIVE_STREAMS.set(len(self.records))
         return replies
+
+    def _learner_tick(self, fixes: list[Fixation]) -> Any:
+        """One learner tick on the fixations' patches (service/dist_worker.py ticks on features)."""
+        patches: Any = [f.patch for f in fixes]
+        if len({p.shape for p in patches}) == 1:
+            patches = np.stack(patches)  # (B, P, P, 3) uint8: the learner takes it without resizing
+        return self.learner.tick([f.stream_id for f in fixes], patches, reset=[f.reset for f in fixes])
+
+    def _failed_tick(self, accepted: list[Accepted], exc: Exception) -> list[tuple[Message, dict[str, Any]]]:
+        """The answers to a tick the learner refused: a bad fixation is found by applying each alone,
+        so the others are still learned from (a distributed rank must not: service/dist_worker.py)."""
+        fixes = [a.fix for a in accepted]
+        if isinstance(exc, FoveateError):
+            if len(fixes) == 1:
+                metrics.REJECTED_MESSAGES.labels(reason=reject_reason(exc)).inc()
+                return [(fixes[0], failure(exc))]
+            return [pair for one in accepted for pair in self._apply([one])]
+        # torch failures (out of memory, device lost): answer, keep running
+        logger.error("learner tick failed on %d fixations", len(fixes), exc_info=exc)
+        metrics.REJECTED_MESSAGES.labels(reason="internal").inc(len(fixes))
+        return [(f, failure(WorkerError(f"the learner failed: {exc}"))) for f in fixes]
 
     # ------------------------------------------------------------------ commands
 

@@ -1,0 +1,402 @@
+"""``foveate worker --distributed``: one rank of a group of workers that learn one model together.
+
+Launched by torchrun, one process per rank (docs/deploy.md, "Scale-out on torch.distributed")::
+
+    torchrun --nproc-per-node 2 -m foveate worker --distributed
+
+Each rank reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` from its environment,
+joins a process group (gloo on the CPU, NCCL when the learner is on CUDA), makes its learner one rank
+of the data-parallel model (``learner.distributed.join``) and consumes only its shard of Redis: the
+input, control and heartbeat keys of rank ``r`` are ``shard_key(key, r)`` (``foveate:fixations:1``),
+where the API (``FOVEATE_SHARDS`` = the world size) writes the fixations and commands of every
+stream that ``rank_of(stream_id, world)`` gives to ``r``. Results go to the shared result keys.
+
+**Lockstep.** Every learning tick is a collective (learner/distributed.py), so every rank must take
+exactly one per iteration, or none. Each iteration of :meth:`DistWorker.run`:
+
+1. gathers a tick's fixations as the single worker does, waiting at most ``_POLL_S`` when none come
+   (so an idle service makes a few small agreements a second, not a spin);
+2. agrees with the others in one ``all_reduce`` (max) of three flags: has any rank fixations, does
+   any rank want to stop, does any want a checkpoint (always 0: see below);
+3. if any rank has fixations, every rank ticks: on its own admitted fixations, or ``idle_tick``;
+4. answers its commands (all local: a stream's state lives on its rank; ``model`` on rank 0), and
+   stops after the tick when any rank asked to (SIGTERM to one rank stops all).
+
+**A bad fixation** must not cost a tick on one rank only. The single worker's recovery (apply each
+fixation alone when a tick fails: several learning ticks in one iteration) would break lockstep, so
+a rank screens before the tick instead: it computes the trunk features locally (no collective) and,
+when that fails, finds the bad fixation by encoding each alone, then ticks once on the good ones. A
+tick that still fails before its first collective becomes this rank's ``idle_tick`` and its
+fixations are answered with the error; one that fails inside the collectives leaves the ranks out of
+step, and the rank exits non-zero.
+
+**A lost rank.** A rank that dies or stalls makes the others' next collective fail within
+``FOVEATE_DIST_TIMEOUT_S`` (gloo reports a closed peer at once): they log the ``RankLost`` and exit
+with status 3, so that the orchestrator (torchrun, compose) restarts the group; never a hang.
+
+**Checkpoints** of a distributed worker are not supported yet (the per-rank checkpoint with one
+manifest and its re-partition is a learner API still to come): the worker refuses to start with
+``FOVEATE_CHECKPOINT_PATH`` set and answers the ``checkpoint`` command with the same reason. The
+third agreement flag is where the loop will take a checkpoint at one tick on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import timedelta
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from learner.distributed import TickSync, fingerprint, idle_tick, join
+from learner.errors import ConfigError, DistributedError, FoveateError, InputError
+from learner.patches import preprocess
+from learner.streaming import StreamLearner, TickOutput, resolve_device
+from service import metrics
+from service.admission import Accepted
+from service.batching import TickBatcher
+from service.broker import Broker, Message
+from service.config import Settings
+from service.errors import WorkerError
+from service.messages import Fixation
+from service.replies import failure, reject_reason
+from service.shards import shard_key
+from service.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+#: How long an iteration waits for a first fixation before the ranks agree that nobody has one.
+_POLL_S = 0.05
+#: The rendezvous may wait for slow starts (image pulls, imports); the learner's collectives may not.
+_RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
+#: The exit status of a rank that lost its group: the orchestrator restarts the group.
+EXIT_RANK_LOST = 3
+
+NO_CHECKPOINTS = (
+    "checkpoints of a distributed worker are not yet supported (each rank's streams and one manifest "
+    "are still to come): set FOVEATE_CHECKPOINT_PATH= (empty) to run `foveate worker --distributed` "
+    "without them; a restart then starts from a fresh model and forgets every stream's state"
+)
+
+
+class Agreement(NamedTuple):
+    """What every rank decided together at the start of an iteration."""
+
+    rows: bool  # some rank has fixations: every rank takes one learning tick
+    stop: bool  # some rank was asked to stop: all stop after this iteration
+    checkpoint: bool  # (not yet used: see the module docstring)
+
+
+class RankEnv(NamedTuple):
+    """Where this process is in the group, as torchrun tells it."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+
+def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
+    """``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (torchrun's variables); ``ConfigError`` naming the
+    launch line when they are missing (``MASTER_ADDR``/``MASTER_PORT`` are read by torch itself)."""
+    env = os.environ if environ is None else environ
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if missing:
+        raise ConfigError(
+            f"`foveate worker --distributed` is one rank of a group and needs {', '.join(missing)} in "
+            "its environment: launch it with torchrun, e.g. "
+            "`torchrun --nproc-per-node 2 -m foveate worker --distributed`"
+        )
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK") or rank)
+    except ValueError as exc:
+        raise ConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {exc}") from exc
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is not in 0..WORLD_SIZE-1={world - 1}")
+    return RankEnv(rank, world, local)
+
+
+def check_settings(settings: Settings, world: int) -> None:
+    """Refuse what a distributed worker cannot do yet, before any process group is made."""
+    if settings.checkpoint_path is not None:
+        raise ConfigError(NO_CHECKPOINTS)
+    if "shards" in settings.model_fields_set and settings.shards != world:
+        raise ConfigError(
+            f"FOVEATE_SHARDS={settings.shards} but the group has WORLD_SIZE={world} ranks: the API "
+            "would write streams to shards that no rank reads; give the API and every rank the same "
+            "number (or leave FOVEATE_SHARDS unset in the workers)"
+        )
+
+
+def rank_settings(settings: Settings, rank: int, world: int) -> Settings:
+    """This rank's settings: its shard of the input, control and heartbeat keys, and its metrics port
+    (``FOVEATE_WORKER_METRICS_PORT + rank``, so that ranks on one machine do not collide)."""
+    port = settings.worker_metrics_port
+    return settings.model_copy(
+        update={
+            "input_stream": shard_key(settings.input_stream, rank),
+            "control_stream": shard_key(settings.control_stream, rank),
+            "heartbeat_key": shard_key(settings.heartbeat_key, rank),
+            "worker_metrics_port": port + rank if port else 0,
+            "shards": world,
+        }
+    )
+
+
+def init_group(settings: Settings, env: RankEnv) -> dist.ProcessGroup:
+    """Join the process group (gloo, or NCCL on CUDA) and return the group the learner uses: the
+    same ranks with the short collective timeout ``dist_timeout_s``."""
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)  # one GPU per rank on a machine
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=_RENDEZVOUS_TIMEOUT)
+    group = dist.new_group(timeout=timedelta(seconds=settings.dist_timeout_s))
+    logger.info("rank %d of %d joined the %s group (collective timeout %g s)",
+                env.rank, env.world, backend, settings.dist_timeout_s)  # fmt: skip
+    return group
+
+
+class DistWorker(Worker):
+    """A worker that is one rank of a data-parallel group (see the module docstring).
+
+    Parameters
+    ----------
+    settings
+        This rank's settings (:func:`rank_settings`).
+    broker
+        Its Redis broker (reading its shard).
+    group
+        The process group the learner's collectives use (:func:`init_group`).
+    learner
+        A ready learner; built from ``settings`` when ``None``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        group: dist.ProcessGroup | None = None,
+        learner: StreamLearner | None = None,
+    ) -> None:
+        if settings.checkpoint_path is not None:
+            raise ConfigError(NO_CHECKPOINTS)
+        super().__init__(settings, broker, learner)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.batcher = TickBatcher(settings.max_batch, settings.max_wait_ms / 1000.0, idle_poll_s=_POLL_S)
+        self.sync: TickSync | None = None
+        self._features: torch.Tensor | None = None  # (B, M) of the fixations being ticked
+        self._ticks_before = 0  # the learning tick counter when the learner was called
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self, *, thread: bool = False) -> None:
+        """Join the group's model (collective: every rank checks it holds the same), then start
+        reading this rank's shard. The loop runs on the caller's thread unless ``thread``."""
+        self.sync = join(self.learner, self.group)
+        super().start(thread=thread)
+
+    def run(self) -> None:
+        """The lockstep loop; returns once the ranks agreed to stop. ``DistributedError`` (RankLost:
+        a peer died or stalled) propagates: the caller exits non-zero."""
+        logger.info("rank %d of %d running on %s", self.rank, self.world, self.learner.device)
+        while True:
+            for ctl in self.broker.commands():
+                self._command(ctl)
+            batch, controls = self.batcher.gather(self._receive, self._stop.is_set)
+            agreed = self._agree(rows=bool(batch), stop=self._stop.is_set())
+            if agreed.rows:
+                start = time.perf_counter()
+                self._lockstep_tick(batch)
+                if batch:
+                    self.rate.observe(len(batch), time.perf_counter() - start)
+            for ctl in controls:
+                self._command(ctl)
+            self._housekeeping()
+            if agreed.stop:
+                logger.info("rank %d: the ranks agreed to stop", self.rank)
+                return
+
+    def _agree(self, *, rows: bool, stop: bool, checkpoint: bool = False) -> Agreement:
+        """One ``all_reduce`` (max) of this rank's three flags: what any rank wants, every rank does."""
+        assert self.sync is not None
+        flags = torch.tensor([rows, stop, checkpoint], dtype=torch.int32, device=self.learner.device)
+        self.sync._collective(
+            "the iteration's agreement",
+            lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group),
+        )
+        rows_, stop_, checkpoint_ = (bool(v) for v in flags.tolist())
+        return Agreement(rows_, stop_, checkpoint_)
+
+    # ------------------------------------------------------------------ one tick on every rank
+
+    def _lockstep_tick(self, batch: list[Fixation]) -> None:
+        """This rank's part of a learning tick: its fixations (``Worker._tick`` screens them, then
+        ``_apply`` takes exactly one tick), or an idle tick when it has none."""
+        if batch:
+            self._tick(batch)
+        else:
+            with self._lock:
+                self._idle()
+
+    def _idle(self) -> TickOutput:
+        return idle_tick(self.learner)
+
+    def _apply(self, accepted: list[Accepted]) -> list[tuple[Message, dict[str, Any]]]:
+        """Exactly one learning tick: on the fixations whose features could be computed, else idle."""
+        good, replies = self._encode(accepted)
+        if not good:
+            self._idle()
+            return replies
+        return replies + super()._apply(good)
+
+    def _encode(
+        self, accepted: list[Accepted]
+    ) -> tuple[list[Accepted], list[tuple[Message, dict[str, Any]]]]:
+        """The trunk features of the admitted fixations, computed here without any collective, so a
+        bad fixation is found and answered before the tick instead of failing it (``_features``)."""
+        replies: list[tuple[Message, dict[str, Any]]] = []
+        if not accepted:
+            return [], replies
+        try:
+            rows = list(self._features_of([a.fix for a in accepted]))
+            pairs = list(zip(accepted, rows, strict=True))
+        except FoveateError:
+            pairs = []
+            for one in accepted:  # find the bad one(s): local work only
+                try:
+                    pairs.append((one, self._features_of([one.fix])[0]))
+                except FoveateError as exc:
+                    replies.append(self._refuse(one.fix, exc))
+        except RuntimeError as exc:  # a torch failure (out of memory): answer, keep in step
+            logger.error("computing the trunk features of %d fixations failed", len(accepted), exc_info=exc)
+            return [], [self._refuse(a.fix, WorkerError(f"the learner failed: {exc}")) for a in accepted]
+        good: list[Accepted] = []
+        features: list[torch.Tensor] = []
+        for one, row in pairs:
+            if bool(torch.isfinite(row).all()):
+                good.append(one)
+                features.append(row)
+            else:
+                bad = InputError("the trunk's features of this patch are not finite")
+                replies.append(self._refuse(one.fix, bad))
+        self._features = torch.stack(features) if features else None  # (B, M)
+        return good, replies
+
+    def _features_of(self, fixes: list[Fixation]) -> torch.Tensor:
+        """Trunk features (B, M) of the fixations' patches, as ``StreamLearner.tick`` computes them."""
+        learner = self.learner
+        patches: Any = [f.patch for f in fixes]
+        if len({p.shape for p in patches}) == 1:
+            patches = np.stack(patches)  # (B, P, P, 3) uint8
+        if learner.cfg.trunk == "none":
+            x = torch.as_tensor(np.asarray(patches)).to(learner.device, learner.dtype)
+        else:
+            x = preprocess(patches, learner.cfg.input_size, device=learner.device, dtype=learner.dtype)
+        with torch.no_grad():
+            return learner.model.encode(x)  # (B, M)
+
+    @staticmethod
+    def _refuse(fix: Fixation, exc: Exception) -> tuple[Message, dict[str, Any]]:
+        metrics.REJECTED_MESSAGES.labels(reason=reject_reason(exc)).inc()
+        logger.info("rejected fixation of %r: %s", fix.stream_id[:140], exc)
+        return fix, failure(exc)
+
+    def _learner_tick(self, fixes: list[Fixation]) -> Any:
+        """The collective tick on the features ``_encode`` computed for exactly these fixations."""
+        assert self.sync is not None and self._features is not None
+        features, self._features = self._features, None
+        self._ticks_before = self.sync.ticks
+        return self.learner.tick_features(
+            [f.stream_id for f in fixes], features, reset=[f.reset for f in fixes]
+        )
+
+    def _failed_tick(self, accepted: list[Accepted], exc: Exception) -> list[tuple[Message, dict[str, Any]]]:
+        """Never the single worker's one-at-a-time retry (several ticks on this rank alone): a tick
+        that failed before its collectives becomes an idle tick and its fixations get the error; one
+        that failed inside them cannot be repaired, so the rank stops (``DistributedError``)."""
+        assert self.sync is not None
+        if isinstance(exc, DistributedError):
+            raise exc
+        if self.sync.ticks != self._ticks_before:
+            raise DistributedError(
+                f"rank {self.rank}: the learner failed inside learning tick {self.sync.ticks}, after its "
+                f"collectives began, so the ranks are out of step; exiting for a restart ({exc})"
+            ) from exc
+        logger.error("rank %d: the learner refused a tick of %d fixations; an idle tick keeps the ranks "
+                     "in step", self.rank, len(accepted), exc_info=exc)  # fmt: skip
+        self._idle()
+        error = exc if isinstance(exc, FoveateError) else WorkerError(f"the learner failed: {exc}")
+        return [self._refuse(a.fix, error) for a in accepted]
+
+    # ------------------------------------------------------------------ commands
+
+    def execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        if command == "checkpoint":
+            raise ConfigError(NO_CHECKPOINTS)
+        return super().execute(command, args)
+
+    def model_info(self) -> dict[str, Any]:
+        """``Worker.model_info`` and this rank's place: rank, world size, and the SHA-256 of the
+        shared state (weights, optimizer, statistics), equal on every rank of a healthy group."""
+        info = super().model_info()
+        sync = self.sync
+        info["distributed"] = {
+            "rank": self.rank,
+            "world_size": self.world,
+            "fingerprint": fingerprint(self.learner).hex(),
+            "learning_ticks": 0 if sync is None else sync.ticks,
+            "collective_seconds": 0.0 if sync is None else round(sync.collective_s, 3),
+        }
+        return info
+
+
+def run_rank(settings: Settings, serve_metrics: Any, stop_on_signals: Any) -> int:
+    """``foveate worker --distributed`` (service/cli.py): join the group and run this rank until the
+    ranks agree to stop (returns 0), or until a rank is lost: then log the ``RankLost`` and leave
+    at once with status ``EXIT_RANK_LOST`` (no teardown of a broken group: gloo's can abort).
+
+    ``serve_metrics(settings)`` and ``stop_on_signals(worker)`` are the CLI's, shared with the
+    single worker."""
+    from service.redis_broker import RedisBroker
+
+    env = rank_env()
+    check_settings(settings, env.world)
+    settings = rank_settings(settings, env.rank, env.world)
+    group = init_group(settings, env)
+    worker = DistWorker(settings, RedisBroker(settings), group)
+    serve_metrics(settings)
+    stop_on_signals(worker)
+    try:
+        worker.start()
+        worker.run()
+    except DistributedError as exc:
+        logger.error("rank %d of %d: %s: %s; exiting with status %d so that the group restarts",
+                     env.rank, env.world, type(exc).__name__, exc, EXIT_RANK_LOST)  # fmt: skip
+        metrics.WORKER_UP.set(0)
+        logging.shutdown()
+        os._exit(EXIT_RANK_LOST)
+    worker.stop(checkpoint=False)
+    dist.destroy_process_group()
+    logger.info("rank %d of %d stopped", env.rank, env.world)
+    return 0
+
+
+__all__ = [
+    "EXIT_RANK_LOST",
+    "NO_CHECKPOINTS",
+    "Agreement",
+    "DistWorker",
+    "RankEnv",
+    "check_settings",
+    "init_group",
+    "rank_env",
+    "rank_settings",
+    "run_rank",
+]
