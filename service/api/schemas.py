@@ -235,6 +235,18 @@ class CheckpointOut(BaseModel):
     streams_written: int | None = Field(default=None, description="streams changed since the last one")
 
 
+class DistributedInfo(BaseModel):
+    """The answering rank's place in a distributed worker (``foveate worker --distributed``)."""
+
+    rank: int
+    world_size: int
+    fingerprint: str = Field(
+        description="SHA-256 of the shared state: equal on every rank of a healthy group"
+    )
+    learning_ticks: int
+    collective_seconds: float
+
+
 class ModelInfo(BaseModel):
     learner: str
     device: str
@@ -246,6 +258,9 @@ class ModelInfo(BaseModel):
     streams: int
     bytes_per_stream: int
     last_checkpoint: CheckpointOut | None = None
+    distributed: DistributedInfo | None = Field(
+        default=None, description="With a distributed worker: rank 0's answer (its streams only in `streams`)"
+    )
 
 
 class Health(BaseModel):
