@@ -64,7 +64,7 @@ from service.config import Settings
 from service.errors import WorkerError
 from service.messages import Fixation
 from service.replies import failure, reject_reason
-from service.shards import shard_key
+from service.shards import rank_of, shard_key
 from service.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -238,12 +238,32 @@ class DistWorker(Worker):
 
     def _lockstep_tick(self, batch: list[Fixation]) -> None:
         """This rank's part of a learning tick: its fixations (``Worker._tick`` screens them, then
-        ``_apply`` takes exactly one tick), or an idle tick when it has none."""
-        if batch:
-            self._tick(batch)
+        ``_apply`` takes exactly one tick), or an idle tick when it has none. Fixations of another
+        rank's streams are refused."""
+        mine = [f for f in batch if rank_of(f.stream_id, self.world) == self.rank]
+        if len(mine) < len(batch):
+            self._refuse_misrouted([f for f in batch if rank_of(f.stream_id, self.world) != self.rank])
+        if mine:
+            self._tick(mine)
         else:
             with self._lock:
                 self._idle()
+
+    def _refuse_misrouted(self, fixes: list[Fixation]) -> None:
+        """A fixation written to this rank's shard for a stream of another rank (a rig that wrote
+        Redis directly, by the wrong rule or world size) would start a second state of its stream
+        here: refused, naming the shard to write it to."""
+        replies = []
+        for fix in fixes:
+            owner = rank_of(fix.stream_id, self.world)
+            where = shard_key(self.settings.input_stream.rsplit(":", 1)[0], owner)
+            error = InputError(
+                f"stream {fix.stream_id[:140]!r} belongs to rank {owner} of {self.world}, not {self.rank}: "
+                f"write its fixations to {where} (service.shards.rank_of(stream_id, {self.world}))"
+            )
+            replies.append(self._refuse(fix, error))
+        self.broker.reply(replies)
+        self.offset.answered([fix.entry_id for fix in fixes])
 
     def _idle(self) -> TickOutput:
         return idle_tick(self.learner)

@@ -183,12 +183,20 @@ def test_a_reset_reaches_its_streams_rank(group: Group) -> None:
     assert post_patch(group.client, sid, _patch(99), seq=0)["step"] == 1  # numbered afresh
 
 
-def test_a_broken_message_on_one_rank_keeps_the_ranks_in_step(group: Group) -> None:
+def test_broken_and_misrouted_messages_keep_the_ranks_in_step(group: Group) -> None:
     r = redis.Redis.from_url(group.redis_url)
     sid = next(s for s in STREAMS if rank_of(s, WORLD) == 0)
     r.xadd("foveate:fixations:0", {"stream_id": sid, "patch": b"not an image", "request_id": "broken"})
     item = r.blpop(["foveate:result:broken"], timeout=60)
     assert item is not None and json.loads(item[1])["error"] == "PatchError"
+    other = next(s for s in STREAMS if rank_of(s, WORLD) == 1)  # written to the wrong shard: refused
+    r.xadd("foveate:fixations:0", {"stream_id": other, "patch": b"x", "request_id": "misrouted"})
+    item = r.blpop(["foveate:result:misrouted"], timeout=60)
+    assert item is not None
+    refused = json.loads(item[1])
+    assert (
+        refused["error"] == "InputError" and "write its fixations to foveate:fixations:1" in refused["detail"]
+    )
     for k, sid in enumerate(STREAMS):  # both ranks still learn, in step
         assert post_patch(group.client, sid, _patch(1000 + k), seq=10)["status"] == "applied"
     prints = {group.ask_rank("model", rank)["model"]["distributed"]["fingerprint"] for rank in range(WORLD)}
