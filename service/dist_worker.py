@@ -156,6 +156,8 @@ def init_group(settings: Settings, env: RankEnv) -> dist.ProcessGroup:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=_RENDEZVOUS_TIMEOUT)
     group = dist.new_group(timeout=timedelta(seconds=settings.dist_timeout_s))
+    if not isinstance(group, dist.ProcessGroup):  # torch's marker for "not a member": every rank is
+        raise DistributedError(f"rank {env.rank} is not in the group it made of every rank")
     logger.info("rank %d of %d joined the %s group (collective timeout %g s)",
                 env.rank, env.world, backend, settings.dist_timeout_s)  # fmt: skip
     return group
