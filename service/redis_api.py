@@ -198,8 +198,27 @@ class RedisApiSide(RedisSide):
             alive, why = False, f"cannot reach Redis ({type(exc).__name__}); check FOVEATE_REDIS_URL"
         else:
             alive, why = self._read_heartbeats(keys, beats)
+            if None in beats:
+                why += await self._shards_hint()
         self._alive_cache = (now, alive, why)
         return alive, why
+
+    async def _shards_hint(self) -> str:
+        """When a heartbeat is missing: whether the workers that do beat are laid out for another
+        ``FOVEATE_SHARDS`` (a distributed worker behind an API set for one, or the reverse)."""
+        base = self.settings.heartbeat_key
+        other = shard_key(base, 0) if self.settings.shards == 1 else base
+        try:
+            found = bool(await self.aio.exists(other))
+        except RedisError:
+            return ""
+        if not found:
+            return ""
+        if self.settings.shards == 1:
+            fix = "a distributed worker runs; set FOVEATE_SHARDS to its number of ranks"
+        else:
+            fix = "a single worker runs; set FOVEATE_SHARDS=1, or start the distributed one"
+        return f" (but {other} is there: {fix})"
 
     def _read_heartbeats(self, keys: list[str], beats: list[Any]) -> tuple[bool, str]:
         """(alive, why) from every rank's heartbeat: alive when each is there and young enough (the

@@ -68,6 +68,13 @@ def test_the_api_writes_each_stream_to_its_rank(redis_server: str, shards: int) 
         assert any(f[b"command"] == b"model" for f in commands) == (rank == 0)  # the model: rank 0
 
 
+async def _alive_of(broker: RedisBroker) -> tuple[bool, str]:
+    try:
+        return await broker.worker_alive()
+    finally:
+        await broker.close_api()
+
+
 def test_the_api_is_ready_only_when_every_rank_beats(redis_server: str) -> None:
     broker = RedisBroker(small_settings(redis_url=redis_server, shards=2))
     r = redis.Redis.from_url(redis_server)
@@ -75,10 +82,7 @@ def test_the_api_is_ready_only_when_every_rank_beats(redis_server: str) -> None:
 
     async def alive() -> tuple[bool, str]:
         broker._alive_cache = (0.0, False, "")
-        try:
-            return await broker.worker_alive()
-        finally:
-            await broker.close_api()
+        return await _alive_of(broker)
 
     r.set("foveate:worker:heartbeat:0", json.dumps({**beat, "ts": time.time()}))
     ok, why = asyncio.run(alive())
@@ -86,6 +90,10 @@ def test_the_api_is_ready_only_when_every_rank_beats(redis_server: str) -> None:
     r.set("foveate:worker:heartbeat:1", json.dumps({**beat, "ts": time.time()}))
     ok, _ = asyncio.run(alive())
     assert ok and broker._load == (6, 20.0)  # the load is the sum over the ranks
+    # an API left at FOVEATE_SHARDS=1 in front of the ranks says what to set
+    single = RedisBroker(small_settings(redis_url=redis_server))
+    ok, why = asyncio.run(_alive_of(single))
+    assert not ok and "set FOVEATE_SHARDS to its number of ranks" in why
 
 
 def test_a_rank_refuses_checkpoints_and_a_wrong_shard_count() -> None:
