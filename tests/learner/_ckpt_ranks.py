@@ -2,7 +2,7 @@
 
 Every rank plays the tick schedule of ``tests/learner/_ranks.py`` (the one of 3 ranks, whatever the
 group's size: a run that changes its number of ranks half-way plays one schedule), its streams
-picked by ``rank_of`` for the group's size. Two roles:
+picked by ``rank_of`` for the group's size; the learner is ``kind`` (``_ranks.new_learner``). Two roles:
 
 ``save``
     play the first half, checkpoint the group to ``ck``, play the second half (the uninterrupted
@@ -65,7 +65,7 @@ def result_file(out: str, role: str, world: int, rank: int) -> Path:
     return Path(out) / f"{role}{world}-rank{rank}.pt"
 
 
-def rank_main(rank: int, world: int, port: int, out: str, role: str) -> None:
+def rank_main(rank: int, world: int, port: int, out: str, role: str, kind: str = "rfp") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result: dict[str, Any] = {"rank": rank}
@@ -76,7 +76,7 @@ def rank_main(rank: int, world: int, port: int, out: str, role: str) -> None:
         # a loaded machine; a lost rank is seen at once anyway (its sockets close)
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
         writer_group = dist.new_group()
-        learner = _ranks.new_learner("rfp")
+        learner = _ranks.new_learner(kind)
         join(learner)
         ticks = plan()
         if role == "save":

@@ -30,12 +30,13 @@ from tests.learner import _ckpt_ranks, _ranks
 from tests.learner.test_distributed import JOIN_BOUND_S, _assert_same
 
 
-def _spawn(out: Path, world: int, role: str) -> list[dict[str, Any]]:
+def _spawn(out: Path, world: int, role: str, kind: str = "rfp") -> list[dict[str, Any]]:
     """Run ``world`` ranks in ``role`` to the end; return each one's result (rank order)."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
-        ctx.Process(target=_ckpt_ranks.rank_main, args=(r, world, port, str(out), role)) for r in range(world)
+        ctx.Process(target=_ckpt_ranks.rank_main, args=(r, world, port, str(out), role, kind))
+        for r in range(world)
     ]
     for p in procs:
         p.start()
@@ -213,6 +214,20 @@ def test_two_ranks_load_one_learners_checkpoint(
         assert all(rank_of(sid, 2) == res["rank"] for sid in res["rows_at_load"])
     _assert_same(_union(results, "rows_at_load"), _union(whole, "rows_at_save"), exact=True)
     _close(results[0], whole[0])
+
+
+@pytest.mark.slow
+def test_bptt_windows_follow_their_streams(tmp_path: Path) -> None:
+    """BPTTLearner keeps each stream's window in the core: rank 0 writes every rank's, and each rank
+    restores those of its streams."""
+    whole = _spawn(tmp_path, 3, "save", "bptt")
+    windows = read_state(tmp_path / "ck")["state"]["windows"]
+    assert sorted(windows) == sorted(_union(whole, "rows_at_save"))
+    assert all(w["inputs"] for w in windows.values())  # mid-window at the checkpoint: something to lose
+    results = _spawn(tmp_path, 2, "restore", "bptt")
+    _assert_same(_union(results, "rows_at_load"), _union(whole, "rows_at_save"), exact=True)
+    _close(results[0], whole[0])
+    _assert_same(_union(results, "rows"), _union(whole, "rows"), exact=False)
 
 
 @pytest.fixture
