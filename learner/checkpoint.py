@@ -28,6 +28,10 @@ a checkpoint whose architecture or trunk differs from the configured model is re
 bookkeeping (per-stream sequence numbers, queue offsets), saved atomically with the state it describes.
 A single-file checkpoint of an older foveate (version 3 and before) is refused with a message.
 
+The ranks of a distributed learner write one such folder together (``learner/dist_checkpoint.py``:
+each rank its streams, rank 0 the core and the manifest); its manifest adds ``ranks``, and this
+module loads it into one learner as any other (``keep`` loads some streams only).
+
 The folder's names and version are in ``learner/checkpoint_format.py``, writing (``take_snapshot``,
 ``write_snapshot``, ``save_checkpoint``) in ``learner/checkpoint_write.py``; reading is here, and this
 module is the one to import: it carries the whole API.
