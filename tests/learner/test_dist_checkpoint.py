@@ -24,7 +24,7 @@ from bench._servers import free_port
 from learner import dist_checkpoint
 from learner.checkpoint import MANIFEST, STREAMS, load_checkpoint, read_state, save_checkpoint
 from learner.distributed import join, shared_state
-from learner.errors import CheckpointError, ConfigError
+from learner.errors import CheckpointError, ConfigError, DistributedError
 from service.shards import rank_of
 from tests.learner import _ckpt_ranks, _ranks
 from tests.learner.test_distributed import JOIN_BOUND_S, _assert_same
@@ -259,6 +259,23 @@ def test_a_failed_rank_write_commits_nothing(group_of_one: None, tmp_path: Path)
     again = dist_checkpoint.save(ck, learner, {"n": 3})
     assert again["streams_written"] == again["streams"] == len(learner.stream_ids())
     assert read_state(ck)["extra"] == {"ranks": [{"n": 3}]}
+
+
+def test_a_partition_that_loses_streams_is_refused(group_of_one: None, tmp_path: Path) -> None:
+    """In process: a partition that gives some streams to no rank of the group (here, to a rank 1 that
+    a group of one lacks) is refused before anything is loaded."""
+    learner, fresh = _ranks.new_learner("rfp"), _ranks.new_learner("rfp")
+    join(learner)
+    _ranks.play(learner, _ckpt_ranks.plan()[:3], 0, 1)
+    dist_checkpoint.save(tmp_path / "ck", learner)
+    join(fresh)
+    lost = [sid for sid in learner.stream_ids() if sid.endswith("1")]
+    assert lost and len(lost) < len(learner.stream_ids())
+    with pytest.raises(DistributedError, match=f"gives {len(learner.stream_ids()) - len(lost)} stream loads"):
+        dist_checkpoint.load(tmp_path / "ck", fresh, lambda sid, ranks: int(sid in lost))
+    assert fresh.stream_ids() == []
+    assert dist_checkpoint.load(tmp_path / "ck", fresh, lambda sid, ranks: 0) == [{}]
+    assert sorted(fresh.stream_ids()) == sorted(learner.stream_ids())
 
 
 def test_a_group_checkpoint_needs_a_group(tmp_path: Path) -> None:
