@@ -2,7 +2,7 @@
 
 Every rank plays the tick schedule of ``tests/learner/_ranks.py`` (the one of 3 ranks, whatever the
 group's size: a run that changes its number of ranks half-way plays one schedule), its streams
-picked by ``rank_of`` for the group's size; the learner is ``kind`` (``_ranks.new_learner``). Two roles:
+picked by ``rank_of`` for the group's size; the learner is ``kind`` (``_ranks.new_learner``). Roles:
 
 ``save``
     play the first half, checkpoint the group to ``ck``, play the second half (the uninterrupted
@@ -13,6 +13,8 @@ picked by ``rank_of`` for the group's size; the learner is ``kind`` (``_ranks.ne
 ``restore``
     restore from ``ck`` (written by any number of ranks, or by one learner), play the second half,
     then checkpoint the group again into the same folder.
+``differ``
+    play 3 ticks; the last rank's weights then drift (as by a bug); a checkpoint must be refused.
 
 Each rank leaves its streams' rows, its shared state, its per-stream errors and any error in
 ``out/<role><world>-rank<r>.pt``.
@@ -32,7 +34,7 @@ import torch.distributed as dist
 
 from learner import dist_checkpoint
 from learner.distributed import fingerprint, join, shared_state
-from learner.errors import RankLost
+from learner.errors import CheckpointError, RankLost
 from learner.model import RunningWhitening
 from learner.snapshot import cloned
 from learner.streaming import StreamLearner
@@ -98,6 +100,15 @@ def rank_main(rank: int, world: int, port: int, out: str, role: str, kind: str =
                 dist_checkpoint.write(part, die_before_the_manifest)
             except RankLost as e:
                 result["lost"] = str(e)
+        elif role == "differ":
+            _ranks.play(learner, ticks[:3], rank, world)
+            if rank == world - 1:
+                with torch.no_grad():
+                    learner.model.rgc.W[0, 0] += 1e-9  # as a bug that let one rank's weights drift
+            try:
+                dist_checkpoint.save(ck, learner)
+            except CheckpointError as e:
+                result["refused"] = str(e)
         else:
             result["extras"] = dist_checkpoint.load(ck, learner, rank_of)
             result["rows_at_load"] = rows(learner)

@@ -230,6 +230,15 @@ def test_bptt_windows_follow_their_streams(tmp_path: Path) -> None:
     _assert_same(_union(results, "rows"), _union(whole, "rows"), exact=False)
 
 
+@pytest.mark.slow
+def test_ranks_with_different_models_commit_nothing(tmp_path: Path) -> None:
+    """Rank 0 writes the shared state for all: it commits only if every rank's fingerprint is its own."""
+    results = _spawn(tmp_path, 2, "differ")
+    for res in results:
+        assert "ranks [1] hold another model than rank 0" in res["refused"]
+    assert not (tmp_path / "ck" / MANIFEST).exists()
+
+
 @pytest.fixture
 def group_of_one(tmp_path: Path) -> Any:
     store = dist.FileStore(str(tmp_path / "store"), 1)
