@@ -12,7 +12,8 @@ picked by ``rank_of`` for the group's size; the learner is ``kind`` (``_ranks.ne
     would).
 ``restore``
     restore from ``ck`` (written by any number of ranks, or by one learner), play the second half,
-    then checkpoint the group again into the same folder.
+    then checkpoint the group again into the same folder; play the schedule's first tick once more
+    and checkpoint again (an incremental one: only the streams of that tick are written).
 ``differ``
     play 3 ticks; the last rank's weights then drift (as by a bug); a checkpoint must be refused.
 
@@ -93,7 +94,7 @@ def rank_main(rank: int, world: int, port: int, out: str, role: str, kind: str =
                     torch.save(result, where)
                     os._exit(0)  # as a crash: nothing after this line runs, no clean-up
 
-            result["rows"], result["shared"] = rows(learner), shared_state(learner)
+            result["rows"], result["shared"] = rows(learner), cloned(shared_state(learner))
             result["covariances"] = covariances(learner)
             try:
                 part = dist_checkpoint.take(ck, learner, {"rank": rank}, group=writer_group)
@@ -113,9 +114,12 @@ def rank_main(rank: int, world: int, port: int, out: str, role: str, kind: str =
             result["extras"] = dist_checkpoint.load(ck, learner, rank_of)
             result["rows_at_load"] = rows(learner)
             result["errors"] = _ranks.play(learner, ticks[HALF:], rank, world)
-            result["rows"], result["shared"] = rows(learner), shared_state(learner)
+            result["rows"], result["shared"] = rows(learner), cloned(shared_state(learner))
             result["covariances"] = covariances(learner)
             result["saved"] = dist_checkpoint.save(ck, learner, {"rank": rank})
+            _ranks.play(learner, ticks[:1], rank, world)  # one more tick: some streams change
+            result["saved_again"] = dist_checkpoint.save(ck, learner, {"rank": rank})
+            result["rows_after"] = rows(learner)
         result["fingerprint"] = fingerprint(learner)
     except Exception:
         result["traceback"] = traceback.format_exc()

@@ -168,13 +168,16 @@ def test_three_ranks_restart_as_two(saved: tuple[Path, list[dict[str, Any]]], tm
     errors = {sid: e for res in whole for sid, e in res["errors"].items()}
     for res in results:
         _same_errors(res["errors"], errors, exact=False)
-    # the 2 ranks' own checkpoint (incremental after the load: unchanged streams keep their files)
+    # the 2 ranks' own checkpoints: after the load (every stream changed since), then after one more
+    # tick (incremental: only that tick's streams are written, the others named from before)
     ck = tmp_path / "ck"
-    back = read_state(ck)
-    assert back["manifest"]["ranks"] == 2 and back["manifest"]["generation"] == 2
     assert results[0]["saved"]["streams"] == len(at_save)
     assert sum(res["saved"]["streams_written"] for res in results) == len(_touched_late())
-    _assert_same(back["state"]["streams"], _union(results, "rows"), exact=True)
+    first_tick = {sid for sid, _, _ in _ckpt_ranks.plan()[0]}
+    assert sum(res["saved_again"]["streams_written"] for res in results) == len(first_tick) < len(at_save)
+    back = read_state(ck)
+    assert back["manifest"]["ranks"] == 2 and back["manifest"]["generation"] == 3
+    _assert_same(back["state"]["streams"], _union(results, "rows_after"), exact=True)
     named = {name for _, name in back["manifest"]["streams"]}
     assert {f.name for f in (ck / STREAMS).iterdir()} == named  # the crashed write's files are gone
     assert sorted(f.name for f in ck.iterdir()) == sorted([MANIFEST, STREAMS, back["manifest"]["core"]])
