@@ -28,6 +28,10 @@ a checkpoint whose architecture or trunk differs from the configured model is re
 bookkeeping (per-stream sequence numbers, queue offsets), saved atomically with the state it describes.
 A single-file checkpoint of an older foveate (version 3 and before) is refused with a message.
 
+The ranks of a distributed learner write one such folder together (``learner/dist_checkpoint.py``:
+each rank its streams, rank 0 the core and the manifest); its manifest adds ``ranks``, and this
+module loads it into one learner as any other (``keep`` loads some streams only).
+
 The folder's names and version are in ``learner/checkpoint_format.py``, writing (``take_snapshot``,
 ``write_snapshot``, ``save_checkpoint``) in ``learner/checkpoint_write.py``; reading is here, and this
 module is the one to import: it carries the whole API.
@@ -38,7 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +134,24 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {"manifest": manifest, "state": {**core, "streams": streams}, "extra": extra}
 
 
-def load_checkpoint(path: str | os.PathLike[str], learner: StreamLearner) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    learner: StreamLearner,
+    *,
+    keep: Callable[[str], bool] | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Restore ``learner`` from ``path``; return the checkpoint's ``extra``.
 
-    Raises ``ArchitectureMismatch`` when the checkpoint was written by another architecture, another
-    learner type, or another trunk; learning settings (lr, update mode, ...) follow the configured
-    learner, not the checkpoint.
+    ``keep`` (a stream id -> whether to load it) restores some of the streams only: a rank of a
+    distributed learner keeps its partition (``learner/dist_checkpoint.py``), which also passes the
+    ``manifest`` it has read already. Raises ``ArchitectureMismatch`` when the checkpoint was written
+    by another architecture, another learner type, or another trunk; learning settings (lr, update
+    mode, ...) follow the configured learner, not the checkpoint.
     """
     path = Path(path)
-    manifest = read_checkpoint(path)
+    if manifest is None:
+        manifest = read_checkpoint(path)
     saved = ModelConfig.from_dict(manifest["config"])
     ours = learner.cfg
     diff = {
@@ -156,8 +169,13 @@ def load_checkpoint(path: str | os.PathLike[str], learner: StreamLearner) -> dic
         )
     core = _load(path / manifest["core"])
     extra = core.pop("extra", {})
+    streams = manifest["streams"]
+    if keep is not None:
+        streams = [[sid, name] for sid, name in streams if keep(sid)]
+        if "windows" in core:  # BPTTLearner keeps each stream's window in the core
+            core["windows"] = {sid: w for sid, w in core["windows"].items() if keep(sid)}
     try:
-        learner.load_state_dict({**core, "streams": _stream_rows(path, manifest["streams"])})
+        learner.load_state_dict({**core, "streams": _stream_rows(path, streams)})
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is malformed: {exc}") from exc
     # learning settings follow the configuration
@@ -166,7 +184,7 @@ def load_checkpoint(path: str | os.PathLike[str], learner: StreamLearner) -> dic
         group["weight_decay"] = ours.weight_decay
     states = learner.states
     states.dirty.clear()  # every stream is as its file holds it
-    files = {sid: name for sid, name in manifest["streams"]}
+    files = {sid: name for sid, name in streams}
     states.checkpoint_base = Committed(path.resolve(), manifest["generation"], files, stamp(path))
     log.info(
         "checkpoint restored: %s (%d streams, %d updates)", path, len(learner.states), learner.updates_applied

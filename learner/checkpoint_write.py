@@ -73,13 +73,35 @@ def _generation_on_disk(path: Path) -> int:
     return max(gens)
 
 
+def next_generation(path: str | os.PathLike[str], learner: StreamLearner) -> int:
+    """The generation the learner's next checkpoint at ``path`` takes: one past its last commit
+    there, or past every generation in the folder when it has none (or another writer came since)."""
+    path = Path(path)
+    base = _base(path, learner)
+    return (_generation_on_disk(path) if base is None else base.generation) + 1
+
+
+def _base(path: Path, learner: StreamLearner) -> Committed | None:
+    """The learner's last commit at ``path``, if nobody wrote there since (else every stream is written)."""
+    base = learner.states.checkpoint_base
+    if not isinstance(base, Committed) or base.path != path.resolve() or _stamp_or_none(path) != base.stamp:
+        return None
+    return base
+
+
 def take_snapshot(
-    path: str | os.PathLike[str], learner: StreamLearner, extra: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    learner: StreamLearner,
+    extra: dict[str, Any] | None = None,
+    *,
+    generation: int | None = None,
 ) -> Snapshot:
     """The in-memory half of a checkpoint: fast, and what the caller must hold the learner still for.
 
     After it the learner may tick on (in another thread than ``write_snapshot``'s, or not): the
     snapshot keeps the state of this instant. At most one snapshot per learner is in flight.
+    ``generation`` (at least ``next_generation``) is for writers that agree on one: the ranks of a
+    distributed learner (``learner/dist_checkpoint.py``).
     """
     path = Path(path)
     refuse_old_file(path)
@@ -88,7 +110,7 @@ def take_snapshot(
         raise CheckpointError("a checkpoint of this learner is still being written")
     (path / STREAMS).mkdir(parents=True, exist_ok=True)
     try:
-        snap = _take(path, learner, extra)
+        snap = _take(path, learner, extra, generation)
     except BaseException:
         states.checkpoint_base = None  # the changed streams were forgotten: the next write has them all
         raise
@@ -96,12 +118,16 @@ def take_snapshot(
     return snap
 
 
-def _take(path: Path, learner: StreamLearner, extra: dict[str, Any] | None) -> Snapshot:
+def _take(
+    path: Path, learner: StreamLearner, extra: dict[str, Any] | None, generation: int | None
+) -> Snapshot:
     states = learner.states
-    base = states.checkpoint_base
-    if not isinstance(base, Committed) or base.path != path.resolve() or _stamp_or_none(path) != base.stamp:
-        base = None  # never written here, or someone else wrote since: every stream is written
-    generation = (_generation_on_disk(path) if base is None else base.generation) + 1
+    base = _base(path, learner)  # None: never written here, or someone else wrote since
+    least = next_generation(path, learner)
+    if generation is None:
+        generation = least
+    elif generation < least:  # a name of a committed file would be reused
+        raise CheckpointError(f"generation {generation} at {path}: the next one is at least {least}")
     dirty, states.dirty = states.dirty, set()
     ids = states.stream_ids()
     files: dict[str, str] = {}
@@ -170,6 +196,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_files(snap: Snapshot, stage: Callable[[str], None] | None = None, *, core: bool = True) -> int:
+    """Write a snapshot's stream files and (``core``) its core file, durably; return the bytes.
+
+    The first half of ``write_snapshot``; nothing is committed yet. ``stage`` is called with
+    ``"rows"`` before the first stream file.
+    """
+    path, written = snap.path, 0
+    try:
+        if stage is not None:
+            stage("rows")
+        if snap.rows is not None:
+            for slot, sid in snap.rows.streams.items():
+                rows = {"id": sid, **snap.rows.take(slot)}
+                written += _save(path / STREAMS / snap.names[sid], rows)
+    finally:
+        if snap.rows is not None:
+            snap.rows.release()
+    for sid, rows in snap.loaded.items():
+        written += _save(path / STREAMS / snap.names[sid], rows)
+    if core:
+        written += _save(path / snap.manifest["core"], snap.core)
+    _fsync_dir(path / STREAMS)
+    return written
+
+
+def commit_manifest(path: Path, manifest: dict[str, Any]) -> int:
+    """The commit point: write the manifest (temporary file, fsync, rename, fsync of the folder);
+    return its bytes. Every file it names must be durable already."""
+    tmp = path / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    os.replace(tmp, path / MANIFEST)
+    _fsync_dir(path)
+    return size
+
+
 def write_snapshot(snap: Snapshot, stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write a snapshot's files and commit its manifest; return sizes and timing.
 
@@ -183,34 +248,13 @@ def write_snapshot(snap: Snapshot, stage: Callable[[str], None] | None = None) -
     assert learner is not None
     states = learner.states
     try:
-        written = 0
-        try:
-            if stage is not None:
-                stage("rows")
-            if snap.rows is not None:
-                for slot, sid in snap.rows.streams.items():
-                    rows = {"id": sid, **snap.rows.take(slot)}
-                    written += _save(path / STREAMS / snap.names[sid], rows)
-        finally:
-            if snap.rows is not None:
-                snap.rows.release()
-        for sid, rows in snap.loaded.items():
-            written += _save(path / STREAMS / snap.names[sid], rows)
-        written += _save(path / manifest["core"], snap.core)
-        _fsync_dir(path / STREAMS)
+        written = write_files(snap, stage)
         if stage is not None:
             stage("commit")
-        tmp = path / f".{MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-            f.flush()
-            os.fsync(f.fileno())
-            written += f.tell()
-        os.replace(tmp, path / MANIFEST)
-        _fsync_dir(path)
+        written += commit_manifest(path, manifest)
         files = dict((sid, name) for sid, name in manifest["streams"])
         states.checkpoint_base = Committed(path.resolve(), manifest["generation"], files, stamp(path))
-        total = _remove_unnamed(path, manifest["core"], set(files.values()))
+        total = remove_unnamed(path, manifest)
     except BaseException:
         states.checkpoint_base = None
         raise
@@ -231,9 +275,10 @@ def write_snapshot(snap: Snapshot, stage: Callable[[str], None] | None = None) -
     }
 
 
-def _remove_unnamed(path: Path, core: str, streams: set[str]) -> int:
-    """Delete what no manifest names (older generations, a crashed write's files); return the bytes
-    of what the manifest names."""
+def remove_unnamed(path: Path, manifest: dict[str, Any]) -> int:
+    """Delete what the committed ``manifest`` does not name (older generations, a crashed write's
+    files); return the bytes of what it names."""
+    core, streams = manifest["core"], {name for _, name in manifest["streams"]}
     total = (path / MANIFEST).stat().st_size
     for f in path.iterdir():
         if f.is_file() and f.name != MANIFEST:
