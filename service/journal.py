@@ -19,8 +19,7 @@ A checkpoint saves :attr:`CommandJournal.through`, the last record the worker ha
 records it holds but has not applied yet (:attr:`CommandJournal.pending`, below); after its commit
 the records up to ``through`` are trimmed (``XTRIM MINID``). A restarted worker takes the saved
 pending records and those after ``through``, and while the broker re-reads the input after the
-checkpoint's offset, applies each at its place, in journal order (a stream's records one after the
-other):
+checkpoint's offset, applies each at its place, in journal order:
 
 - before a tick that holds a fixation of its stream after ``stream_through``, or (holding none of
   the stream at or before it) any entry after ``input_through``;
@@ -132,13 +131,12 @@ class CommandJournal:
         return self._take_due(lambda c: c.due_after(answered_through))
 
     def _take_due(self, due: Any) -> list[JournaledCommand]:
-        out, kept, blocked = [], [], set()
+        # A stream's records come in journal order with marks that never decrease, so a record is
+        # never due before an earlier one of its stream: taking them in order keeps their order.
+        out: list[JournaledCommand] = []
+        kept: list[JournaledCommand] = []
         for c in self.pending:
-            if c.stream_id not in blocked and due(c):
-                out.append(c)
-            else:
-                blocked.add(c.stream_id)  # a stream's later records wait for its earlier ones
-                kept.append(c)
+            (out if due(c) else kept).append(c)
         self.pending = kept
         return out
 
