@@ -142,3 +142,42 @@ def test_a_journal_write_redis_refuses_is_an_error_and_nothing_is_applied(
     r.delete(settings.journal_stream)  # Redis takes writes again: the retry is applied
     assert _ask(settings, "reset", stream_id="a")["step"] == 0
     assert worker.execute("stream", {"stream_id": "a"})["stream"]["resets"] == 1
+
+
+def test_a_record_whose_entries_are_gone_waits_and_holds_back_new_commands_of_its_stream(
+    redis_server: str, tmp_path: Path
+) -> None:
+    # The reset came after a-1; a-1 is deleted from the input before the restart (as a trim would),
+    # so the re-read never reaches the reset's place: it waits, and a new reset of "a" is refused
+    # until an entry after its place (of any stream) arrives.
+    def worker(name: str) -> Worker:
+        settings = small_settings(redis_url=redis_server, checkpoint_path=tmp_path / "ckpt.pt", max_batch=1,
+                                  consumer_name=name, checkpoint_interval_s=3600)  # fmt: skip
+        return Worker(settings, RedisBroker(settings))
+
+    r = redis.Redis.from_url(redis_server)
+    first = worker("w1")
+    first.start()
+    _xadd(r, "a", 0)
+    assert _reply(r, "a-0")["step"] == 1
+    first.checkpoint()  # holds a-0
+    _xadd(r, "a", 1)
+    assert _reply(r, "a-1")["step"] == 2
+    assert _ask(first.settings, "reset", stream_id="a")["ok"]
+    first.stop(checkpoint=False)  # a crash
+    ((last, _),) = r.xrevrange(first.settings.input_stream, count=1)
+    r.xdel(first.settings.input_stream, last)
+
+    second = worker("w2")
+    second.start()
+    try:
+        assert [c.stream_id for c in second.journal.pending] == ["a"]
+        refused = _ask(second.settings, "reset", stream_id="a")
+        assert refused["error"] == "WorkerUnavailable" and "retry" in refused["detail"], refused
+        _xadd(r, "b", 0)  # after the reset's place: the reset is applied before it
+        assert _reply(r, "b-0")["step"] == 1
+        stream = second.execute("stream", {"stream_id": "a"})["stream"]
+        assert (stream["step"], stream["resets"], stream["fixations"]) == (0, 1, 1)
+        assert _ask(second.settings, "reset", stream_id="a")["ok"]
+    finally:
+        second.stop()
