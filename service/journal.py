@@ -28,7 +28,12 @@ checkpoint's offset, applies each at its place, in journal order:
 
 With one fixation per tick (``FOVEATE_MAX_BATCH=1``) this is exactly where the command was applied
 the first time, so the restored run equals an uninterrupted one bit for bit; with larger ticks each
-stream still sees its commands between the same two of its fixations.
+stream still sees its commands between the same two of its fixations. Meanwhile a new reset or
+delete of a stream whose record still waits is refused (``WorkerUnavailable``: retry), since it
+would overtake that record.
+
+:class:`CommandJournal` holds the records and the rule; :class:`JournalDriver` is the worker's side
+(write, track the input's place, re-apply), called from the worker's loop under its lock.
 
 Examples
 --------
@@ -41,12 +46,23 @@ Examples
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from service.messages import Fixation
+from learner.errors import FoveateError
+from service import metrics
+from service.commands import HANDLERS
+from service.errors import WorkerUnavailable
+from service.messages import Command, Control, Fixation
 from service.streams import EntryKey, entry_key, entry_text
+
+if TYPE_CHECKING:
+    from service.worker import Worker
+
+logger = logging.getLogger(__name__)
 
 #: The commands the journal carries: those that change a stream's state outside the input stream.
 JOURNALED = ("reset", "delete")
@@ -106,19 +122,11 @@ class CommandJournal:
         self.through: str | None = None
         self.pending: list[JournaledCommand] = []
 
-    def appended(self, journal_id: str) -> None:
-        """A record written and applied now."""
-        self.through = journal_id
-
     def take(self, entries: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Records read back at restore, after :attr:`through`: each waits for its place."""
         for journal_id, fields in entries:
             self.pending.append(JournaledCommand.from_fields(journal_id, fields))
             self.through = journal_id
-
-    def waits_on(self, stream_id: str) -> bool:
-        """Whether a record of ``stream_id`` still waits for its place."""
-        return any(c.stream_id == stream_id for c in self.pending)
 
     def due_before(self, batch: Sequence[Fixation]) -> list[JournaledCommand]:
         """The records to apply, in order, before a tick of ``batch`` (taken out of :attr:`pending`)."""
@@ -150,3 +158,106 @@ class CommandJournal:
         self.through = saved.get("through")
         pending = saved.get("pending", [])
         self.pending = [JournaledCommand.from_fields(str(p["journal_id"]), p) for p in pending]
+
+
+class JournalDriver:
+    """The worker's side of the journal (see the module docstring): writes a record before each
+    reset or delete, tracks where the input stands, and after a restart applies each record at its
+    place.
+
+    Parameters
+    ----------
+    worker
+        Whose broker keeps the journal, whose records and command handlers are used, and whose
+        input offset says which entries are answered.
+    lock
+        The worker's tick lock: a record is written and its command applied under it.
+    """
+
+    def __init__(self, worker: Worker, lock: threading.Lock) -> None:
+        self.worker = worker
+        self._lock = lock
+        self.journal = CommandJournal()
+        self.input_seen: EntryKey | None = None  # the greatest entry id taken into a tick
+        self.enabled = False  # a broker that re-reads its input (Redis), and checkpoints
+
+    @property
+    def pending(self) -> list[JournaledCommand]:
+        return self.journal.pending
+
+    def start(self, *, restored: bool) -> None:
+        """Once the broker has started: take the records after the restored checkpoint (or, with
+        none restored, skip the records of a checkpoint that is gone), and apply those due."""
+        worker = self.worker
+        self.enabled = worker.offset.through is not None and worker.settings.checkpoint_path is not None
+        if not self.enabled:
+            return
+        if restored:
+            self.journal.take(worker.broker.journal_after(self.journal.through))
+        else:
+            self.journal.through = worker.broker.journal_last()
+        self.input_seen = self.input_seen or worker.offset.through
+        self.after_tick()
+
+    def command(self, ctl: Control) -> dict[str, Any]:
+        """Write a reset's or delete's record, then apply it: the record first, so that a command
+        whose record Redis refused is answered with that error and not applied."""
+        sid = str(ctl.args.get("stream_id", ""))
+        if any(c.stream_id == sid for c in self.journal.pending):
+            raise WorkerUnavailable(
+                f"stream {sid[:140]!r} is being re-read after a restart and an earlier reset or "
+                "delete of it is not re-applied yet: retry in a second"
+            )
+        handler = HANDLERS[cast(Command, ctl.command)]
+        with self._lock:
+            rec = self.worker.records.get(sid)
+            if rec is None:
+                return handler(self.worker, ctl.args)  # UnknownStream: nothing to journal
+            place = JournaledCommand("", ctl.command, sid, entry_key(rec.last_read_entry_id), self.input_seen)
+            journal_id = self.worker.broker.journal(place.fields())
+            out = handler(self.worker, ctl.args)
+            self.journal.through = journal_id
+        metrics.JOURNAL_COMMANDS.labels(event="journaled").inc()
+        return out
+
+    def before_tick(self, batch: Sequence[Fixation]) -> None:
+        """Apply the records due before a tick of ``batch`` (the lock held)."""
+        if self.journal.pending:
+            self._apply(self.journal.due_before(batch))
+
+    def seen(self, batch: Sequence[Fixation]) -> None:
+        """Where each stream, and the input, stand after a tick of ``batch`` (the lock held)."""
+        for fix in batch:
+            key = entry_key(fix.entry_id)
+            if key is None:
+                continue
+            if self.input_seen is None or key > self.input_seen:
+                self.input_seen = key
+            rec = self.worker.records.get(fix.stream_id)
+            last = None if rec is None else entry_key(rec.last_read_entry_id)
+            if rec is not None and (last is None or key > last):
+                rec.last_read_entry_id = fix.entry_id
+
+    def after_tick(self) -> None:
+        """Apply the records whose input entries are all answered (after a tick, at start)."""
+        if self.journal.pending:
+            with self._lock:
+                self._apply(self.journal.due_after(self.worker.offset.through))
+
+    def _apply(self, due: list[JournaledCommand]) -> None:
+        for record in due:
+            try:
+                HANDLERS[cast(Command, record.command)](self.worker, {"stream_id": record.stream_id})
+            except FoveateError as exc:  # the stream's fixations before it were lost (trimmed)
+                logger.warning("journaled %s of %r (record %s) could not be applied again: %s",
+                               record.command, record.stream_id[:140], record.journal_id, exc)  # fmt: skip
+            metrics.JOURNAL_COMMANDS.labels(event="replayed").inc()
+
+    def to_dict(self) -> dict[str, Any]:
+        """For a checkpoint: the journal's position, its records not applied yet, the input's place."""
+        seen = None if self.input_seen is None else entry_text(self.input_seen)
+        return {**self.journal.to_dict(), "input_seen": seen}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.journal.load(saved)
+        self.input_seen = entry_key(saved.get("input_seen"))

@@ -62,12 +62,12 @@ from service.checkpointer import CheckpointDriver
 from service.commands import HANDLERS, TAKE_THEIR_OWN_LOCK
 from service.config import Settings
 from service.decode import decode_fixation
-from service.errors import WorkerError, WorkerUnavailable
-from service.journal import JOURNALED, CommandJournal, JournaledCommand
+from service.errors import WorkerError
+from service.journal import JOURNALED, JournalDriver
 from service.learner_setup import build_learner, limit_memory, torch_threads
 from service.messages import Command, Control, Fixation
 from service.replies import failure, fixation_scores, reject_reason
-from service.streams import EntryKey, InputOffset, StreamRecord, Tombstones, entry_key, entry_text
+from service.streams import InputOffset, StreamRecord, Tombstones, entry_key
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,6 @@ class Worker:
         self.offset = InputOffset()  # over Redis: every entry up to it has been answered
         self.deleted = Tombstones()  # a re-read Redis entry must not bring a deleted stream back
         self._saved_offset: str | None = None  # the restored checkpoint's input offset
-        self.journal = CommandJournal()  # over Redis: resets and deletes, durable before applied
-        self.input_seen: EntryKey | None = None  # the greatest entry id taken into a tick
-        self._replaying = False  # the broker re-reads its input after a restart (Redis)
         self.batcher = TickBatcher(settings.max_batch, settings.max_wait_ms / 1000.0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,6 +105,8 @@ class Worker:
         self._lock = threading.Lock()  # one tick, command or checkpoint snapshot at a time
         # restores and takes checkpoints; holds the checkpoint commands answered after their commit
         self.checkpoints = CheckpointDriver(self, self._lock)
+        # over Redis: a reset or delete is written to the command journal before it is applied
+        self.journal = JournalDriver(self, self._lock)
         # called by the writer with "rows" and "commit" (learner/checkpoint.py write_snapshot): tests
         # hold a write there to show that ticks go on meanwhile, or fail it
         self.checkpoint_stage: Callable[[str], None] | None = None
@@ -132,14 +131,7 @@ class Worker:
         )
         offset = self.broker.start_worker(decode, after=self._saved_offset)
         self.offset.through = entry_key(offset)
-        self._replaying = offset is not None
-        if self.journaling:  # the records after the checkpoint wait for their place (service/journal.py)
-            if restored:
-                self.journal.take(self.broker.journal_after(self.journal.through))
-            else:  # older records belong to a checkpoint that is gone
-                self.journal.through = self.broker.journal_last()
-            self.input_seen = self.input_seen or self.offset.through
-            self._replay_journal()
+        self.journal.start(restored=restored)
         if offset is not None and not restored:
             # the starting point: a crash before the first periodic checkpoint re-reads from here
             self.checkpoints.quietly("at start")
@@ -208,7 +200,6 @@ class Worker:
             "records": {s: r.to_dict() for s, r in self.records.items()},
             "checkpoint": checkpoint,
             "input_offset": self.offset.text,
-            "input_seen": None if self.input_seen is None else entry_text(self.input_seen),
             "journal": self.journal.to_dict(),
             "deleted": self.deleted.to_dict(),
         }
@@ -217,7 +208,6 @@ class Worker:
         """Take back what :meth:`service_state` saved, the learner being restored already."""
         self.records = {sid: StreamRecord.from_dict(rec) for sid, rec in saved.get("records", {}).items()}
         self._saved_offset = saved.get("input_offset")
-        self.input_seen = entry_key(saved.get("input_seen"))
         self.journal.load(saved.get("journal", {}))
         self.deleted.load(saved.get("deleted", {}))
         for sid in self.learner.stream_ids():
@@ -243,27 +233,13 @@ class Worker:
 
     def _tick(self, batch: list[Fixation]) -> None:
         with self._lock:
-            if self.journal.pending:
-                self._replay(self.journal.due_before(batch))
+            self.journal.before_tick(batch)  # records re-applied at their place after a restart
             accepted, replies = screen(self, batch)
             replies.extend(self._apply(accepted))
-            self._seen(batch)
+            self.journal.seen(batch)
         self.broker.reply(replies)
         self.offset.answered([fix.entry_id for fix in batch])  # (see the module docstring)
-        self._replay_journal()
-
-    def _seen(self, batch: list[Fixation]) -> None:
-        """Where each stream, and the input, stand: a journal record's place (service/journal.py)."""
-        for fix in batch:
-            key = entry_key(fix.entry_id)
-            if key is None:
-                continue
-            if self.input_seen is None or key > self.input_seen:
-                self.input_seen = key
-            rec = self.records.get(fix.stream_id)
-            last = None if rec is None else entry_key(rec.last_read_entry_id)
-            if rec is not None and (last is None or key > last):
-                rec.last_read_entry_id = fix.entry_id
+        self.journal.after_tick()
 
     def _apply(self, accepted: list[Accepted]) -> list[tuple[Message, dict[str, Any]]]:
         if not accepted:
@@ -349,59 +325,14 @@ class Worker:
             self.checkpoints.after_commit(ctl)  # answered after the commit, the loop going on
             return
         try:
-            if ctl.command in JOURNALED and self.journaling:
-                payload = {"ok": True, **self._journaled(ctl)}
+            if ctl.command in JOURNALED and self.journal.enabled:  # durable before applied
+                payload = {"ok": True, **self.journal.command(ctl)}
             else:
                 payload = {"ok": True, **self.execute(ctl.command, ctl.args)}
         except FoveateError as exc:
             metrics.REJECTED_MESSAGES.labels(reason=reject_reason(exc)).inc()
             payload = failure(exc)
         self.broker.reply([(ctl, payload)])
-
-    # ------------------------------------------------------------------ the command journal
-
-    @property
-    def journaling(self) -> bool:
-        """Resets and deletes go through the journal: a broker that re-reads its input (Redis), and
-        checkpoints to restore from."""
-        return self._replaying and self.settings.checkpoint_path is not None
-
-    def _journaled(self, ctl: Control) -> dict[str, Any]:
-        """Write a reset's or delete's journal record, then apply it: the record first, so that a
-        command whose record Redis refused is answered with that error and not applied."""
-        sid = str(ctl.args.get("stream_id", ""))
-        if self.journal.waits_on(sid):
-            raise WorkerUnavailable(
-                f"stream {sid[:140]!r} is being re-read after a restart and an earlier reset or "
-                "delete of it is not re-applied yet: retry in a second"
-            )
-        handler = HANDLERS[cast(Command, ctl.command)]
-        with self._lock:
-            rec = self.records.get(sid)
-            if rec is None:
-                return handler(self, ctl.args)  # UnknownStream: nothing to journal
-            place = JournaledCommand("", ctl.command, sid, entry_key(rec.last_read_entry_id), self.input_seen)
-            journal_id = self.broker.journal(place.fields())
-            out = handler(self, ctl.args)
-            self.journal.appended(journal_id)
-        metrics.JOURNAL_COMMANDS.labels(event="journaled").inc()
-        return out
-
-    def _replay_journal(self) -> None:
-        """Apply the journal's records whose input entries are all answered (after a tick, at start)."""
-        if self.journal.pending:
-            with self._lock:
-                self._replay(self.journal.due_after(self.offset.through))
-
-    def _replay(self, due: list[JournaledCommand]) -> None:
-        """Apply journal records again, at their place after a restart (the lock held)."""
-        for record in due:
-            try:
-                HANDLERS[cast(Command, record.command)](self, {"stream_id": record.stream_id})
-            except FoveateError as exc:  # the stream's fixations before it were lost (trimmed)
-                logger.warning("journaled %s of %r (record %s) could not be applied again: %s",
-                               record.command, record.stream_id[:140], record.journal_id, exc)  # fmt: skip
-            metrics.JOURNAL_COMMANDS.labels(event="replayed").inc()
 
     def execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
         """Run one command's handler (service/commands.py) on the worker's state, on its thread."""
