@@ -28,7 +28,7 @@ import redis
 import torch
 
 from learner.checkpoint import read_state
-from tests.service._support import ServiceProcess
+from tests.service._support import ServiceProcess, small_settings
 
 pytestmark = pytest.mark.slow  # a dozen worker starts with torch: about 100 s on 2 cores
 
@@ -228,8 +228,6 @@ class Scripted(Run):
     between phases."""
 
     def __init__(self, url: str, tmp: Path, processes: list[ServiceProcess]) -> None:
-        from service.config import Settings
-
         self.r = redis.Redis.from_url(url)
         self.tmp, self.processes, self.incarnations = tmp, processes, 0
         tmp.mkdir(parents=True)
@@ -243,7 +241,7 @@ class Scripted(Run):
             "FOVEATE_RESULT_TTL_S": "3600",
             "FOVEATE_WORKER_METRICS_PORT": "0",
         }
-        self.settings = Settings(redis_url=url, control_secret="test-control-secret")
+        self.settings = small_settings(redis_url=url)  # signs commands with the workers' secret
         self.sent: list[dict[str, Any]] = []
 
     def feed(self, proc: ServiceProcess, fixations: list[dict[str, Any]]) -> None:

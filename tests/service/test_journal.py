@@ -104,12 +104,14 @@ def test_a_reset_over_redis_is_answered_from_the_journal_with_no_checkpoint(
     generation = worker.last_checkpoint["generation"]  # the one taken at start
     stages: list[str] = []
     worker.checkpoint_stage = stages.append  # any checkpoint written from now on would show here
-    entries = [eid.decode() for eid, _ in r.xrange(settings.input_stream)]
+    read: Any = r.xrange(settings.input_stream)
+    entries = [eid.decode() for eid, _ in read]
 
     reply = _ask(settings, "reset", stream_id="a")
     assert reply["ok"] and reply["step"] == 0
     assert stages == [] and worker.last_checkpoint["generation"] == generation  # no checkpoint asked
-    ((_, fields),) = r.xrange(settings.journal_stream)
+    journal: Any = r.xrange(settings.journal_stream)
+    ((_, fields),) = journal
     assert {k.decode(): v.decode() for k, v in fields.items()} == {
         "command": "reset", "stream_id": "a", "stream_through": entries[-1], "input_through": entries[-1]
     }  # fmt: skip
@@ -165,7 +167,8 @@ def test_a_record_whose_entries_are_gone_waits_and_holds_back_new_commands_of_it
     assert _reply(r, "a-1")["step"] == 2
     assert _ask(first.settings, "reset", stream_id="a")["ok"]
     first.stop(checkpoint=False)  # a crash
-    ((last, _),) = r.xrevrange(first.settings.input_stream, count=1)
+    newest: Any = r.xrevrange(first.settings.input_stream, count=1)
+    ((last, _),) = newest
     r.xdel(first.settings.input_stream, last)
 
     second = worker("w2")
