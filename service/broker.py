@@ -203,6 +203,23 @@ class Broker(ABC):
     def stop_worker(self) -> None:  # noqa: B027
         """Stop receiving (threads, connections)."""
 
+    # --- the command journal (service/journal.py), kept by a broker that re-reads its input ---
+    def journal(self, fields: dict[str, str]) -> str:
+        """Append a command record durably and return its id; ``WorkerUnavailable`` when it could not
+        be written. Only a broker whose :meth:`start_worker` returns an offset keeps a journal."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no command journal")
+
+    def journal_after(self, after: str | None) -> list[tuple[str, dict[str, Any]]]:
+        """The records after id ``after`` (all with None), in order: (id, fields)."""
+        return []
+
+    def journal_last(self) -> str | None:
+        """The id of the newest record, None when there is none."""
+        return None
+
+    def journal_trim(self, through: str) -> None:  # noqa: B027
+        """Drop the records up to id ``through`` (a committed checkpoint holds their effect)."""
+
 
 class LocalBroker(Broker):
     """In-process broker for the embedded mode: a bounded queue and asyncio futures.

@@ -4,14 +4,16 @@ that writes them.
 :class:`CheckpointDriver` restores the checkpoint at start and takes one when asked, periodically and
 at stop. The tick loop only takes the snapshot (``learner.checkpoint.take_snapshot``, milliseconds,
 under the worker's lock): the weights, the stream states and the worker's own bookkeeping
-(``Worker.service_state``: each stream's record, the input offset, the deleted streams). A
-:class:`Checkpointer` writes the files and commits the manifest beside the loop, one write at a time.
+(``Worker.service_state``: each stream's record, the input offset, the command journal's position,
+the deleted streams). A :class:`Checkpointer` writes the files and commits the manifest beside the
+loop, one write at a time; after the commit the journal's records up to the position it holds are
+trimmed (service/journal.py).
 A periodic checkpoint asked for while one is being written is skipped (coalesced: the next interval
 takes it); an explicit one (``POST /v1/model/checkpoint``, the final one at stop) first waits for the
-write in flight, then takes its own and waits for its commit. The commands that must not be answered
-before a commit (``checkpoint``; ``reset`` and ``delete`` over Redis, which a replay could not
-repeat) wait in the driver while the loop learns on: :meth:`CheckpointDriver.settle`, called from the
-loop, starts their checkpoint and answers them once it has committed.
+write in flight, then takes its own and waits for its commit. The ``checkpoint`` command waits in
+the driver while the loop learns on: :meth:`CheckpointDriver.settle`, called from the loop, starts
+its checkpoint and answers it once it has committed. (A reset or delete over Redis no longer waits
+for a checkpoint: the command journal makes it durable.)
 
 A write nobody waits for runs at a lower CPU priority (niceness ``BACKGROUND_NICE``, this thread
 only, on Linux): on two shared cores the writer otherwise slowed every tick during the write 2-3x;
@@ -111,12 +113,12 @@ class Checkpointer:
         return job
 
 
-#: Commands waiting for a commit, each with its answer (None: the checkpoint command, answered with it).
-Waiting = list[tuple[Control, dict[str, Any] | None]]
+#: Checkpoint commands waiting for a commit.
+Waiting = list[Control]
 
 
 class CheckpointDriver:
-    """Restores and takes the worker's checkpoints, and answers the commands that wait for a commit.
+    """Restores and takes the worker's checkpoints, and answers the checkpoint commands at their commit.
 
     Parameters
     ----------
@@ -172,9 +174,9 @@ class CheckpointDriver:
         except (FoveateError, OSError) as exc:  # a full disk must not stop learning; retry next interval
             logger.error("checkpoint %s failed: %s", when, exc)
 
-    def after_commit(self, ctl: Control, payload: dict[str, Any] | None = None) -> None:
-        """Answer ``ctl`` (with ``payload``, or the checkpoint's info) once the next checkpoint commits."""
-        self._waiting.append((ctl, payload))
+    def after_commit(self, ctl: Control) -> None:
+        """Answer ``ctl`` with the checkpoint's info once the next checkpoint commits."""
+        self._waiting.append(ctl)
 
     @property
     def pending(self) -> bool:
@@ -194,6 +196,7 @@ class CheckpointDriver:
                                     "updates_applied": worker.learner.updates_applied,
                                     "streams": len(worker.records)}  # fmt: skip
             service = worker.service_state(dict(info))
+            journal_through = service["journal"]["through"]
             snap = take_snapshot(path, worker.learner, {"service": service})
             info["stall_seconds"] = time.perf_counter() - start
         metrics.CHECKPOINT_STALL_SECONDS.observe(info["stall_seconds"])
@@ -209,6 +212,8 @@ class CheckpointDriver:
             metrics.CHECKPOINTS.inc()
             metrics.LAST_CHECKPOINT.set(written_at)
             worker.last_checkpoint = info
+            if journal_through is not None:  # the commit holds their effect
+                worker.broker.journal_trim(journal_through)
             return info
 
         return self.writer.submit(write, background=background)
@@ -222,7 +227,7 @@ class CheckpointDriver:
             if not job.done.is_set():
                 return
             self._committing = None
-            reply([(ctl, self._committed(job, payload)) for ctl, payload in waiting])
+            reply([(ctl, self._committed(job)) for ctl in waiting])
         if self._waiting and not self.writer.busy:
             waiting, self._waiting = self._waiting, []
             try:
@@ -232,7 +237,7 @@ class CheckpointDriver:
                 failed.error, failed.waited = exc, True
                 failed.done.set()
                 logger.error("checkpoint for %d waiting command(s) failed: %s", len(waiting), exc)
-                reply([(ctl, self._committed(failed, payload)) for ctl, payload in waiting])
+                reply([(ctl, self._committed(failed)) for ctl in waiting])
                 return
             job.waited = True  # its error goes into the replies
             self._committing = (job, waiting)
@@ -244,12 +249,8 @@ class CheckpointDriver:
             self.settle()
 
     @staticmethod
-    def _committed(job: WriteJob, payload: dict[str, Any] | None) -> dict[str, Any]:
-        """The reply of a command that waited for ``job``: the checkpoint command gets what was
-        written (or the error); a reset or delete its own answer (its checkpoint failing is logged,
-        retried at the next interval, and does not undo it)."""
-        if payload is not None:
-            return payload
+    def _committed(job: WriteJob) -> dict[str, Any]:
+        """The reply of a checkpoint command that waited for ``job``: what was written, or the error."""
         if job.error is not None:
             err = job.error
             return failure(err if isinstance(err, Exception) else RuntimeError(str(err)))

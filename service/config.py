@@ -104,7 +104,7 @@ class Settings(_ModelSettings):
     redis_url
         ``None``: the embedded mode (one process, in-process queue). Otherwise Redis Streams.
     input_stream, control_stream, results_stream, result_key_prefix, consumer_group, consumer_name,
-    heartbeat_key
+    heartbeat_key, journal_stream
         Redis key names (see docs/redis-format.md).
     checkpoint_path, checkpoint_interval_s
         Where and how often the worker saves everything; ``None`` disables checkpoints.
@@ -170,6 +170,7 @@ class Settings(_ModelSettings):
     consumer_group: str = "foveate-workers"
     consumer_name: str = Field(default_factory=_default_consumer)
     heartbeat_key: str = "foveate:worker:heartbeat"
+    journal_stream: str = "foveate:journal"
     heartbeat_timeout_s: float = Field(default=10.0, gt=0.0)
     stream_maxlen: int = Field(default=100_000, ge=100)
     results_maxlen: int = Field(default=100_000, ge=100)

@@ -43,6 +43,8 @@ changed since the one before, and the weights),
 being applied again), ``foveate_seq_gaps_total`` (applied fixations whose ``seq`` skipped numbers)
 and ``foveate_seq_missing_total`` (the numbers skipped), ``foveate_replayed_fixations_total``
 (Redis entries re-read at start because they came after the last checkpoint),
+``foveate_journal_commands_total{event}`` (resets and deletes over Redis written to the command
+journal, ``event="journaled"``, and applied again from it after a restart, ``"replayed"``),
 ``foveate_effective_dimensionality``,
 ``foveate_embedding_norm``, ``foveate_hidden_norm``, ``foveate_trace_spectral_radius_max``,
 ``foveate_worker_up``, ``foveate_worker_heartbeat_timestamp_seconds``,
@@ -236,6 +238,12 @@ REPLAYED = Counter(
     "Redis entries re-read at start because they came after the last checkpoint (each is applied "
     "again, or answered as a duplicate when the checkpoint already holds it).",
     registry=WORKER_REGISTRY,
+)  # fmt: skip
+JOURNAL_COMMANDS = Counter(
+    "foveate_journal_commands",
+    "Resets and deletes over Redis: written to the command journal before being applied "
+    "(event=journaled), and applied again from it after a restart (event=replayed).",
+    ["event"], registry=WORKER_REGISTRY,
 )  # fmt: skip
 EFFECTIVE_DIM = Gauge(
     "foveate_effective_dimensionality", "Participation ratio of recent embeddings (collapse -> 1).",

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 from service import metrics
 from service.broker import Decoder, Inbox, Message
 from service.config import Settings
+from service.errors import WorkerUnavailable
 from service.messages import Control, Fixation, control_from_fields, fixation_from_fields, verify_control
 from service.redis_common import RedisSide, id_text, str_fields
 from service.streams import entry_before, entry_key, entry_text
@@ -304,6 +305,39 @@ class RedisWorkerSide(RedisSide):
             self._log_error("publishing results failed", exc)
         with self._lock:
             self._inflight.difference_update(acks[s.input_stream])
+
+    def journal(self, fields: dict[str, str]) -> str:
+        try:
+            return id_text(self.sync.xadd(self.settings.journal_stream, fields))  # type: ignore[arg-type]
+        except RedisError as exc:
+            self._log_error("writing the command journal failed", exc)
+            raise WorkerUnavailable(
+                f"Redis did not take the command's journal record ({exc}); the command was not "
+                "applied: retry it once Redis is reachable"
+            ) from exc
+
+    def journal_after(self, after: str | None) -> list[tuple[str, dict[str, Any]]]:
+        out: list[tuple[str, dict[str, Any]]] = []
+        low = "-" if after is None else "(" + after
+        while True:
+            entries: Any = self.sync.xrange(self.settings.journal_stream, min=low, max="+", count=1024)
+            out.extend((id_text(eid), str_fields(f)) for eid, f in entries)
+            if len(entries) < 1024:
+                return out
+            low = "(" + out[-1][0]
+
+    def journal_last(self) -> str | None:
+        last: Any = self.sync.xrevrange(self.settings.journal_stream, max="+", min="-", count=1)
+        return id_text(last[0][0]) if last else None
+
+    def journal_trim(self, through: str) -> None:
+        key = entry_key(through)
+        if key is None:
+            return
+        try:  # MINID keeps the ids at or above the one just after ``through``
+            self.sync.xtrim(self.settings.journal_stream, minid=f"{key[0]}-{key[1] + 1}", approximate=False)
+        except RedisError as exc:  # kept records are harmless: the next commit trims them
+            self._log_error("trimming the command journal failed", exc)
 
     def forget_stream(self, stream_id: str) -> None:
         try:

@@ -174,6 +174,8 @@ class StreamRecord:
     last_seq: int | None = None
     last_t: float | None = None
     last_entry_id: str | None = None
+    #: the greatest entry id of the stream taken into a tick, applied or not: a journal record's place
+    last_read_entry_id: str | None = None
     repeat_scored: int = 0  # scored fixations with a repeat error (all, unless restored from an old record)
     repeat_error_sum: float = 0.0
     paired_error_sum: float = 0.0  # the model's errors on those same fixations

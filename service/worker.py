@@ -27,8 +27,10 @@ answered. A checkpoint saves it atomically with the weights, the stream states a
 last seq, cached results and last entry id; a restarted worker (any consumer name) has the broker
 re-read every entry after it, in order, so the fixations applied after the checkpoint are applied
 again and those before it are recognised as duplicates. A reset or delete command is not in the
-input stream, so it is answered only once a checkpoint taken after it has committed (as is the
-``checkpoint`` command); the loop learns on meanwhile.
+input stream: over Redis the worker appends a record of it to the command journal
+(service/journal.py) before applying it, and answers at once; a restarted worker applies each record
+after its checkpoint at its place among the re-read fixations. The ``checkpoint`` command is
+answered after its commit, the loop learning on meanwhile.
 
 Examples
 --------
@@ -61,6 +63,7 @@ from service.commands import HANDLERS, TAKE_THEIR_OWN_LOCK
 from service.config import Settings
 from service.decode import decode_fixation
 from service.errors import WorkerError
+from service.journal import JOURNALED, JournalDriver
 from service.learner_setup import build_learner, limit_memory, torch_threads
 from service.messages import Command, Control, Fixation
 from service.replies import failure, fixation_scores, reject_reason
@@ -100,9 +103,10 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._last_beat = self._last_diag = 0.0
         self._lock = threading.Lock()  # one tick, command or checkpoint snapshot at a time
-        # restores and takes checkpoints; holds the commands answered after a commit (checkpoint;
-        # reset and delete over Redis)
+        # restores and takes checkpoints; holds the checkpoint commands answered after their commit
         self.checkpoints = CheckpointDriver(self, self._lock)
+        # over Redis: a reset or delete is written to the command journal before it is applied
+        self.journal = JournalDriver(self, self._lock)
         # called by the writer with "rows" and "commit" (learner/checkpoint.py write_snapshot): tests
         # hold a write there to show that ticks go on meanwhile, or fail it
         self.checkpoint_stage: Callable[[str], None] | None = None
@@ -127,6 +131,7 @@ class Worker:
         )
         offset = self.broker.start_worker(decode, after=self._saved_offset)
         self.offset.through = entry_key(offset)
+        self.journal.start(restored=restored)
         if offset is not None and not restored:
             # the starting point: a crash before the first periodic checkpoint re-reads from here
             self.checkpoints.quietly("at start")
@@ -195,6 +200,7 @@ class Worker:
             "records": {s: r.to_dict() for s, r in self.records.items()},
             "checkpoint": checkpoint,
             "input_offset": self.offset.text,
+            "journal": self.journal.to_dict(),
             "deleted": self.deleted.to_dict(),
         }
 
@@ -202,6 +208,7 @@ class Worker:
         """Take back what :meth:`service_state` saved, the learner being restored already."""
         self.records = {sid: StreamRecord.from_dict(rec) for sid, rec in saved.get("records", {}).items()}
         self._saved_offset = saved.get("input_offset")
+        self.journal.load(saved.get("journal", {}))
         self.deleted.load(saved.get("deleted", {}))
         for sid in self.learner.stream_ids():
             self.records.setdefault(sid, StreamRecord(sid))
@@ -226,10 +233,13 @@ class Worker:
 
     def _tick(self, batch: list[Fixation]) -> None:
         with self._lock:
+            self.journal.before_tick(batch)  # records re-applied at their place after a restart
             accepted, replies = screen(self, batch)
             replies.extend(self._apply(accepted))
+            self.journal.seen(batch)
         self.broker.reply(replies)
         self.offset.answered([fix.entry_id for fix in batch])  # (see the module docstring)
+        self.journal.after_tick()
 
     def _apply(self, accepted: list[Accepted]) -> list[tuple[Message, dict[str, Any]]]:
         if not accepted:
@@ -321,25 +331,17 @@ class Worker:
     # ------------------------------------------------------------------ commands
 
     def _command(self, ctl: Control) -> None:
-        checkpoints = self.settings.checkpoint_path is not None
-        if ctl.command == "checkpoint" and checkpoints:
+        if ctl.command == "checkpoint" and self.settings.checkpoint_path is not None:
             self.checkpoints.after_commit(ctl)  # answered after the commit, the loop going on
             return
         try:
-            payload = {"ok": True, **self.execute(ctl.command, ctl.args)}
+            if ctl.command in JOURNALED and self.journal.enabled:  # durable before applied
+                payload = {"ok": True, **self.journal.command(ctl)}
+            else:
+                payload = {"ok": True, **self.execute(ctl.command, ctl.args)}
         except FoveateError as exc:
             metrics.REJECTED_MESSAGES.labels(reason=reject_reason(exc)).inc()
             payload = failure(exc)
-        if (
-            payload["ok"]
-            and ctl.command in ("reset", "delete")
-            and self.offset.through is not None
-            and checkpoints
-        ):
-            # Not in the input stream, so a replay after a crash could not repeat it: make it durable
-            # before answering (only with a replaying broker: then the offset is set).
-            self.checkpoints.after_commit(ctl, payload)
-            return
         self.broker.reply([(ctl, payload)])
 
     def execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:

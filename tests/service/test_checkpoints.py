@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import redis
 
 from learner.checkpoint import MANIFEST, read_state
 from service import metrics
 from service.messages import Control
-from service.redis_broker import RedisBroker
-from service.worker import Worker
-from tests.service._support import small_settings
-from tests.service.test_worker import Running, _fix, _reply, _xadd
+from tests.service.test_worker import Running, _fix
 
 
 def _sample(name: str) -> float:
@@ -109,42 +102,3 @@ def test_a_checkpoint_command_is_answered_after_its_commit_and_learning_goes_on_
     finally:
         release.set()
         run.close()
-
-
-def test_a_reset_over_redis_is_answered_once_durable_while_other_streams_learn(
-    redis_server: str, tmp_path: Path
-) -> None:
-    settings = small_settings(redis_url=redis_server, checkpoint_path=tmp_path / "ckpt.pt", max_batch=1,
-                              checkpoint_interval_s=3600)  # fmt: skip
-    worker = Worker(settings, RedisBroker(settings))
-    r = redis.Redis.from_url(redis_server)
-    held, release = threading.Event(), threading.Event()
-
-    def hold(stage: str) -> None:
-        if stage == "commit":
-            held.set()
-            assert release.wait(60)
-
-    async def reset() -> dict[str, Any]:
-        return await RedisBroker(settings).command(Control("reset", {"stream_id": "a"}), 60.0)
-
-    worker.start()
-    try:
-        for seq in range(2):
-            _xadd(r, "a", seq)
-        assert [_reply(r, f"a-{seq}")["step"] for seq in range(2)] == [1, 2]
-        r.set(settings.heartbeat_key, json.dumps({"ts": time.time()}))
-        worker.checkpoint_stage = hold
-        with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(asyncio.run, reset())
-            assert held.wait(60)  # the reset is applied; its checkpoint is being written
-            _xadd(r, "b", 0)
-            assert _reply(r, "b-0")["step"] == 1  # learned meanwhile
-            assert not answer.done()  # not answered before the checkpoint holding it commits
-            release.set()
-            assert answer.result(60)["step"] == 0
-        saved = read_state(tmp_path / "ckpt.pt")
-        assert int(saved["state"]["streams"]["a"]["step"]) == 0  # the reset is in the checkpoint
-    finally:
-        release.set()
-        worker.stop()

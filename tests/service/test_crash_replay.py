@@ -14,6 +14,7 @@ fixations in the same order; where the kills fall depends on timing, what is che
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import time
@@ -27,7 +28,7 @@ import redis
 import torch
 
 from learner.checkpoint import read_state
-from tests.service._support import ServiceProcess
+from tests.service._support import ServiceProcess, small_settings
 
 pytestmark = pytest.mark.slow  # a dozen worker starts with torch: about 100 s on 2 cores
 
@@ -132,6 +133,8 @@ def _equal(a: Any, b: Any, where: str) -> None:
         assert isinstance(b, (list, tuple)) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):  # NaN: a score not computed, in both runs
+        assert isinstance(b, float) and math.isnan(b), (where, a, b)
     else:
         assert a == b, (where, a, b)
 
@@ -186,3 +189,152 @@ def test_sigkilled_worker_restarted_under_new_names_learns_bit_identically(
     plan = [rng.randint(2, 14) for _ in range(10)]
     plan[3], plan[6:6] = 1, [0]
     _crash_and_compare(redis_server_factory, tmp_path, processes, plan)
+
+
+# ---------------------------------------------------------------- resets and deletes: the journal
+
+
+def _phase(rng: np.random.Generator, tag: str, plan: dict[str, range]) -> list[dict[str, Any]]:
+    """Fixations of the streams in ``plan`` (stream -> seqs), interleaved; the second is retried."""
+    out: list[dict[str, Any]] = []
+    for i in range(max(len(seqs) for seqs in plan.values())):
+        for sid, seqs in plan.items():
+            if i < len(seqs):
+                patch = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                out.append({"stream_id": sid, "seq": seqs[i], "raw": patch.tobytes(), "shape": "32,32,3",
+                            "request_id": f"{tag}-{sid}-{seqs[i]}"})  # fmt: skip
+    out.insert(len(out) // 2, {**out[1], "request_id": f"{tag}-retry"})
+    return out
+
+
+def _script() -> list[list[dict[str, Any]] | list[tuple[str, str]]]:
+    """Phases of fixations and the commands sent between them, each once the phase is answered.
+
+    s0 is reset twice with fixations between; s1 deleted, fed again as a new stream, deleted again
+    with nothing after; s3 reset with no fixation after it; s2 reset between fixations."""
+    rng = np.random.default_rng(7)
+    return [
+        _phase(rng, "p0", {f"s{k}": range(0, 4) for k in range(4)}),
+        _phase(rng, "p1", {f"s{k}": range(4, 8) for k in range(4)}),
+        [("reset", "s0"), ("delete", "s1"), ("reset", "s3")],
+        _phase(rng, "p2", {"s0": range(8, 11), "s1": range(0, 3), "s2": range(8, 11)}),
+        [("reset", "s0"), ("delete", "s1"), ("reset", "s2")],
+        _phase(rng, "p3", {"s0": range(11, 13), "s2": range(11, 13)}),
+    ]
+
+
+class Scripted(Run):
+    """A run whose fixations are XADDed phase by phase, with commands (signed, as the API sends them)
+    between phases."""
+
+    def __init__(self, url: str, tmp: Path, processes: list[ServiceProcess]) -> None:
+        self.r = redis.Redis.from_url(url)
+        self.tmp, self.processes, self.incarnations = tmp, processes, 0
+        tmp.mkdir(parents=True)
+        self.ckpt = tmp / "ckpt.pt"
+        self.env = {
+            "FOVEATE_REDIS_URL": url,
+            "FOVEATE_CHECKPOINT_PATH": str(self.ckpt),
+            "FOVEATE_CHECKPOINT_INTERVAL_S": "3600",  # none due: a checkpoint only when stopped
+            "FOVEATE_MAX_BATCH": "1",
+            "FOVEATE_TORCH_THREADS": "1",
+            "FOVEATE_RESULT_TTL_S": "3600",
+            "FOVEATE_WORKER_METRICS_PORT": "0",
+        }
+        self.settings = small_settings(redis_url=url)  # signs commands with the workers' secret
+        self.sent: list[dict[str, Any]] = []
+
+    def feed(self, proc: ServiceProcess, fixations: list[dict[str, Any]]) -> None:
+        """XADD ``fixations`` and wait until each is answered."""
+        pipe = self.r.pipeline()
+        for fields in fixations:
+            pipe.xadd("foveate:fixations", fields)  # type: ignore[arg-type]
+        pipe.execute()
+        self.sent.extend(fixations)
+        keys = [f"foveate:result:{f['request_id']}" for f in fixations]
+        self.wait(proc, lambda: all(self.r.llen(k) for k in keys), "a phase was not answered")
+
+    def command(self, name: str, stream_id: str) -> dict[str, Any]:
+        from service.messages import Control
+        from service.redis_broker import RedisBroker
+
+        async def ask() -> dict[str, Any]:
+            broker = RedisBroker(self.settings)
+            try:
+                return await broker.command(Control(name, {"stream_id": stream_id}), 60.0)
+            finally:
+                await broker.close_api()
+
+        import asyncio
+
+        return asyncio.run(ask())
+
+    def play(self, proc: ServiceProcess, steps: list[Any]) -> None:
+        for step in steps:
+            if step and isinstance(step[0], tuple):
+                for name, sid in step:
+                    assert self.command(name, sid)["ok"], (name, sid)
+            else:
+                self.feed(proc, step)
+
+    def generation(self) -> int:
+        from learner.checkpoint import MANIFEST
+
+        return int(json.loads((self.ckpt / MANIFEST).read_text())["generation"])
+
+    def end(self, proc: ServiceProcess) -> dict[str, Any]:
+        """A last fixation of a new stream: answered once every entry before it has been; then SIGTERM."""
+        patch = np.random.default_rng(99).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        self.feed(proc, [{"stream_id": "z", "seq": 0, "raw": patch.tobytes(), "shape": "32,32,3",
+                          "request_id": "z-0"}])  # fmt: skip
+        assert proc.stop(signal.SIGTERM) == 0, proc.tail()
+        return read_state(self.ckpt)
+
+
+_WALL_CLOCK_OR_ENTRY = {"created_at", "updated_at", "last_entry_id", "last_read_entry_id"}
+
+
+def test_journaled_resets_and_deletes_replay_at_their_place_after_a_sigkill(
+    redis_server_factory: Callable[[], Any], tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    # The commands are answered from the journal while no checkpoint after the first is taken
+    # (interval 3600 s), then the worker is SIGKILLed: the restart restores that checkpoint, from
+    # before the commands, and must apply each journaled command between the same two fixations.
+    script = _script()
+    reference = Scripted(redis_server_factory().url, tmp_path / "reference", processes)
+    proc = reference.start()
+    reference.play(proc, script)
+    ref = reference.end(proc)
+
+    run = Scripted(redis_server_factory().url, tmp_path / "crashed", processes)
+    proc = run.start()
+    run.play(proc, script[:1])
+    assert proc.stop(signal.SIGTERM) == 0, proc.tail()  # the checkpoint to restore: after phase 0
+    before = run.generation()
+    proc = run.start()  # restores it; no checkpoint is due for an hour
+    run.play(proc, script[1:])
+    assert run.generation() == before  # every command was answered without a checkpoint
+    assert run.r.xlen("foveate:journal") == 6
+    assert proc.stop(signal.SIGKILL) == -signal.SIGKILL
+    run.env["FOVEATE_CHECKPOINT_INTERVAL_S"] = "0.2"  # checkpoints (and trims) during the re-read
+    run.interrupt(8, signal.SIGKILL)
+    proc = run.start()
+    got = run.end(proc)
+
+    _equal(ref["state"]["weights"], got["state"]["weights"], "weights")
+    _equal(ref["state"]["optimizer"]["state"], got["state"]["optimizer"]["state"], "optimizer")
+    _equal(ref["state"]["counters"], got["state"]["counters"], "counters")
+    _equal(_streams(ref["state"]), _streams(got["state"]), "streams")
+    want, have = ref["extra"]["service"]["records"], got["extra"]["service"]["records"]
+    assert sorted(have) == ["s0", "s2", "s3", "z"]  # s1 deleted twice
+    for sid in want:
+        _equal({k: v for k, v in want[sid].items() if k not in _WALL_CLOCK_OR_ENTRY},
+               {k: v for k, v in have[sid].items() if k not in _WALL_CLOCK_OR_ENTRY}, sid)  # fmt: skip
+    assert (have["s0"]["resets"], have["s3"]["resets"], have["s0"]["step"]) == (2, 1, 2)
+    assert not got["extra"]["service"]["journal"]["pending"]
+    for fields in run.sent:  # every answer any incarnation gave equals the uninterrupted run's
+        key = f"foveate:result:{fields['request_id']}"
+        (first,) = [json.loads(x) for x in reference.r.lrange(key, 0, -1)]
+        for reply in [json.loads(x) for x in run.r.lrange(key, 0, -1)]:
+            assert reply["status"] in (first["status"], "duplicate"), reply
+            assert {k: reply[k] for k in _SCORES} == {k: first[k] for k in _SCORES}, key

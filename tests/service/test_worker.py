@@ -233,7 +233,7 @@ def _reply(r: redis.Redis, request_id: str) -> dict[str, Any]:
 
 def test_reset_command_survives_a_crash(redis_server: str, tmp_path: Path) -> None:
     # A reset is not in the input stream, so re-reading it after a crash cannot repeat it: the
-    # worker checkpoints right after it.
+    # worker writes it to the command journal, and the restarted worker applies it again after a-2.
     def worker(name: str) -> Worker:
         settings = small_settings(redis_url=redis_server, checkpoint_path=tmp_path / "ckpt.pt", max_batch=1,
                                   consumer_name=name, checkpoint_interval_s=3600)  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from service.api.deps import BrokerDep, IngestKey, Principal, ReadKey, SettingsDep, StreamId, ask_worker
+from service.api.deps import BrokerDep, IngestKey, Principal, ReadKey, StreamId, ask_worker
 from service.api.schemas import (
     CommandIn,
     DeleteOut,
@@ -21,7 +21,6 @@ from service.api.schemas import (
     StreamInfo,
     StreamList,
 )
-from service.config import Settings
 from service.errors import Forbidden
 
 router = APIRouter(prefix="/streams", tags=["streams"])
@@ -74,27 +73,17 @@ async def get_prediction(stream_id: StreamId, broker: BrokerDep, key: ReadKey) -
     return _own(key, {k: reply[k] for k in ("stream_id", "step", "prediction")})
 
 
-def _durable(settings: Settings) -> float:
-    """Over Redis a reset or delete is answered once a checkpoint holding it has committed (after the
-    checkpoint being written, if any: seconds at thousands of streams), like POST /v1/model/checkpoint."""
-    return max(settings.sync_timeout_s, 60.0)
-
-
 @router.post("/{stream_id}/reset", response_model=ResetOut, responses=_ERRORS, summary="Start a new sequence")
-async def reset_stream(
-    stream_id: StreamId, body: CommandIn, broker: BrokerDep, settings: SettingsDep, key: IngestKey
-) -> Any:
+async def reset_stream(stream_id: StreamId, body: CommandIn, broker: BrokerDep, key: IngestKey) -> Any:
     """Zero the stream's state (h, c, traces, step); the next fixation is step 1 and is not scored.
     Applied between worker ticks: fixations already queued for the stream come after it. The body is
     the JSON object ``{}``."""
-    reply = await ask_worker(broker, "reset", _durable(settings), stream_id=key.qualify(stream_id))
+    reply = await ask_worker(broker, "reset", stream_id=key.qualify(stream_id))
     return _own(key, {"stream_id": reply["stream_id"], "step": reply["step"]})
 
 
 @router.delete("/{stream_id}", response_model=DeleteOut, responses=_ERRORS, summary="Forget a stream")
-async def delete_stream(
-    stream_id: StreamId, request: Request, broker: BrokerDep, settings: SettingsDep, key: IngestKey
-) -> Any:
-    reply = await ask_worker(broker, "delete", _durable(settings), stream_id=key.qualify(stream_id))
+async def delete_stream(stream_id: StreamId, request: Request, broker: BrokerDep, key: IngestKey) -> Any:
+    reply = await ask_worker(broker, "delete", stream_id=key.qualify(stream_id))
     request.app.state.stream_quota.forget(key.namespace or "", key.qualify(stream_id))
     return _own(key, {"stream_id": reply["stream_id"], "deleted": reply["deleted"]})
