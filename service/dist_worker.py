@@ -133,7 +133,7 @@ def check_settings(settings: Settings, world: int) -> None:
 
 
 def rank_settings(settings: Settings, rank: int, world: int) -> Settings:
-    """This rank's settings: its shard of the input, control and heartbeat keys, and its metrics port
+    """This rank's settings: its shard of the input, control, heartbeat and journal keys, and its metrics port
     (``FOVEATE_WORKER_METRICS_PORT + rank``, so that ranks on one machine do not collide)."""
     port = settings.worker_metrics_port
     return settings.model_copy(
@@ -141,6 +141,7 @@ def rank_settings(settings: Settings, rank: int, world: int) -> Settings:
             "input_stream": shard_key(settings.input_stream, rank),
             "control_stream": shard_key(settings.control_stream, rank),
             "heartbeat_key": shard_key(settings.heartbeat_key, rank),
+            "journal_stream": shard_key(settings.journal_stream, rank),  # its streams' resets and deletes
             "worker_metrics_port": port + rank if port else 0,
             "shards": world,
         }
