@@ -34,10 +34,11 @@ step, and the rank exits non-zero.
 ``FOVEATE_DIST_TIMEOUT_S`` (gloo reports a closed peer at once): they log the ``RankLost`` and exit
 with status 3, so that the orchestrator (torchrun, compose) restarts the group; never a hang.
 
-**Checkpoints** of a distributed worker are not supported yet (the per-rank checkpoint with one
-manifest and its re-partition is a learner API still to come): the worker refuses to start with
-``FOVEATE_CHECKPOINT_PATH`` set and answers the ``checkpoint`` command with the same reason. The
-third agreement flag is where the loop will take a checkpoint at one tick on every rank.
+**Checkpoints** (``FOVEATE_CHECKPOINT_PATH``; service/dist_checkpointer.py): every
+``FOVEATE_CHECKPOINT_INTERVAL_S``, on a ``checkpoint`` command (rank 0) or a reset/delete over Redis,
+and when the ranks agree to stop, the third flag makes every rank save its part of one group
+checkpoint (learner/dist_checkpoint.py) after the same tick, in the loop; the commands are answered
+after the commit. At start every rank restores it, with the same or another number of ranks.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from service.admission import Accepted
 from service.batching import TickBatcher
 from service.broker import Broker, Message
 from service.config import Settings
+from service.dist_checkpointer import DistCheckpointDriver
 from service.errors import WorkerError
 from service.messages import Fixation
 from service.replies import failure, reject_reason
@@ -76,19 +78,13 @@ _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 #: The exit status of a rank that lost its group: the orchestrator restarts the group.
 EXIT_RANK_LOST = 3
 
-NO_CHECKPOINTS = (
-    "checkpoints of a distributed worker are not yet supported (each rank's streams and one manifest "
-    "are still to come): set FOVEATE_CHECKPOINT_PATH= (empty) to run `foveate worker --distributed` "
-    "without them; a restart then starts from a fresh model and forgets every stream's state"
-)
-
 
 class Agreement(NamedTuple):
     """What every rank decided together at the start of an iteration."""
 
     rows: bool  # some rank has fixations: every rank takes one learning tick
     stop: bool  # some rank was asked to stop: all stop after this iteration
-    checkpoint: bool  # (not yet used: see the module docstring)
+    checkpoint: bool  # some rank wants a checkpoint: all save one after this iteration's tick
 
 
 class RankEnv(NamedTuple):
@@ -122,8 +118,6 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
 
 def check_settings(settings: Settings, world: int) -> None:
     """Refuse what a distributed worker cannot do yet, before any process group is made."""
-    if settings.checkpoint_path is not None:
-        raise ConfigError(NO_CHECKPOINTS)
     if "shards" in settings.model_fields_set and settings.shards != world:
         raise ConfigError(
             f"FOVEATE_SHARDS={settings.shards} but the group has WORLD_SIZE={world} ranks: the API "
@@ -178,6 +172,8 @@ class DistWorker(Worker):
         A ready learner; built from ``settings`` when ``None``.
     """
 
+    checkpoints: DistCheckpointDriver  # the group's checkpoints (service/dist_checkpointer.py)
+
     def __init__(
         self,
         settings: Settings,
@@ -185,12 +181,12 @@ class DistWorker(Worker):
         group: dist.ProcessGroup | None = None,
         learner: StreamLearner | None = None,
     ) -> None:
-        if settings.checkpoint_path is not None:
-            raise ConfigError(NO_CHECKPOINTS)
         super().__init__(settings, broker, learner)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        self.input_base = settings.input_stream.rsplit(":", 1)[0]  # the key before rank_settings
+        self.checkpoints = DistCheckpointDriver(self, self._lock)
         self.batcher = TickBatcher(settings.max_batch, settings.max_wait_ms / 1000.0, idle_poll_s=_POLL_S)
         self.sync: TickSync | None = None
         self._features: torch.Tensor | None = None  # (B, M) of the fixations being ticked
@@ -212,7 +208,7 @@ class DistWorker(Worker):
             for ctl in self.broker.commands():
                 self._command(ctl)
             batch, controls = self.batcher.gather(self._receive, self._stop.is_set)
-            agreed = self._agree(rows=bool(batch), stop=self._stop.is_set())
+            agreed = self._agree(rows=bool(batch), stop=self._stop.is_set(), checkpoint=self.checkpoints.want)
             if agreed.rows:
                 start = time.perf_counter()
                 self._lockstep_tick(batch)
@@ -220,6 +216,8 @@ class DistWorker(Worker):
                     self.rate.observe(len(batch), time.perf_counter() - start)
             for ctl in controls:
                 self._command(ctl)
+            if (agreed.checkpoint or agreed.stop) and self.settings.checkpoint_path is not None:
+                self.checkpoints.quietly("at stop" if agreed.stop else "agreed")  # every rank, now
             self._housekeeping()
             if agreed.stop:
                 logger.info("rank %d: the ranks agreed to stop", self.rank)
@@ -359,11 +357,6 @@ class DistWorker(Worker):
 
     # ------------------------------------------------------------------ commands
 
-    def execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        if command == "checkpoint":
-            raise ConfigError(NO_CHECKPOINTS)
-        return super().execute(command, args)
-
     def model_info(self) -> dict[str, Any]:
         """``Worker.model_info`` and this rank's place: rank, world size, and the SHA-256 of the
         shared state (weights, optimizer, statistics), equal on every rank of a healthy group."""
@@ -412,7 +405,6 @@ def run_rank(settings: Settings, serve_metrics: Any, stop_on_signals: Any) -> in
 
 __all__ = [
     "EXIT_RANK_LOST",
-    "NO_CHECKPOINTS",
     "Agreement",
     "DistWorker",
     "RankEnv",
