@@ -16,11 +16,15 @@ exactly one per iteration, or none. Each iteration of :meth:`DistWorker.run`:
 
 1. gathers a tick's fixations as the single worker does, waiting at most ``_POLL_S`` when none come
    (so an idle service makes a few small agreements a second, not a spin);
-2. agrees with the others in one ``all_reduce`` (max) of three flags: has any rank fixations, does
-   any rank want to stop, does any want a checkpoint (always 0: see below);
+2. agrees with the others in one ``all_reduce`` (max) of four flags: has any rank fixations, does
+   any rank want to stop, does any want a checkpoint (below), is any still draining;
 3. if any rank has fixations, every rank ticks: on its own admitted fixations, or ``idle_tick``;
 4. answers its commands (all local: a stream's state lives on its rank; ``model`` on rank 0), and
-   stops after the tick when any rank asked to (SIGTERM to one rank stops all).
+   checkpoints when agreed.
+
+**Stopping.** SIGTERM to one rank stops all: once the stop is agreed, the ranks drain (for at most
+``DRAIN_S``: they go on ticking while any rank holds fixations or has unread entries in its shard),
+then checkpoint together and return.
 
 **A bad fixation** must not cost a tick on one rank only. The single worker's recovery (apply each
 fixation alone when a tick fails: several learning ticks in one iteration) would break lockstep, so
@@ -77,6 +81,14 @@ _POLL_S = 0.05
 _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 #: The exit status of a rank that lost its group: the orchestrator restarts the group.
 EXIT_RANK_LOST = 3
+#: At most this long after an agreed stop, the ranks answer the fixations in hand and in their
+#: shards before the final checkpoint (so that a re-partition finds the shards answered); within
+#: compose's stop_grace_period (60 s) with the checkpoint's write.
+DRAIN_S = 20.0
+
+
+def _never() -> bool:
+    return False
 
 
 class Agreement(NamedTuple):
@@ -85,6 +97,7 @@ class Agreement(NamedTuple):
     rows: bool  # some rank has fixations: every rank takes one learning tick
     stop: bool  # some rank was asked to stop: all stop after this iteration
     checkpoint: bool  # some rank wants a checkpoint: all save one after this iteration's tick
+    more: bool  # stopping, some rank still has fixations to answer: the drain goes on
 
 
 class RankEnv(NamedTuple):
@@ -204,11 +217,19 @@ class DistWorker(Worker):
         """The lockstep loop; returns once the ranks agreed to stop. ``DistributedError`` (RankLost:
         a peer died or stalled) propagates: the caller exits non-zero."""
         logger.info("rank %d of %d running on %s", self.rank, self.world, self.learner.device)
+        drain_until: float | None = None  # set when the stop is agreed: answer what is in hand first
         while True:
             for ctl in self.broker.commands():
                 self._command(ctl)
-            batch, controls = self.batcher.gather(self._receive, self._stop.is_set)
-            agreed = self._agree(rows=bool(batch), stop=self._stop.is_set(), checkpoint=self.checkpoints.want)
+            draining = drain_until is not None
+            batch, controls = self.batcher.gather(self._receive, _never if draining else self._stop.is_set)
+            more = drain_until is not None and time.monotonic() < drain_until and self._unanswered()
+            agreed = self._agree(
+                rows=bool(batch),
+                stop=self._stop.is_set() or draining,
+                checkpoint=self.checkpoints.want,
+                more=more,
+            )
             if agreed.rows:
                 start = time.perf_counter()
                 self._lockstep_tick(batch)
@@ -216,23 +237,31 @@ class DistWorker(Worker):
                     self.rate.observe(len(batch), time.perf_counter() - start)
             for ctl in controls:
                 self._command(ctl)
-            if (agreed.checkpoint or agreed.stop) and self.settings.checkpoint_path is not None:
-                self.checkpoints.quietly("at stop" if agreed.stop else "agreed")  # every rank, now
+            done = draining and not (agreed.rows or agreed.more)
+            if (agreed.checkpoint or done) and self.settings.checkpoint_path is not None:
+                self.checkpoints.quietly("at stop" if done else "agreed")  # every rank, now
             self._housekeeping()
-            if agreed.stop:
+            if agreed.stop and not draining:
+                drain_until = time.monotonic() + DRAIN_S
+                logger.info("rank %d: stopping; answering the fixations in hand first", self.rank)
+            if done:
                 logger.info("rank %d: the ranks agreed to stop", self.rank)
                 return
 
-    def _agree(self, *, rows: bool, stop: bool, checkpoint: bool = False) -> Agreement:
-        """One ``all_reduce`` (max) of this rank's three flags: what any rank wants, every rank does."""
+    def _unanswered(self) -> bool:
+        """Whether this rank holds, or its shard has, fixations not answered yet (the stop's drain)."""
+        return self.batcher.held > 0 or self.broker.backlog() > 0
+
+    def _agree(self, *, rows: bool, stop: bool, checkpoint: bool = False, more: bool = False) -> Agreement:
+        """One ``all_reduce`` (max) of this rank's four flags: what any rank wants, every rank does."""
         assert self.sync is not None
-        flags = torch.tensor([rows, stop, checkpoint], dtype=torch.int32, device=self.learner.device)
+        flags = torch.tensor([rows, stop, checkpoint, more], dtype=torch.int32, device=self.learner.device)
         self.sync._collective(
             "the iteration's agreement",
             lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group),
         )
-        rows_, stop_, checkpoint_ = (bool(v) for v in flags.tolist())
-        return Agreement(rows_, stop_, checkpoint_)
+        rows_, stop_, checkpoint_, more_ = (bool(v) for v in flags.tolist())
+        return Agreement(rows_, stop_, checkpoint_, more_)
 
     # ------------------------------------------------------------------ one tick on every rank
 
@@ -404,6 +433,7 @@ def run_rank(settings: Settings, serve_metrics: Any, stop_on_signals: Any) -> in
 
 
 __all__ = [
+    "DRAIN_S",
     "EXIT_RANK_LOST",
     "Agreement",
     "DistWorker",

@@ -4,7 +4,8 @@ torchrun starts them), a real redis-server, the real API on a real uvicorn, one 
 In order, on one Redis and one folder: two ranks learn, a checkpoint command over the API is answered
 after the group's commit, SIGTERM stops both with a checkpoint; two new ranks continue every stream
 (steps go on, a resent seq is a duplicate, the model is the one saved); then three ranks restart from
-the two's checkpoint (every stream once, on its new rank, its steps intact, and learning on); and a
+the two's checkpoint (every stream once, on its new rank, its steps intact, the fixations queued
+when the two were stopped learned by their drain, and learning on); and a
 checkpoint whose old shard holds an entry it never answered is refused at start, naming the shard.
 """
 
@@ -27,11 +28,19 @@ import redis
 from service.messages import Control
 from service.redis_broker import RedisBroker
 from service.shards import rank_of
-from tests.service._support import ServiceProcess, ThreadedServer, free_port, post_patch, small_settings
+from tests.service._support import (
+    ServiceProcess,
+    ThreadedServer,
+    free_port,
+    png,
+    post_patch,
+    small_settings,
+)
 
 pytestmark = pytest.mark.slow  # 2-3 worker processes with torch, restarted 3 times: about 60-90 s
 
 STREAMS = [f"rig-{i}" for i in range(6)]  # both ranks of 2, and all of 3, hold streams
+QUEUED = 60  # fixations of one stream (one tick each) in its shard when the group is stopped
 BOUND_S = 120  # a wait longer than this is a hang (collective timeout below: 20 s)
 
 
@@ -165,6 +174,12 @@ def test_a_checkpoint_command_is_answered_after_the_commit_and_a_restart_continu
         assert post_patch(client, sid, _patch(10 * k + 4), seq=4)["step"] == 5
     prints = setup.fingerprints(2)
     assert len(set(prints)) == 1 and prints != saved  # learning on, in step
+    # queued in a shard as the stop comes: one tick each (one stream), answered by the stop's drain
+    pipe = redis.Redis.from_url(setup.redis_url).pipeline()
+    for seq in range(5, 5 + QUEUED):
+        fields = {"stream_id": STREAMS[0], "seq": seq, "patch": png(_patch(seq))}
+        pipe.xadd(f"foveate:fixations:{rank_of(STREAMS[0], 2)}", fields)  # type: ignore[arg-type]
+    pipe.execute()  # all at once, then at once the signal
     _stop(ranks)
 
 
@@ -174,11 +189,15 @@ def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> No
     for rank in range(3):
         held = [s["stream_id"] for s in setup.ask_rank("streams", rank, 3)["streams"]]
         assert sorted(held) == sorted(s for s in STREAMS if rank_of(s, 3) == rank)
-    for k, sid in enumerate(STREAMS):
+    for k, sid in enumerate(STREAMS[1:], start=1):
         assert client.get(f"/v1/streams/{sid}").json()["step"] == 5  # its steps intact
         again = post_patch(client, sid, _patch(10 * k + 4), seq=4)  # its dedup record came along
         assert (again["status"], again["step"]) == ("duplicate", 5), again
         assert post_patch(client, sid, _patch(10 * k + 5), seq=5)["step"] == 6
+    last = 4 + QUEUED  # the fixations queued at the stop were learned before its checkpoint
+    assert client.get(f"/v1/streams/{STREAMS[0]}").json()["step"] == last + 1
+    again = post_patch(client, STREAMS[0], _patch(last), seq=last)
+    assert (again["status"], again["step"]) == ("duplicate", last + 1), again
     assert len(set(setup.fingerprints(3))) == 1
     _stop(ranks)
 
