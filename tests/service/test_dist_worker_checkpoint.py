@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 import redis
 
+from bench._servers import free_port
 from service.messages import Control
 from service.redis_broker import RedisBroker
 from service.shards import rank_of
 from tests.service._support import (
     ServiceProcess,
     ThreadedServer,
-    free_port,
     png,
     post_patch,
     small_settings,
