@@ -5,7 +5,8 @@ In order, on one Redis and one folder: two ranks learn, a checkpoint command ove
 after the group's commit, SIGTERM stops both with a checkpoint; two new ranks continue every stream
 (steps go on, a resent seq is a duplicate, the model is the one saved); then three ranks restart from
 the two's checkpoint (every stream once, on its new rank, its steps intact, the fixations queued
-when the two were stopped learned by their drain, and learning on); and a
+when the two were stopped learned by their drain, learning on, and a reset answered after a group
+checkpoint); and a
 checkpoint whose old shard holds an entry it never answered is refused at start, naming the shard.
 """
 
@@ -199,6 +200,11 @@ def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> No
     again = post_patch(client, STREAMS[0], _patch(last), seq=last)
     assert (again["status"], again["step"]) == ("duplicate", last + 1), again
     assert len(set(setup.fingerprints(3))) == 1
+    # a reset over Redis cannot be replayed: answered once a group checkpoint holds it
+    before = json.loads((setup.checkpoint / "manifest.json").read_text())["generation"]
+    reply = client.post(f"/v1/streams/{STREAMS[1]}/reset", json={})
+    assert reply.status_code == 200 and reply.json() == {"stream_id": STREAMS[1], "step": 0}, reply.text
+    assert json.loads((setup.checkpoint / "manifest.json").read_text())["generation"] > before
     _stop(ranks)
 
 
