@@ -25,7 +25,8 @@ writer held the stream. Then:
   writer's saved offset (a SIGTERM stop with no traffic arriving leaves it so) and refuses to start,
   naming the shard, otherwise. Then a rank whose shard existed resumes it after that offset (its
   end), a new shard is read from its start; the old shards beyond the new world are left unread,
-  and the tombstones of deleted streams (entry ids of the old shards) are dropped.
+  and the tombstones of deleted streams (entry ids of the old shards) are dropped. The group
+  checkpoints at its first iteration, so that a crash after it restores the new layout.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ class DistCheckpointDriver(CheckpointDriver):
                     f"partition never answered: restart with WORLD_SIZE={writers or 1} to learn them "
                     "(then stop it with SIGTERM while no fixations arrive) before changing the ranks"
                 )
+        # the new layout's offsets, at the first agreement: a crash before the next checkpoint must
+        # not restore the old layout again, whose shards the new API writes to by now
+        self.wanted = True
         if writers and worker.rank < writers:
             return services[worker.rank].get("input_offset")
         return None

@@ -200,6 +200,8 @@ def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> No
     again = post_patch(client, STREAMS[0], _patch(last), seq=last)
     assert (again["status"], again["step"]) == ("duplicate", last + 1), again
     assert len(set(setup.fingerprints(3))) == 1
+    # the new layout was checkpointed at the group's first iteration (before the second fixation)
+    assert json.loads((setup.checkpoint / "manifest.json").read_text())["ranks"] == 3
     # a reset over Redis cannot be replayed: answered once a group checkpoint holds it
     before = json.loads((setup.checkpoint / "manifest.json").read_text())["generation"]
     reply = client.post(f"/v1/streams/{STREAMS[1]}/reset", json={})
