@@ -16,11 +16,15 @@ exactly one per iteration, or none. Each iteration of :meth:`DistWorker.run`:
 
 1. gathers a tick's fixations as the single worker does, waiting at most ``_POLL_S`` when none come
    (so an idle service makes a few small agreements a second, not a spin);
-2. agrees with the others in one ``all_reduce`` (max) of three flags: has any rank fixations, does
-   any rank want to stop, does any want a checkpoint (always 0: see below);
+2. agrees with the others in one ``all_reduce`` (max) of four flags: has any rank fixations, does
+   any rank want to stop, does any want a checkpoint (below), is any still draining;
 3. if any rank has fixations, every rank ticks: on its own admitted fixations, or ``idle_tick``;
 4. answers its commands (all local: a stream's state lives on its rank; ``model`` on rank 0), and
-   stops after the tick when any rank asked to (SIGTERM to one rank stops all).
+   checkpoints when agreed.
+
+**Stopping.** SIGTERM to one rank stops all: once the stop is agreed, the ranks drain (for at most
+``DRAIN_S``: they go on ticking while any rank holds fixations or has unread entries in its shard),
+then checkpoint together and return.
 
 **A bad fixation** must not cost a tick on one rank only. The single worker's recovery (apply each
 fixation alone when a tick fails: several learning ticks in one iteration) would break lockstep, so
@@ -34,10 +38,11 @@ step, and the rank exits non-zero.
 ``FOVEATE_DIST_TIMEOUT_S`` (gloo reports a closed peer at once): they log the ``RankLost`` and exit
 with status 3, so that the orchestrator (torchrun, compose) restarts the group; never a hang.
 
-**Checkpoints** of a distributed worker are not supported yet (the per-rank checkpoint with one
-manifest and its re-partition is a learner API still to come): the worker refuses to start with
-``FOVEATE_CHECKPOINT_PATH`` set and answers the ``checkpoint`` command with the same reason. The
-third agreement flag is where the loop will take a checkpoint at one tick on every rank.
+**Checkpoints** (``FOVEATE_CHECKPOINT_PATH``; service/dist_checkpointer.py): every
+``FOVEATE_CHECKPOINT_INTERVAL_S``, on a ``checkpoint`` command (rank 0) or a reset/delete over Redis,
+and when the ranks agree to stop, the third flag makes every rank save its part of one group
+checkpoint (learner/dist_checkpoint.py) after the same tick, in the loop; the commands are answered
+after the commit. At start every rank restores it, with the same or another number of ranks.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from service.admission import Accepted
 from service.batching import TickBatcher
 from service.broker import Broker, Message
 from service.config import Settings
+from service.dist_checkpointer import DistCheckpointDriver
 from service.errors import WorkerError
 from service.messages import Fixation
 from service.replies import failure, reject_reason
@@ -75,12 +81,14 @@ _POLL_S = 0.05
 _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 #: The exit status of a rank that lost its group: the orchestrator restarts the group.
 EXIT_RANK_LOST = 3
+#: At most this long after an agreed stop, the ranks answer the fixations in hand and in their
+#: shards before the final checkpoint (so that a re-partition finds the shards answered); within
+#: compose's stop_grace_period (60 s) with the checkpoint's write.
+DRAIN_S = 20.0
 
-NO_CHECKPOINTS = (
-    "checkpoints of a distributed worker are not yet supported (each rank's streams and one manifest "
-    "are still to come): set FOVEATE_CHECKPOINT_PATH= (empty) to run `foveate worker --distributed` "
-    "without them; a restart then starts from a fresh model and forgets every stream's state"
-)
+
+def _never() -> bool:
+    return False
 
 
 class Agreement(NamedTuple):
@@ -88,7 +96,8 @@ class Agreement(NamedTuple):
 
     rows: bool  # some rank has fixations: every rank takes one learning tick
     stop: bool  # some rank was asked to stop: all stop after this iteration
-    checkpoint: bool  # (not yet used: see the module docstring)
+    checkpoint: bool  # some rank wants a checkpoint: all save one after this iteration's tick
+    more: bool  # stopping, some rank still has fixations to answer: the drain goes on
 
 
 class RankEnv(NamedTuple):
@@ -122,8 +131,6 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
 
 def check_settings(settings: Settings, world: int) -> None:
     """Refuse what a distributed worker cannot do yet, before any process group is made."""
-    if settings.checkpoint_path is not None:
-        raise ConfigError(NO_CHECKPOINTS)
     if "shards" in settings.model_fields_set and settings.shards != world:
         raise ConfigError(
             f"FOVEATE_SHARDS={settings.shards} but the group has WORLD_SIZE={world} ranks: the API "
@@ -179,6 +186,8 @@ class DistWorker(Worker):
         A ready learner; built from ``settings`` when ``None``.
     """
 
+    checkpoints: DistCheckpointDriver  # the group's checkpoints (service/dist_checkpointer.py)
+
     def __init__(
         self,
         settings: Settings,
@@ -186,12 +195,12 @@ class DistWorker(Worker):
         group: dist.ProcessGroup | None = None,
         learner: StreamLearner | None = None,
     ) -> None:
-        if settings.checkpoint_path is not None:
-            raise ConfigError(NO_CHECKPOINTS)
         super().__init__(settings, broker, learner)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        self.input_base = settings.input_stream.rsplit(":", 1)[0]  # the key before rank_settings
+        self.checkpoints = DistCheckpointDriver(self, self._lock)
         self.batcher = TickBatcher(settings.max_batch, settings.max_wait_ms / 1000.0, idle_poll_s=_POLL_S)
         self.sync: TickSync | None = None
         self._features: torch.Tensor | None = None  # (B, M) of the fixations being ticked
@@ -209,11 +218,19 @@ class DistWorker(Worker):
         """The lockstep loop; returns once the ranks agreed to stop. ``DistributedError`` (RankLost:
         a peer died or stalled) propagates: the caller exits non-zero."""
         logger.info("rank %d of %d running on %s", self.rank, self.world, self.learner.device)
+        drain_until: float | None = None  # set when the stop is agreed: answer what is in hand first
         while True:
             for ctl in self.broker.commands():
                 self._command(ctl)
-            batch, controls = self.batcher.gather(self._receive, self._stop.is_set)
-            agreed = self._agree(rows=bool(batch), stop=self._stop.is_set())
+            draining = drain_until is not None
+            batch, controls = self.batcher.gather(self._receive, _never if draining else self._stop.is_set)
+            more = drain_until is not None and time.monotonic() < drain_until and self._unanswered()
+            agreed = self._agree(
+                rows=bool(batch),
+                stop=self._stop.is_set() or draining,
+                checkpoint=self.checkpoints.want,
+                more=more,
+            )
             if agreed.rows:
                 start = time.perf_counter()
                 self._lockstep_tick(batch)
@@ -221,21 +238,31 @@ class DistWorker(Worker):
                     self.rate.observe(len(batch), time.perf_counter() - start)
             for ctl in controls:
                 self._command(ctl)
+            done = draining and not (agreed.rows or agreed.more)
+            if (agreed.checkpoint or done) and self.settings.checkpoint_path is not None:
+                self.checkpoints.quietly("at stop" if done else "agreed")  # every rank, now
             self._housekeeping()
-            if agreed.stop:
+            if agreed.stop and not draining:
+                drain_until = time.monotonic() + DRAIN_S
+                logger.info("rank %d: stopping; answering the fixations in hand first", self.rank)
+            if done:
                 logger.info("rank %d: the ranks agreed to stop", self.rank)
                 return
 
-    def _agree(self, *, rows: bool, stop: bool, checkpoint: bool = False) -> Agreement:
-        """One ``all_reduce`` (max) of this rank's three flags: what any rank wants, every rank does."""
+    def _unanswered(self) -> bool:
+        """Whether this rank holds, or its shard has, fixations not answered yet (the stop's drain)."""
+        return self.batcher.held > 0 or self.broker.backlog() > 0
+
+    def _agree(self, *, rows: bool, stop: bool, checkpoint: bool = False, more: bool = False) -> Agreement:
+        """One ``all_reduce`` (max) of this rank's four flags: what any rank wants, every rank does."""
         assert self.sync is not None
-        flags = torch.tensor([rows, stop, checkpoint], dtype=torch.int32, device=self.learner.device)
+        flags = torch.tensor([rows, stop, checkpoint, more], dtype=torch.int32, device=self.learner.device)
         self.sync._collective(
             "the iteration's agreement",
             lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group),
         )
-        rows_, stop_, checkpoint_ = (bool(v) for v in flags.tolist())
-        return Agreement(rows_, stop_, checkpoint_)
+        rows_, stop_, checkpoint_, more_ = (bool(v) for v in flags.tolist())
+        return Agreement(rows_, stop_, checkpoint_, more_)
 
     # ------------------------------------------------------------------ one tick on every rank
 
@@ -360,11 +387,6 @@ class DistWorker(Worker):
 
     # ------------------------------------------------------------------ commands
 
-    def execute(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        if command == "checkpoint":
-            raise ConfigError(NO_CHECKPOINTS)
-        return super().execute(command, args)
-
     def model_info(self) -> dict[str, Any]:
         """``Worker.model_info`` and this rank's place: rank, world size, and the SHA-256 of the
         shared state (weights, optimizer, statistics), equal on every rank of a healthy group."""
@@ -412,8 +434,8 @@ def run_rank(settings: Settings, serve_metrics: Any, stop_on_signals: Any) -> in
 
 
 __all__ = [
+    "DRAIN_S",
     "EXIT_RANK_LOST",
-    "NO_CHECKPOINTS",
     "Agreement",
     "DistWorker",
     "RankEnv",

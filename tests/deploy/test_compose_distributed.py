@@ -46,7 +46,11 @@ def test_torchrun_starts_two_ranks_of_the_distributed_worker(tmp_path: Path) -> 
     environment = service["environment"]
     known = {f"FOVEATE_{name.upper()}" for name in Settings.model_fields}
     assert {k for k in environment if k.startswith("FOVEATE_")} <= known
-    # The ranks start: their settings pass the distributed worker's own check (no checkpoint path).
+    # The ranks start: their settings pass the distributed worker's own check; they checkpoint to
+    # the checkpoints volume, where every rank (one machine) sees the same folder.
+    assert environment["FOVEATE_CHECKPOINT_PATH"].startswith("/data/checkpoints/")
+    mounts = {v["target"]: v for v in service["volumes"]}  # compose config resolves them to dicts
+    assert mounts["/data/checkpoints"]["source"] == "checkpoints"
     settings = Settings(
         **{k[len("FOVEATE_") :].lower(): v for k, v in environment.items() if k != "FOVEATE_REDIS_URL"}
     )

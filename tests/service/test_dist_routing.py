@@ -23,7 +23,7 @@ from learner.distributed import join
 from learner.errors import ConfigError
 from service.admission import screen
 from service.broker import LocalBroker
-from service.dist_worker import NO_CHECKPOINTS, DistWorker, check_settings, rank_env, rank_settings
+from service.dist_worker import DistWorker, check_settings, rank_env, rank_settings
 from service.messages import Control, Fixation
 from service.redis_broker import RedisBroker
 from service.shards import rank_of
@@ -96,9 +96,8 @@ def test_the_api_is_ready_only_when_every_rank_beats(redis_server: str) -> None:
     assert not ok and "set FOVEATE_SHARDS to its number of ranks" in why
 
 
-def test_a_rank_refuses_checkpoints_and_a_wrong_shard_count() -> None:
-    with pytest.raises(ConfigError, match=r"not yet supported.*FOVEATE_CHECKPOINT_PATH= \(empty\)"):
-        check_settings(small_settings(checkpoint_path=Path("ckpt.pt")), 2)
+def test_a_rank_refuses_a_wrong_shard_count() -> None:
+    check_settings(small_settings(checkpoint_path=Path("ckpt.pt")), 2)  # group checkpoints are built
     with pytest.raises(ConfigError, match="FOVEATE_SHARDS=3 but the group has WORLD_SIZE=2"):
         check_settings(small_settings(shards=3), 2)
     check_settings(small_settings(), 2)  # FOVEATE_SHARDS unset in a worker: the world size rules
@@ -153,9 +152,8 @@ def test_a_bad_fixation_costs_one_tick_not_one_per_fixation(rank_of_one: DistWor
     assert worker.sync.ticks == before + 2 and answer[1]["error"] == "PatchError"
 
 
-def test_a_rank_answers_the_checkpoint_command_with_the_reason(rank_of_one: DistWorker) -> None:
-    with pytest.raises(ConfigError, match="not yet supported"):
+def test_a_rank_without_a_checkpoint_path_answers_the_checkpoint_command_so(rank_of_one: DistWorker) -> None:
+    with pytest.raises(ConfigError, match="checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH"):
         rank_of_one.execute("checkpoint", {})
     info = rank_of_one.execute("model", {})["model"]["distributed"]
     assert (info["rank"], info["world_size"], len(info["fingerprint"])) == (0, 1, 64)
-    assert NO_CHECKPOINTS.startswith("checkpoints of a distributed worker are not yet supported")

@@ -84,7 +84,7 @@ def _start_ranks(tmp: Path, redis_url: str, tag: str) -> list[ServiceProcess]:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(master_port),
             "FOVEATE_REDIS_URL": redis_url,
-            "FOVEATE_CHECKPOINT_PATH": "",  # a distributed worker refuses checkpoints (not yet supported)
+            "FOVEATE_CHECKPOINT_PATH": "",  # none here: test_dist_worker_checkpoint.py has them
             "FOVEATE_WORKER_METRICS_PORT": "0",
             "FOVEATE_TORCH_THREADS": "1",
             "FOVEATE_DIST_TIMEOUT_S": "20",

@@ -1,0 +1,197 @@
+"""The checkpoints of a distributed worker (service/dist_worker.py): when the ranks take one together,
+what each rank saves, and how a group of any size restores it.
+
+**Taking.** A group checkpoint is collective (learner/dist_checkpoint.py ``save``): every rank must
+take it between the same two ticks. So no rank starts one on its own: a periodic checkpoint due on a
+rank, a ``checkpoint`` command (rank 0) or a reset/delete over Redis that waits for a commit only
+*want* one (:attr:`DistCheckpointDriver.wanted`); the iteration's agreement (the third flag) tells
+every rank, and each then saves in its loop after the tick. A stop agreed by the ranks (SIGTERM to
+any) checkpoints the same way before they exit. The write happens in the loop: learning stalls for
+the whole write on every rank (``foveate_checkpoint_stall_seconds``), unlike the single worker's
+snapshot-then-write-beside-the-loop. The commands that waited are answered after the commit.
+
+**What each rank saves** as its ``extra``: ``Worker.service_state`` (its streams' records: seq,
+dedup answers; its shard's input offset; its deleted streams). ``load`` hands every writer's back.
+
+**Restoring** (:meth:`DistCheckpointDriver.restore`): every rank loads the shared state and the
+streams ``rank_of(stream, world)`` gives it, and takes each of its streams' record from whichever
+writer held the stream. Then:
+
+- *same number of ranks* (a group checkpoint of ``world`` ranks): rank ``r`` resumes its shard after
+  writer ``r``'s input offset, as the single worker does (every fixation applied exactly once);
+- *another number* (or a single worker's checkpoint): the streams move to their new ranks, but the
+  fixations of the old shards cannot (an old shard's entry is for the old partition). So the old
+  shards must be fully answered: every rank checks that no old shard holds an entry after its
+  writer's saved offset (a SIGTERM stop with no traffic arriving leaves it so) and refuses to start,
+  naming the shard, otherwise. Then a rank whose shard existed resumes it after that offset (its
+  end), a new shard is read from its start; the old shards beyond the new world are left unread,
+  and the tombstones of deleted streams (entry ids of the old shards) are dropped. The group
+  checkpoints at its first iteration, so that a crash after it restores the new layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from learner.errors import CheckpointError, ConfigError, DistributedError, FoveateError
+from service import metrics
+from service.checkpointer import CheckpointDriver
+from service.replies import failure
+from service.shards import rank_of, shard_key
+
+if TYPE_CHECKING:
+    import threading
+
+    from service.dist_worker import DistWorker
+
+logger = logging.getLogger(__name__)
+
+
+class DistCheckpointDriver(CheckpointDriver):
+    """``CheckpointDriver``'s interface for one rank of a group (see the module docstring): its
+    collective checkpoint runs only where the loop calls it, on every rank at once."""
+
+    def __init__(self, worker: DistWorker, lock: threading.Lock) -> None:
+        super().__init__(worker, lock)
+        self.dist_worker = worker
+        self.wanted = False  # a periodic checkpoint is due here: asked for at the next agreement
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self) -> bool:
+        """Load the group's (or a single worker's) checkpoint, if any, into this rank (collective)."""
+        from learner.checkpoint import has_checkpoint, read_checkpoint
+        from learner.dist_checkpoint import load
+
+        worker = self.dist_worker
+        path = worker.settings.checkpoint_path
+        if path is None or not has_checkpoint(path):
+            logger.info("rank %d: no checkpoint at %s: starting fresh", worker.rank, path)
+            return False
+        writers = read_checkpoint(path).get("ranks")  # None: one worker's checkpoint
+        extras = load(path, worker.learner, rank_of)
+        services = [extra.get("service", {}) for extra in extras]
+        records: dict[str, Any] = {}
+        for service in services:  # each stream's record from the writer that held it
+            records.update(service.get("records", {}))
+        if writers == worker.world:
+            mine = services[worker.rank]
+            saved = {**mine, "records": records}
+        else:
+            offset = self._repartition(services, writers)
+            saved = {"records": records, "input_offset": offset, "deleted": {},
+                     "checkpoint": services[0].get("checkpoint")}  # fmt: skip
+        worker.load_service_state(saved)  # keeps the records of the streams this rank loaded
+        logger.info("rank %d of %d restored %s (written by %s): %d streams, resuming after %s",
+                    worker.rank, worker.world, path, f"{writers} ranks" if writers else "one worker",
+                    len(worker.records), saved.get("input_offset"))  # fmt: skip
+        return True
+
+    def _repartition(self, services: list[dict[str, Any]], writers: int | None) -> str | None:
+        """Check that every old shard was answered up to its writer's offset; return the offset this
+        rank's shard resumes after (None: a new shard, read from its start)."""
+        worker = self.dist_worker
+        base = worker.input_base
+        old = [shard_key(base, r) for r in range(writers)] if writers else [base]
+        sync = getattr(worker.broker, "sync", None)  # a Redis broker (others keep no entries)
+        for key, service in zip(old, services, strict=True):
+            offset = service.get("input_offset")
+            if sync is None:
+                continue
+            left = sync.xrange(key, min="-" if offset is None else "(" + offset, max="+", count=1)
+            if left:
+                raise CheckpointError(
+                    f"the checkpoint at {worker.settings.checkpoint_path} was written by "
+                    f"{writers or 'one'} worker(s) and this group has {worker.world} ranks, but {key} "
+                    f"holds entries after its saved offset {offset} (first: {left[0][0]!r}) that the old "
+                    f"partition never answered: restart with WORLD_SIZE={writers or 1} to learn them "
+                    "(then stop it with SIGTERM while no fixations arrive) before changing the ranks"
+                )
+        # the new layout's offsets, at the first agreement: a crash before the next checkpoint must
+        # not restore the old layout again, whose shards the new API writes to by now
+        self.wanted = True
+        if writers and worker.rank < writers:
+            return services[worker.rank].get("input_offset")
+        return None
+
+    # ------------------------------------------------------------------ take
+
+    @property
+    def want(self) -> bool:
+        """Whether this rank asks the group for a checkpoint at the next agreement."""
+        return self.wanted or bool(self._waiting)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._waiting)
+
+    def checkpoint(self, *, wait: bool = True) -> dict[str, Any] | None:
+        """The group's checkpoint, now (collective: every rank calls it between the same ticks);
+        answers the commands that waited for it. ``wait`` is ignored: the write is in the loop."""
+        worker = self.dist_worker
+        path = worker.settings.checkpoint_path
+        if path is None:
+            raise ConfigError("checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH")
+        from learner.dist_checkpoint import save
+
+        waiting, self._waiting, self.wanted = self._waiting, [], False
+        try:
+            with self._lock:
+                start, written_at = time.perf_counter(), time.time()
+                info: dict[str, Any] = {"path": str(path), "written_at": written_at,
+                                        "updates_applied": worker.learner.updates_applied,
+                                        "streams": len(worker.records), "rank": worker.rank,
+                                        "world_size": worker.world}  # fmt: skip
+                extra = {"service": worker.service_state(dict(info))}
+                written = save(path, worker.learner, extra, worker.checkpoint_stage)
+                seconds = time.perf_counter() - start
+        except DistributedError:
+            raise  # a lost rank: the loop exits for a restart
+        except (FoveateError, OSError) as exc:
+            self.worker.broker.reply([(ctl, payload or failure(exc)) for ctl, payload in waiting])
+            raise
+        finally:
+            self.last_taken = time.monotonic()
+        info.update(written)
+        info["seconds"] = info["stall_seconds"] = seconds
+        metrics.CHECKPOINT_STALL_SECONDS.observe(seconds)
+        metrics.CHECKPOINT_SECONDS.observe(seconds)
+        metrics.CHECKPOINT_BYTES.set(written["bytes"])
+        metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
+        metrics.CHECKPOINTS.inc()
+        metrics.LAST_CHECKPOINT.set(written_at)
+        worker.last_checkpoint = info
+        self.worker.broker.reply(
+            [(ctl, payload or {"ok": True, "checkpoint": info}) for ctl, payload in waiting]
+        )
+        return info
+
+    def quietly(self, when: str, *, wait: bool = True) -> None:
+        """``wait`` (at start, on every rank): checkpoint now, logging a failure. Otherwise (a
+        periodic checkpoint due on this rank's clock): ask for one at the next agreement."""
+        if self.worker.settings.checkpoint_path is None:
+            return
+        if not wait:
+            self.wanted = True
+            return
+        try:
+            self.checkpoint()
+        except DistributedError:
+            raise
+        except (FoveateError, OSError) as exc:  # the same error on every rank (save tells them all)
+            logger.error("group checkpoint %s failed: %s", when, exc)
+
+    def settle(self) -> None:
+        """Nothing: the waiting commands are answered by :meth:`checkpoint` in the loop."""
+
+    def drain(self) -> None:
+        """At stop, the loop having ended: a command still waiting gets an error (the group is gone)."""
+        if self._waiting:
+            error = CheckpointError("the distributed worker stopped before a checkpoint committed")
+            self.worker.broker.reply([(ctl, failure(error)) for ctl, _ in self._waiting])
+            self._waiting = []
+
+
+__all__ = ["DistCheckpointDriver"]

@@ -1,0 +1,222 @@
+"""Checkpoints of ``foveate worker --distributed`` end to end: gloo ranks as real processes (started as
+torchrun starts them), a real redis-server, the real API on a real uvicorn, one checkpoint folder.
+
+In order, on one Redis and one folder: two ranks learn, a checkpoint command over the API is answered
+after the group's commit, SIGTERM stops both with a checkpoint; two new ranks continue every stream
+(steps go on, a resent seq is a duplicate, the model is the one saved); then three ranks restart from
+the two's checkpoint (every stream once, on its new rank, its steps intact, the fixations queued
+when the two were stopped learned by their drain, learning on, and a reset answered after a group
+checkpoint); and a
+checkpoint whose old shard holds an entry it never answered is refused at start, naming the shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from bench._servers import free_port
+from service.messages import Control
+from service.redis_broker import RedisBroker
+from service.shards import rank_of
+from tests.service._support import (
+    ServiceProcess,
+    ThreadedServer,
+    png,
+    post_patch,
+    small_settings,
+)
+
+pytestmark = pytest.mark.slow  # 2-3 worker processes with torch, restarted 3 times: about 60-90 s
+
+STREAMS = [f"rig-{i}" for i in range(6)]  # both ranks of 2, and all of 3, hold streams
+QUEUED = 60  # fixations of one stream (one tick each) in its shard when the group is stopped
+BOUND_S = 120  # a wait longer than this is a hang (collective timeout below: 20 s)
+
+
+@dataclass
+class Setup:
+    """Redis, the checkpoint folder, and every process started (for the teardown)."""
+
+    redis_url: str
+    tmp: Path
+    checkpoint: Path
+    procs: list[ServiceProcess] = field(default_factory=list)
+    apis: dict[int, tuple[ThreadedServer, httpx.Client]] = field(default_factory=dict)
+
+    def ranks(self, world: int, tag: str, *, wait: bool = True) -> list[ServiceProcess]:
+        """``world`` ranks of ``foveate worker --distributed`` with the variables torchrun sets."""
+        master_port = free_port()
+        ranks = []
+        for rank in range(world):
+            env = {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(master_port),
+                "FOVEATE_REDIS_URL": self.redis_url,
+                "FOVEATE_CHECKPOINT_PATH": str(self.checkpoint),
+                "FOVEATE_CHECKPOINT_INTERVAL_S": "3600",  # only the command and the stop checkpoint
+                "FOVEATE_WORKER_METRICS_PORT": "0",
+                "FOVEATE_TORCH_THREADS": "1",
+                "FOVEATE_DIST_TIMEOUT_S": "20",
+            }
+            ranks.append(ServiceProcess(["worker", "--distributed"], env, self.tmp / f"{tag}-rank{rank}.log"))
+        self.procs.extend(ranks)
+        if wait:
+            _wait_for_heartbeats(redis.Redis.from_url(self.redis_url), ranks)
+        return ranks
+
+    def client(self, world: int) -> httpx.Client:
+        """An API in front of ``world`` ranks (``FOVEATE_SHARDS=world``), started once."""
+        from service.api.main import create_app
+
+        if world not in self.apis:
+            api = ThreadedServer(create_app(small_settings(redis_url=self.redis_url, shards=world))).start()
+            self.apis[world] = (api, httpx.Client(base_url=api.url, timeout=60.0))
+        return self.apis[world][1]
+
+    def ask_rank(self, command: str, rank: int, world: int, **args: Any) -> dict[str, Any]:
+        """A command sent to one rank's control shard, as the API sends them (signed)."""
+
+        async def ask() -> dict[str, Any]:
+            broker = RedisBroker(small_settings(redis_url=self.redis_url, shards=world))
+            try:
+                return await broker.command_rank(Control(command, args), rank, timeout=60)
+            finally:
+                await broker.close_api()
+
+        reply = asyncio.run(ask())
+        assert reply["ok"], reply
+        return reply
+
+    def fingerprints(self, world: int) -> list[str]:
+        return [self.ask_rank("model", r, world)["model"]["distributed"]["fingerprint"] for r in range(world)]
+
+
+def _wait_for_heartbeats(r: redis.Redis, ranks: list[ServiceProcess]) -> None:
+    """Until every rank's heartbeat is its own (a previous group's stays for a few seconds)."""
+    deadline = time.monotonic() + BOUND_S
+    for rank, proc in enumerate(ranks):
+        while True:
+            raw = r.get(f"foveate:worker:heartbeat:{rank}")
+            if raw is not None and json.loads(raw)["consumer"].endswith(f"-{proc.process.pid}"):
+                break
+            assert proc.process.poll() is None, proc.tail()
+            assert time.monotonic() < deadline, f"rank {rank} wrote no heartbeat:\n{proc.tail()}"
+            time.sleep(0.1)
+
+
+def _stop(ranks: list[ServiceProcess]) -> None:
+    """SIGTERM to one rank stops the group: every rank checkpoints and exits 0."""
+    ranks[-1].process.send_signal(signal.SIGTERM)
+    for proc in ranks:
+        assert proc.process.wait(timeout=BOUND_S) == 0, proc.tail()
+
+
+def _patch(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    from bench._servers import RedisServer
+    from tests.conftest import require_server_binary
+
+    tmp = tmp_path_factory.mktemp("dist-ckpt")
+    redis_srv = RedisServer.start_in(tmp / "redis", binary=require_server_binary("redis-server"))
+    s = Setup(redis_srv.url, tmp, tmp / "checkpoints" / "foveate.pt")
+    try:
+        yield s
+    finally:
+        for _, client in s.apis.values():
+            client.close()
+        for api, _ in s.apis.values():
+            api.stop()
+        for proc in s.procs:
+            proc.stop(signal.SIGKILL, timeout=10)
+        redis_srv.stop()
+
+
+def test_a_checkpoint_command_is_answered_after_the_commit_and_a_restart_continues(setup: Setup) -> None:
+    client = setup.client(2)
+    ranks = setup.ranks(2, "first")
+    for i in range(3):
+        for k, sid in enumerate(STREAMS):
+            assert post_patch(client, sid, _patch(10 * k + i), seq=i)["step"] == i + 1
+    reply = client.post("/v1/model/checkpoint", json={})  # to rank 0, which asks the group
+    assert reply.status_code == 200, reply.text
+    info = reply.json()  # CheckpointOut
+    manifest = json.loads((setup.checkpoint / "manifest.json").read_text())  # committed before the answer
+    assert (info["streams"], manifest["ranks"], len(manifest["streams"])) == (6, 2, 6)
+    for k, sid in enumerate(STREAMS):  # learned after the checkpoint: the stop's checkpoint holds it
+        assert post_patch(client, sid, _patch(10 * k + 3), seq=3)["step"] == 4
+    saved = setup.fingerprints(2)
+    assert len(set(saved)) == 1
+    _stop(ranks)
+
+    ranks = setup.ranks(2, "second")
+    assert setup.fingerprints(2) == saved  # the model the stop saved, on both ranks
+    for k, sid in enumerate(STREAMS):
+        again = post_patch(client, sid, _patch(10 * k + 3), seq=3)  # a resend: answered, not re-learned
+        assert (again["status"], again["step"]) == ("duplicate", 4), again
+        assert post_patch(client, sid, _patch(10 * k + 4), seq=4)["step"] == 5
+    prints = setup.fingerprints(2)
+    assert len(set(prints)) == 1 and prints != saved  # learning on, in step
+    # queued in a shard as the stop comes: one tick each (one stream), answered by the stop's drain
+    pipe = redis.Redis.from_url(setup.redis_url).pipeline()
+    for seq in range(5, 5 + QUEUED):
+        fields = {"stream_id": STREAMS[0], "seq": seq, "patch": png(_patch(seq))}
+        pipe.xadd(f"foveate:fixations:{rank_of(STREAMS[0], 2)}", fields)  # type: ignore[arg-type]
+    pipe.execute()  # all at once, then at once the signal
+    _stop(ranks)
+
+
+def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> None:
+    ranks = setup.ranks(3, "third")
+    client = setup.client(3)
+    for rank in range(3):
+        held = [s["stream_id"] for s in setup.ask_rank("streams", rank, 3)["streams"]]
+        assert sorted(held) == sorted(s for s in STREAMS if rank_of(s, 3) == rank)
+    for k, sid in enumerate(STREAMS[1:], start=1):
+        assert client.get(f"/v1/streams/{sid}").json()["step"] == 5  # its steps intact
+        again = post_patch(client, sid, _patch(10 * k + 4), seq=4)  # its dedup record came along
+        assert (again["status"], again["step"]) == ("duplicate", 5), again
+        assert post_patch(client, sid, _patch(10 * k + 5), seq=5)["step"] == 6
+    last = 4 + QUEUED  # the fixations queued at the stop were learned before its checkpoint
+    assert client.get(f"/v1/streams/{STREAMS[0]}").json()["step"] == last + 1
+    again = post_patch(client, STREAMS[0], _patch(last), seq=last)
+    assert (again["status"], again["step"]) == ("duplicate", last + 1), again
+    assert len(set(setup.fingerprints(3))) == 1
+    # the new layout was checkpointed at the group's first iteration (before the second fixation)
+    assert json.loads((setup.checkpoint / "manifest.json").read_text())["ranks"] == 3
+    # a reset over Redis cannot be replayed: answered once a group checkpoint holds it
+    before = json.loads((setup.checkpoint / "manifest.json").read_text())["generation"]
+    reply = client.post(f"/v1/streams/{STREAMS[1]}/reset", json={})
+    assert reply.status_code == 200 and reply.json() == {"stream_id": STREAMS[1], "step": 0}, reply.text
+    assert json.loads((setup.checkpoint / "manifest.json").read_text())["generation"] > before
+    _stop(ranks)
+
+
+def test_a_repartition_over_unanswered_entries_is_refused(setup: Setup) -> None:
+    r = redis.Redis.from_url(setup.redis_url)
+    sid = next(s for s in STREAMS if rank_of(s, 3) == 2)
+    r.xadd("foveate:fixations:2", {"stream_id": sid, "patch": b"x", "request_id": "left"})  # never read
+    ranks = setup.ranks(2, "fourth", wait=False)
+    for proc in ranks:
+        assert proc.process.wait(timeout=BOUND_S) != 0, proc.tail()
+    log = ranks[0].log.read_text()
+    assert "foveate:fixations:2 holds entries after its saved offset" in log, ranks[0].tail()
+    assert "restart with WORLD_SIZE=3" in log
