@@ -107,6 +107,39 @@ def smaps_rollup(pid: int) -> dict[str, int]:
     return out
 
 
+#: glibc's malloc reserves a secondary arena (one per thread that allocated, up to 8 per core) as
+#: one 64 MB mapping (``HEAP_MAX_SIZE``); its unused part is mapped ``---p``.
+ARENA_BYTES = 64 * 2**20
+
+
+def anon_breakdown(pid: int) -> dict[str, float]:
+    """Where a process's anonymous resident memory lies, MB, from ``/proc/PID/smaps``: ``heap``
+    (the main arena, ``[heap]``), ``arenas`` (the 64 MB-aligned pieces glibc's secondary arenas, one
+    per allocating thread, are carved from: their ``rw-p`` part and its ``---p`` reserve are counted
+    together by start address), ``large`` (other anonymous mappings: allocations over the mmap
+    threshold, tensors among them), and ``arena_count``. {} where unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return {}
+    out = {"heap": 0.0, "arenas": 0.0, "large": 0.0, "arena_count": 0.0}
+    kind = None
+    for line in text.splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's first line
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            name = head[5] if len(head) > 5 else ""
+            kind = None
+            if name == "[heap]":
+                kind = "heap"
+            elif not name:
+                kind = "arenas" if start % ARENA_BYTES == 0 and end - start <= ARENA_BYTES else "large"
+                out["arena_count"] += kind == "arenas" and head[1].startswith("rw")
+        elif head[0] == "Anonymous:" and kind is not None:
+            out[kind] += int(head[1]) / 1024
+    return out
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -126,6 +159,7 @@ class ServerMinute:
     samples: int = 0
     route: list[tuple[float, float]] = field(default_factory=list)  # the batch route's (sum, count)
     gauges: list[dict[str, float]] = field(default_factory=list)  # checkpoint samples
+    anon: dict[str, dict[str, float]] = field(default_factory=dict)  # process: its last anon_breakdown
 
     def delta(self, name: str) -> float | None:
         """How much a counter in ``gauges`` grew over this minute's samples."""
@@ -181,13 +215,19 @@ def summarize_minute(index: int, load: LoadMinute, srv: ServerMinute, seconds: f
         "queue_max": max(srv.queue) if srv.queue else None,
         "not_ready_share": srv.not_ready / srv.samples if srv.samples else None,
         "sample_errors": dict(srv.sample_errors),
+        "anon_breakdown_mb": srv.anon,
+        "worker_applied_per_s": (srv.delta("foveate_fixations_total") or 0.0) / seconds,
+        "tick_width_mean": srv.mean("foveate_batch_size"),
+        "tick_ms_mean": ms(srv.mean("foveate_update_seconds")),
+        "seq_gaps": srv.delta("foveate_seq_gaps_total"),
         "checkpoints": srv.delta("foveate_checkpoints_total"),
         "checkpoint_s_mean": srv.mean("foveate_checkpoint_seconds"),
         "stall_ms_mean": ms(stall),
     }
 
 
-#: ``/metrics`` samples kept per soak sample: the checkpoint writer's counters and histograms.
+#: ``/metrics`` samples kept per soak sample: the checkpoint writer's counters and histograms, the
+#: worker's fixations applied, its ticks' width and duration, and its seq gaps (the rigs' shedding).
 CHECKPOINT_SAMPLES = (
     "foveate_checkpoints_total",
     "foveate_checkpoint_seconds_sum",
@@ -196,6 +236,13 @@ CHECKPOINT_SAMPLES = (
     "foveate_checkpoint_stall_seconds_count",
     "foveate_checkpoint_bytes",
     "foveate_checkpoint_written_bytes",
+    # the worker's own throughput and tick width, by wall-clock minute
+    "foveate_fixations_total",
+    "foveate_batch_size_sum",
+    "foveate_batch_size_count",
+    "foveate_update_seconds_sum",
+    "foveate_update_seconds_count",
+    "foveate_seq_gaps_total",
 )
 
 
@@ -354,6 +401,7 @@ async def sample(servers: Servers, book: list[ServerMinute], start: float, end: 
                 minute.rss.setdefault(name, []).append(
                     (mem["VmRSS"], mem["RssAnon"], mem["RssFile"] + mem["RssShmem"])
                 )
+                minute.anon[name] = anon_breakdown(pid)
             minute.samples += 1
             try:
                 ready = await http.get("/readyz")
@@ -379,12 +427,13 @@ def growth(peaks: list[float], warm_minute: int) -> dict[str, float | None]:
 
 
 def tracemalloc_diff(folder: Path, warm_minute: int, every_s: float, top: int = 15) -> dict[str, Any]:
-    """What the server's Python allocations gained between the snapshot nearest the end of minute
-    ``warm_minute - 1`` (after warm-up) and the last one; the biggest lines first."""
+    """What the server's Python allocations gained between the snapshot at the end of minute
+    ``warm_minute - 1`` (after warm-up; the first is taken ``every_s`` after the load began) and the
+    last one; the biggest lines first."""
     snaps = sorted(folder.glob("snap-*.pickle"))
     if len(snaps) < 2:
         return {"snapshots": len(snaps)}
-    first = min(len(snaps) - 2, max(0, int(60.0 * (warm_minute - 1) / every_s)))
+    first = min(len(snaps) - 2, max(0, int(60.0 * (warm_minute - 1) / every_s) - 1))  # taken every_s apart
     old, new = (tracemalloc.Snapshot.load(str(snaps[k])) for k in (first, -1))
     stats = new.compare_to(old, "lineno")
     return {
@@ -417,7 +466,7 @@ def server_env(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
 
 
 async def soak(
-    args: argparse.Namespace, servers: Servers, rate: float, patches: list[np.ndarray]
+    args: argparse.Namespace, servers: Servers, rate: float, patches: list[np.ndarray], workdir: Path
 ) -> dict[str, Any]:
     """The soak proper: the load processes at ``rate * overload``, the sampler beside them."""
     offered = rate * args.overload
@@ -437,6 +486,8 @@ async def soak(
         busy0 = machine_busy_seconds()
         start = time.monotonic() + 1.0  # time for every process to get the word
         procs.go(start)
+        if args.tracemalloc:  # bench/_memtrace: the server's tracing starts with the load
+            (workdir / "tracemalloc" / "start").touch()
         end = start + 60.0 * args.minutes
         await asyncio.sleep(max(0.0, start - time.monotonic()))
         await sample(servers, book, start, end, args.sample_s)
@@ -489,7 +540,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 flush=True,
             )
         doc["sustainable_per_s"] = rate
-        doc |= await soak(args, servers, rate, patches)
+        doc |= await soak(args, servers, rate, patches, workdir)
         async with httpx.AsyncClient(timeout=30.0) as http:
             doc["checkpoints"] = checkpoint_summary((await server_gauges(http, servers.metrics))[2])
         doc["smaps_rollup_end"] = {n: smaps_rollup(p) for n, p in servers.pids().items() if n != "redis"}
@@ -530,7 +581,8 @@ def print_table(doc: dict[str, Any]) -> None:
     procs = list(doc["minutes"][0]["memory_mb"])
     columns = ["minute", "produced", "learned", "learned/s", "not learned", "refused", "timed out",
                "5xx", "other", "shed", "unsent", "429 retries", "batches", "batch mean", "p50 ms",
-               "p99 ms", "server ms", "lag p99 ms", "lag max ms", "queue max", "not ready", "ckpts",
+               "p99 ms", "server ms", "worker applied/s", "tick width", "tick ms", "lag p99 ms",
+               "lag max ms", "queue max", "not ready", "ckpts",
                "stall ms"]  # fmt: skip
     columns += [f"{p} {part} MB" for p in procs for part in ("RSS", "anon", "file")]
     print("| " + " | ".join(columns) + " |")
@@ -541,14 +593,20 @@ def print_table(doc: dict[str, Any]) -> None:
                  m["not_learned"], m["refused"], m["timed_out"], m["server_5xx"], m["other_errors"],
                  _cell(m["shed"]), _cell(m["unsent"]), _cell(retries), _cell(m["requests"]),
                  _cell(m["batch_mean"], "{:.1f}"), _cell(m["p50_ms"]), _cell(m["p99_ms"]),
-                 _cell(m["server_ms_mean"]), _cell(m["lag_p99_ms"], "{:.1f}"),
-                 _cell(m["lag_max_ms"], "{:.1f}"),
+                 _cell(m["server_ms_mean"]), _cell(m["worker_applied_per_s"], "{:.1f}"),
+                 _cell(m["tick_width_mean"], "{:.1f}"), _cell(m["tick_ms_mean"]),
+                 _cell(m["lag_p99_ms"], "{:.1f}"), _cell(m["lag_max_ms"], "{:.1f}"),
                  _cell(m["queue_max"]), _cell(m["not_ready_share"], "{:.0%}"), _cell(m["checkpoints"]),
                  _cell(m["stall_ms_mean"], "{:.1f}")]  # fmt: skip
         for p in procs:
             mem = m["memory_mb"].get(p, {})
             cells += [_cell(mem.get(part), "{:,.1f}") for part in ("rss", "anon", "file")]
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    for m in doc["minutes"]:
+        parts = [f"{p}: heap {b['heap']:,.0f}, arenas {b['arenas']:,.0f} ({b['arena_count']:.0f}), "
+                 f"other anonymous {b['large']:,.0f}"
+                 for p, b in m["anon_breakdown_mb"].items() if b]  # fmt: skip
+        print(f"anonymous MB at the end of minute {m['minute']}: " + "; ".join(parts))
     for name, g in doc["memory_growth"].items():
         warm = doc["args"]["warm_minute"]
         print(f"growth {name}: issue 16 (last minute / first) {_cell(g['issue'], '{:+.1%}')}, "
