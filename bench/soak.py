@@ -18,8 +18,10 @@ run:
    ``--batch-cap``), as docs/clients.md tells users; the SDK retries 429/503 after ``Retry-After``
    within ``--max-wait`` seconds. The streams are dealt over ``--load-procs`` processes;
 4. samples every ``--sample-s`` seconds each server process's memory (``/proc/PID/status``: RSS,
-   anonymous, file-backed), ``/readyz``, the worker's queue, the checkpoint metrics and the
-   server's own answer time for the batch route; at the end ``/proc/PID/smaps_rollup``.
+   anonymous, file-backed; ``/proc/PID/smaps``: the anonymous part split into malloc's main heap,
+   its secondary arenas and other mappings), ``/readyz``, the worker's queue, fixations applied,
+   tick width and tick time, seq gaps, the checkpoint metrics and the server's own answer time
+   for the batch route; at the end ``/proc/PID/smaps_rollup``.
 
 Per minute (of production) it reports fixations produced, answered and learned, answered but not
 learned (``duplicate``/``late``: should be 0), refused for good (429 after the retries), timed out
@@ -30,6 +32,10 @@ memory. Memory growth is given two ways: issue 16's (the last minute's peak over
 minute's) and after warm-up (the last minute's peak over minute ``--warm-minute``'s). Each load
 process's CPU (cores) is reported beside the server's: the load must keep its clock, or the soak
 measures the client.
+
+``--batch-cap`` decides where the overload waits: with 64 (the default) the server's backlog grows
+past what it serves within ``FOVEATE_SYNC_TIMEOUT_S`` and its back-pressure answers (429, and in
+short runs many 504s: docs/results.md); with 4 the overload stays in the rigs' buffers.
 
 ``--server-env MALLOC_ARENA_MAX=2`` sets the server's environment (here: glibc's malloc arenas);
 ``--tracemalloc S`` snapshots the server's Python allocations every S seconds

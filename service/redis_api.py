@@ -162,7 +162,8 @@ class RedisApiSide(RedisSide):
                 item = await self.aio.blpop(list(waiting), timeout=max(left, 0.01))
                 if item is None:
                     break
-                out[waiting.pop(item[0].decode())] = json.loads(item[1])
+                key = item[0].decode() if isinstance(item[0], bytes) else item[0]
+                out[waiting.pop(key)] = json.loads(item[1])
         except RedisError as exc:
             problem = self._unavailable(exc)
         for key, i in waiting.items():
