@@ -328,6 +328,13 @@ class Servers:
     def __init__(self, args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> None:
         self.stack = contextlib.ExitStack()
         self.procs: dict[str, FoveateProcess | RedisServer] = {}
+        try:
+            self._start(args, workdir, env)
+        except BaseException:
+            self.stack.close()  # a worker that never beat must not leave its redis-server behind
+            raise
+
+    def _start(self, args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> None:
         if not args.redis:
             serve = self.stack.enter_context(start_serve(workdir, env))
             self.procs["serve"] = serve
