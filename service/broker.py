@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from learner.errors import FoveateError
 from service.backpressure import queue_full_retry_after, refuse_waiting
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
@@ -144,6 +145,17 @@ class Broker(ABC):
     @abstractmethod
     async def result(self, request_id: str, timeout: float) -> dict[str, Any]:
         """The worker's reply to a submitted request; ``WorkerTimeout`` after ``timeout`` seconds."""
+
+    async def results(
+        self, request_ids: Sequence[str], timeout: float
+    ) -> list[dict[str, Any] | FoveateError]:
+        """The replies to a batch's requests, in order; an item not answered within ``timeout`` has
+        its error (``WorkerTimeout``, ``WorkerUnavailable``) in its place instead of raising."""
+        done = await asyncio.gather(*(self.result(r, timeout) for r in request_ids), return_exceptions=True)
+        for item in done:
+            if not isinstance(item, (dict, FoveateError)):
+                raise item  # a bug, not an answer
+        return done  # type: ignore[return-value]
 
     async def command(self, control: Control, timeout: float | None = None) -> dict[str, Any]:
         """Send a command to the worker and return its reply payload."""

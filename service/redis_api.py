@@ -24,6 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from learner.errors import FoveateError
 from service.backpressure import queue_full_retry_after, refuse_waiting
 from service.broker import new_request_id
 from service.config import Settings
@@ -33,6 +34,9 @@ from service.redis_common import RedisSide, id_text
 from service.shards import rank_of, shard_key
 
 _CACHE_S = 0.25  # how long the API trusts a backlog or heartbeat reading
+#: Redis connections beyond one per HTTP request at once (``max_connections``): the backlog and
+#: heartbeat readings and the commands' XADDs, made while every request waits in a BLPOP.
+SPARE_CONNECTIONS = 32
 
 
 class RedisApiSide(RedisSide):
@@ -58,8 +62,16 @@ class RedisApiSide(RedisSide):
     def aio(self) -> aioredis.Redis:
         if self._aio is None:
             # no read timeout: BLPOP waits up to the request's own timeout, which may exceed
-            # redis-py's default of 5 s (a read timeout would answer those long waits with 503)
-            self._aio = aioredis.Redis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=None)
+            # redis-py's default of 5 s (a read timeout would answer those long waits with 503).
+            # A request waits on one connection at a time (a batch too: results()), so the pool
+            # holds one per HTTP request uvicorn admits; redis-py's default of 100 answered 503
+            # "cannot reach Redis" once 100 fixations waited at once.
+            self._aio = aioredis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=2.0,
+                socket_timeout=None,
+                max_connections=self.settings.max_connections + SPARE_CONNECTIONS,
+            )
         return self._aio
 
     async def close_api(self) -> None:
@@ -184,6 +196,33 @@ class RedisApiSide(RedisSide):
             )
         payload: dict[str, Any] = json.loads(item[1])
         return payload
+
+    async def results(
+        self, request_ids: Sequence[str], timeout: float
+    ) -> list[dict[str, Any] | FoveateError]:
+        """A batch's replies, waiting on one connection: BLPOP on every key still unanswered until
+        all are in or ``timeout`` is up (a BLPOP an item held a connection each: a few batches of
+        64 emptied the pool)."""
+        prefix = self.settings.result_key_prefix
+        waiting = {prefix + rid: i for i, rid in enumerate(request_ids)}
+        out: list[dict[str, Any] | FoveateError | None] = [None] * len(request_ids)
+        deadline = time.monotonic() + timeout
+        problem: FoveateError | None = None
+        try:
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                item = await self.aio.blpop(list(waiting), timeout=max(left, 0.01))
+                if item is None:
+                    break
+                key = item[0].decode() if isinstance(item[0], bytes) else item[0]
+                out[waiting.pop(key)] = json.loads(item[1])
+        except RedisError as exc:
+            problem = self._unavailable(exc)
+        for key, i in waiting.items():
+            out[i] = problem or WorkerTimeout(
+                f"the worker did not answer within {timeout:g} s (request {key[len(prefix) :]}); the "
+                f"fixation stays queued and its result will be in {self.settings.results_stream}"
+            )
+        return out  # type: ignore[return-value]
 
     async def worker_alive(self) -> tuple[bool, str]:
         now = time.monotonic()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import anyio
@@ -183,12 +182,10 @@ router.add_api_route(
 )
 
 
-async def _answer(
-    broker: BrokerDep, fix: Fixation, timeout: float, with_prediction: bool, stream_id: str
-) -> BatchItem:
-    assert fix.request_id is not None
+def _answer(payload: dict[str, Any] | FoveateError, with_prediction: bool, stream_id: str) -> BatchItem:
     try:
-        payload = await broker.result(fix.request_id, timeout)
+        if isinstance(payload, FoveateError):
+            raise payload
         return BatchItem(ok=True, result=_result(payload, with_prediction, stream_id))
     except FoveateError as exc:
         return BatchItem(ok=False, rejected=ErrorBody(**error_payload(exc)))
@@ -232,11 +229,9 @@ async def post_batch(
         await broker.submit(good, wait=wait)
     answers: dict[int, BatchItem] = {}
     if wait and good:
-        done = await asyncio.gather(
-            *(_answer(broker, f, settings.sync_timeout_s, return_prediction, key.local(f.stream_id))
-              for f in good)
-        )  # fmt: skip
-        answers = {id(f): a for f, a in zip(good, done, strict=True)}
+        done = await broker.results([f.request_id or "" for f in good], settings.sync_timeout_s)
+        answers = {id(f): _answer(p, return_prediction, key.local(f.stream_id))
+                   for f, p in zip(good, done, strict=True)}  # fmt: skip
     results: list[BatchItem] = []
     for fix in fixes:
         if fix.problem is not None:
