@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from learner.errors import FoveateError
-from service.backpressure import queue_full_retry_after, refuse_waiting
+from service.backpressure import queue_full_retry_after, refuse_late
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
 from service.messages import Control, Fixation
@@ -252,6 +252,7 @@ class LocalBroker(Broker):
         self._ids = itertools.count(1)
         self._last_beat = 0.0
         self._load: tuple[int, float | None] = (0, None)  # the heartbeat's backlog and service rate
+        self._tick_s: float | None = None  # the heartbeat's mean tick time
 
     async def start_api(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -271,18 +272,8 @@ class LocalBroker(Broker):
                 f"(limit {self.settings.max_queue}); retry later or send fewer at once",
                 retry_after=queue_full_retry_after(excess, self._load[1]),
             )
-        late = (
-            refuse_waiting(waiting, len(fixations), self._load[1], self.settings.sync_timeout_s)
-            if wait
-            else None
-        )
-        if late is not None:
-            raise QueueFull(
-                f"{waiting} fixations are waiting: the worker would not answer within "
-                f"FOVEATE_SYNC_TIMEOUT_S={self.settings.sync_timeout_s:g}; retry later, "
-                "or send with wait=false",
-                retry_after=late,
-            )
+        if wait:
+            refuse_late(fixations, waiting, self._load[1], self._tick_s, self.settings.sync_timeout_s)
         for fix in fixations:
             fix.request_id = fix.request_id or new_request_id()
             fix.entry_id = f"local-{next(self._ids)}"
@@ -358,6 +349,7 @@ class LocalBroker(Broker):
     def heartbeat(self, info: dict[str, Any]) -> None:
         self._last_beat = time.time()
         self._load = (int(info.get("queue_depth", 0)), info.get("service_rate"))
+        self._tick_s = info.get("tick_s")
 
     def backlog(self) -> int:
         return self.inbox.fixations()

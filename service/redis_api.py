@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from learner.errors import FoveateError
-from service.backpressure import queue_full_retry_after, refuse_waiting
+from service.backpressure import queue_full_retry_after, refuse_late
 from service.broker import new_request_id
 from service.config import Settings
 from service.errors import QueueFull, WorkerTimeout, WorkerUnavailable
@@ -49,6 +49,7 @@ class RedisApiSide(RedisSide):
         self._api_backlog_cache = (0.0, 0)
         self._alive_cache: tuple[float, bool, str] = (0.0, False, "")
         self._load: tuple[int, float | None] = (0, None)  # the last heartbeat's backlog and rate
+        self._tick_s: float | None = None  # the slowest rank's mean tick time (they tick in lockstep)
 
     def _unavailable(self, exc: Exception) -> WorkerUnavailable:
         # The answer names neither the URL nor the server's message (either may carry a password or
@@ -127,14 +128,8 @@ class RedisApiSide(RedisSide):
                     ),
                 )
             timeout = self.settings.sync_timeout_s
-            late = refuse_waiting(backlog, len(fixations), self._load[1], timeout) if wait else None
-            if late is not None:  # (wait: worker_alive above has just read the heartbeat's rate)
-                raise QueueFull(
-                    f"{backlog} fixations are waiting in {self.settings.input_stream}: the worker would "
-                    f"not answer within FOVEATE_SYNC_TIMEOUT_S={timeout:g}; retry later, "
-                    "or send with wait=false",
-                    retry_after=late,
-                )
+            if wait:  # (worker_alive above has just read the heartbeat's rate and tick time)
+                refuse_late(fixations, backlog, self._load[1], self._tick_s, timeout)
             pipe = self.aio.pipeline(transaction=False)
             for fix in fixations:
                 fix.request_id = fix.request_id or new_request_id()
@@ -263,6 +258,7 @@ class RedisApiSide(RedisSide):
         """(alive, why) from every rank's heartbeat: alive when each is there and young enough (the
         ranks learn in lockstep: one dead rank stops them all). The load is summed over the ranks."""
         depth, rate, oldest, oldest_key = 0, 0.0, -math.inf, keys[0]
+        tick_s: float | None = None
         for key, raw in zip(keys, beats, strict=True):
             if raw is None:
                 return False, f"no worker heartbeat in {key}"
@@ -271,9 +267,12 @@ class RedisApiSide(RedisSide):
             if age > oldest:
                 oldest, oldest_key = age, key
             depth += int(info.get("queue_depth") or 0)
+            if info.get("tick_s") is not None:
+                tick_s = max(tick_s or 0.0, float(info["tick_s"]))
             value = info.get("service_rate")
             rate = math.nan if value is None else rate + float(value)
         self._load = (depth, None if math.isnan(rate) else rate)
+        self._tick_s = tick_s
         where = "" if len(keys) == 1 else f" in {oldest_key}"
         return oldest <= self.settings.heartbeat_timeout_s, f"worker heartbeat{where} {oldest:.1f} s old"
 

@@ -385,7 +385,8 @@ class Worker:
         metrics.RESIDENT_STREAMS.set(states.resident)
         metrics.SPILLED_STREAMS.set(states.spilled)
         self.broker.heartbeat({"updates_applied": self.learner.updates_applied, "streams": len(self.records),
-                               "queue_depth": depth, "service_rate": self.rate.per_second()})  # fmt: skip
+                               "queue_depth": depth, "service_rate": self.rate.per_second(),
+                               "tick_s": self.rate.tick_seconds()})  # fmt: skip
 
     def _housekeeping(self) -> None:
         now = time.monotonic()

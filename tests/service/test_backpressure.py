@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.backpressure import ServiceRate, drain_seconds, overdue, queue_full_retry_after
+from service.backpressure import ServiceRate, drain_seconds, overdue, queue_full_retry_after, refuse_waiting
 from service.broker import Inbox
 from service.messages import Control, Fixation
 from tests.service._support import ThreadedServer, png, small_settings
@@ -51,6 +51,18 @@ def test_service_rate_is_served_per_busy_second_and_forgets_old_ticks() -> None:
     for _ in range(50):  # a long run of faster ticks outweighs the old one
         rate.observe(40, 0.1)
     assert rate.per_second() == pytest.approx(400.0, rel=0.01)
+    assert rate.tick_seconds() == pytest.approx(0.1, rel=0.01)  # the same horizon for the tick time
+
+
+def test_a_stream_with_more_fixations_than_ticks_fit_is_refused() -> None:
+    """A stream gets one fixation a tick: a waiting request with k of one stream needs k ticks, however
+    fast the worker serves fixations in all (a soak's batches of 64 answered 504 before this)."""
+    fast = dict(rate=1000.0, timeout_s=10.0, tick_s=0.5)
+    assert refuse_waiting(0, 64, deepest=1, **fast) is None  # 64 streams, one each: one tick
+    assert refuse_waiting(0, 20, deepest=20, **fast) is None  # 20 ticks of 0.5 s: just in time
+    assert refuse_waiting(0, 64, deepest=64, **fast) == pytest.approx(22.0)  # 32 s, 22 s late
+    assert refuse_waiting(0, 64, deepest=64, rate=1000.0, timeout_s=10.0) is None  # no tick time yet
+    assert refuse_waiting(20_000, 1, deepest=1, **fast) == pytest.approx(10.001)  # the backlog still counts
 
 
 def test_drain_and_overdue() -> None:
@@ -160,6 +172,25 @@ def test_queue_full_and_readyz_tell_when_to_come_back_embedded() -> None:
         _until(lambda: client.get("/readyz").status_code == 200, "readyz stayed 503 after the backlog")
 
 
+def test_a_batch_of_one_stream_longer_than_the_timeout_is_refused_embedded() -> None:
+    with _embedded(sync_timeout_s=1.0) as (server, app):
+        worker, broker = app.state.worker, app.state.broker
+        client = httpx.Client(base_url=server.url, timeout=60.0)
+        assert client.post("/v1/streams/a/fixations", json=BODY).status_code == 200
+        with _held(worker):
+            # a fast worker (1,000 fixations/s) whose ticks take 0.4 s: 3 of one stream need 1.2 s
+            broker.heartbeat({"queue_depth": 0, "service_rate": 1000.0, "tick_s": 0.4})
+            batch = {"fixations": [{"stream_id": "b", **BODY}] * 3 + [{"stream_id": "c", **BODY}]}
+            late = client.post("/v1/fixations/batch", json=batch)
+            assert late.status_code == 429 and late.json()["error"] == "QueueFull", late.text
+            assert late.headers["retry-after"] == "1"  # 0.2 s late, rounded up
+            detail = late.json()["detail"]
+            assert "3 fixations of stream 'b'" in detail and "at most 2 fixations of one stream" in detail
+            assert broker.inbox.fixations() == 0  # refused before anything was queued
+        ok = client.post("/v1/fixations/batch", json={"fixations": batch["fixations"][2:]})  # b once, c once
+        assert ok.status_code == 200 and all(item["ok"] for item in ok.json()["results"]), ok.text
+
+
 def test_a_new_stream_over_the_workers_limit_is_told_when_to_come_back_embedded() -> None:
     # refused by the worker and re-raised by the API from the worker's reply (no wait of its own)
     with _embedded(max_streams=2) as (server, _):
@@ -187,7 +218,7 @@ def test_readyz_and_refusals_over_redis_carry_retry_after(redis_server: str) -> 
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
 
         r = redis.Redis.from_url(redis_server)
-        beat = {"ts": time.time() + 3600, "queue_depth": 30, "service_rate": 0.5}  # as a worker writes it
+        beat = {"ts": time.time() + 3600, "queue_depth": 30, "service_rate": 0.5, "tick_s": 4.0}  # a worker's
         r.set(settings.heartbeat_key, json.dumps(beat))
         _until(lambda: client.get("/readyz").json().get("error") != "WorkerUnavailable", "no heartbeat seen")
         late = client.get("/readyz")
@@ -200,6 +231,7 @@ def test_readyz_and_refusals_over_redis_carry_retry_after(redis_server: str) -> 
         assert full.status_code == 429 and full.headers["retry-after"] == "2"  # 1 over the 21 at 0.5/s
         late = client.post("/v1/streams/a/fixations", json=BODY)  # fits, but served in 42 s: 32 s late
         assert late.status_code == 429 and late.headers["retry-after"] == "32", late.text
+        assert server.app.state.broker._tick_s == 4.0  # the heartbeat's tick time, as the API read it
     finally:
         server.stop()
 
