@@ -287,7 +287,7 @@ def target_inputs(
     s_mu, s_sd = s_all.mean(0), s_all.std(0).clamp(min=1e-9)
     previews: dict[str, dict[str, list[torch.Tensor]]] = {}
     bases = {}
-    for part in parts & set(PREVIEWS):
+    for part in [p for p in PREVIEWS if p in parts]:  # a fixed order: the log reads the same
         previews[part] = {
             split: preview_features(
                 learner,
