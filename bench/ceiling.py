@@ -27,12 +27,22 @@ patches), by
   other fixations of the same scanpath, a learned temperature, Adam, ``--nce-epochs``), from the
   current patch and the scanpath's running mean; nearest to the prediction.
 
-Top-1 accuracy with its standard error over images (chance 10 %).
+Top-1 accuracy with its standard error over images (chance 10 %), and each rule's paired lead over
+repeat (the difference per item, its standard error over images).
+
+With ``--inputs``, the same predictors are also told about the saccade's target (``bench.peripheral``),
+one row per input set: ``saccade`` (the vector to the next fixation in degrees, its length, radial
+basis functions of both, and the current patch's features times 3 bumps of the length),
+``preview`` (the trunk's features of a crop of ``--crop-factor`` patch sizes centred on the next
+fixation, blurred to the acuity at the saccade's eccentricity, in its own top-k principal
+components), ``preview-coarse`` (the acuity's cutoff divided by 4), ``preview-full`` (no blur: an
+upper bound, nearly the target itself), or parts joined by ``+``. ``none`` is the rows above.
 
 Usage::
 
     python -m bench.ceiling --train-images 1-100 --test-images 351-400
     python -m bench.ceiling --train-images 1-350 --test-images 351-700 --retrieval 1000 --dims 16 64 256
+    python -m bench.ceiling --retrieval 1000 --dims 64 --inputs none saccade preview saccade+preview
 """
 
 from __future__ import annotations
@@ -54,23 +64,42 @@ from bench.controls import (
     retrieval_set,
     scanpaths_of,
 )
+from bench.peripheral import LENGTH_CENTRES_DEG, positions, preview_features, saccade_features
 from clients.recorded import RecordedDataset, default_dataset_path
-from learner import ModelConfig, RFPLearner
+from learner import ModelConfig, RFPLearner, StreamLearner
+
+#: ``extra(split, index, w)``: the inputs beyond the current patch and the running mean for the pairs
+#: (t-1 -> t) of scanpath ``index`` of ``split`` ("train" or "test"), whose features are w (T, k):
+#: (T-1, E), or None for none (see ``bench.peripheral``: the saccade and the peripheral preview).
+Extra = Callable[[str, int, torch.Tensor], torch.Tensor | None]
 
 
-def pairs(paths: Sequence[Scanpath], f: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Inputs [x_{t-1}, mean(x_1..x_{t-1}), 1], targets x_t, the repeat x_{t-1}, the running means; images."""
-    xs, ys, reps, means, images = [], [], [], [], []
-    for p in paths:
+def inputs(w: torch.Tensor, more: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, k) features of one scanpath -> (T-1, 2k + E) predictor inputs of its pairs (t-1 -> t):
+    the current patch x_{t-1}, the running mean of x_0..x_{t-1}, and ``more`` (T-1, E) if given."""
+    means = w.cumsum(0) / torch.arange(1, len(w) + 1, dtype=w.dtype)[:, None]  # (T, k)
+    parts = [w[:-1], means[:-1]] + ([more.to(w.dtype)] if more is not None else [])
+    return torch.cat(parts, 1)
+
+
+def pairs(
+    paths: Sequence[Scanpath],
+    f: Callable[[torch.Tensor], torch.Tensor],
+    extra: Extra | None = None,
+    split: str = "train",
+) -> tuple[torch.Tensor, ...]:
+    """Inputs [x_{t-1}, mean(x_0..x_{t-1}), extras, 1], targets x_t, the repeat x_{t-1}, the running
+    means; images."""
+    xs, ys, images = [], [], []
+    for i, p in enumerate(paths):
         w = f(p.u)  # (T, k)
-        for t in range(1, len(w)):
-            mean = w[:t].mean(0)
-            xs.append(torch.cat([w[t - 1], mean, w.new_ones(1)]))
-            ys.append(w[t])
-            reps.append(w[t - 1])
-            means.append(mean)
-            images.append(p.image)
-    return torch.stack(xs), torch.stack(ys), torch.stack(reps), torch.stack(means), images  # type: ignore[return-value]
+        x = inputs(w, extra(split, i, w) if extra else None)  # (T-1, in)
+        xs.append(torch.cat([x, x.new_ones(len(x), 1)], 1))
+        ys.append(w[1:])
+        images.extend([p.image] * (len(w) - 1))
+    x, y = torch.cat(xs), torch.cat(ys)
+    k = y.shape[1]
+    return x, y, x[:, :k], x[:, k : 2 * k], images  # type: ignore[return-value]
 
 
 def skill(
@@ -96,12 +125,12 @@ RULES = ("repeat", "ridge", "ridge, likelihood ratio", "contrastive linear", "co
 
 # --- retrieval ------------------------------------------------------------------------------------
 class _ContrastiveMLP(torch.nn.Module):
-    """[x, mean] (2k) -> x + MLP([x, mean]) (k); the MLP's output layer starts at zero (repeat)."""
+    """[x, mean, extras] (n_in) -> x + MLP(...) (k); the MLP's output layer starts at zero (repeat)."""
 
-    def __init__(self, k: int, hidden: int = 512) -> None:
+    def __init__(self, k: int, n_in: int, hidden: int = 512) -> None:
         super().__init__()
         self.k = k
-        self.lin1, self.lin2 = torch.nn.Linear(2 * k, hidden), torch.nn.Linear(hidden, k)
+        self.lin1, self.lin2 = torch.nn.Linear(n_in, hidden), torch.nn.Linear(hidden, k)
         torch.nn.init.zeros_(self.lin2.weight)
         torch.nn.init.zeros_(self.lin2.bias)
 
@@ -112,7 +141,7 @@ class _ContrastiveMLP(torch.nn.Module):
 def contrastive(
     model: torch.nn.Module, inp: torch.Tensor, y: torch.Tensor, hard: torch.Tensor, epochs: int, seed: int
 ) -> torch.nn.Module:
-    """Train ``model`` (inputs (P, 2k) -> predictions (P, k)) by InfoNCE on squared distances: each
+    """Train ``model`` (inputs (P, n_in) -> predictions (P, k)) by InfoNCE on squared distances: each
     pair's true next patch y (P, k) against the batch's other next patches and ``hard`` (P, n, k)."""
     torch.manual_seed(seed)
     log_tau = torch.nn.Parameter(torch.tensor(float(y.shape[1])).log())
@@ -136,16 +165,18 @@ def retrieval_ceiling(
     f: Callable[[torch.Tensor], torch.Tensor],
     ridge: float,
     epochs: int,
+    extra: Extra | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Top-1 accuracy (and s.e. over images) of each ranking rule on ``rs``, in the features ``f``."""
+    """Top-1 accuracy (and s.e. over images) of each ranking rule on ``rs``, in the features ``f``,
+    with the inputs ``extra`` beside the current patch and the running mean; and, under
+    ``"RULE - repeat"``, each rule's paired lead over repeat (and its s.e. over images)."""
     inp, y, hard = [], [], []
     gen = torch.Generator().manual_seed(1)
-    for p in train:
+    for i, p in enumerate(train):
         if len(p.u) < 3:  # no other fixation to contrast with
             continue
         w = f(p.u).float()  # (T, k)
-        means = w.cumsum(0) / torch.arange(1, len(w) + 1)[:, None]
-        inp.append(torch.cat([w[:-1], means[:-1]], 1))
+        inp.append(inputs(w, extra("train", i, w) if extra else None))
         y.append(w[1:])
         # 5 other fixations of the same scanpath for each pair (t, t+1): neither t nor t+1
         others = torch.stack([torch.randint(len(w) - 2, (5,), generator=gen) for _ in range(len(w) - 1)])
@@ -158,12 +189,16 @@ def retrieval_ceiling(
     var = (y_tr.double() - x1 @ a).pow(2).mean(0)  # (k,) the ridge's residual variance
 
     ctx, cands, images = [], [], []
+    test_inputs: dict[int, torch.Tensor] = {}
     for k, t, dis in zip(rs.path, rs.step, rs.distractors, strict=True):
+        if k not in test_inputs:
+            w = f(test[k].u).double()  # (T, k)
+            test_inputs[k] = inputs(w, extra("test", k, w) if extra else None)  # (T-1, in)
         w = f(test[k].u[: t + 1]).double()  # (t+1, k)
-        ctx.append(torch.cat([w[t - 1], w[:t].mean(0)]))
+        ctx.append(test_inputs[k][t - 1])
         cands.append(torch.cat([w[t : t + 1], f(dis).double()]))  # (10, k): the true one first
         images.append(test[k].image)
-    x_te, c = torch.stack(ctx), torch.stack(cands)  # (R, 2k), (R, 10, k)
+    x_te, c = torch.stack(ctx), torch.stack(cands)  # (R, n_in), (R, 10, k)
     kdim = c.shape[-1]
     ridge_pred = torch.cat([x_te, x_te.new_ones(len(x_te), 1)], 1) @ a
 
@@ -171,27 +206,124 @@ def retrieval_ceiling(
         return ((c - p[:, None]).pow(2) * weight).sum(-1)  # (R, 10): lower ranks first
 
     with torch.no_grad():
-        lin = torch.nn.Linear(2 * kdim, kdim)
+        n_in = x_te.shape[1]
+        lin = torch.nn.Linear(n_in, kdim)
         torch.nn.init.zeros_(lin.bias)
-        lin.weight.copy_(torch.cat([torch.eye(kdim), torch.zeros(kdim, kdim)], 1))  # starts at repeat
+        lin.weight.copy_(torch.cat([torch.eye(kdim), torch.zeros(kdim, n_in - kdim)], 1))  # starts at repeat
     rules = {
         "repeat": nearest(x_te[:, :kdim]),
         "ridge": nearest(ridge_pred),
         "ridge, likelihood ratio": nearest(ridge_pred, 1 / var) - c.pow(2).sum(-1),
     }
     torch.manual_seed(0)  # the MLP's initialisation
-    for name, model in (("contrastive linear", lin), ("contrastive MLP", _ContrastiveMLP(kdim))):
+    for name, model in (("contrastive linear", lin), ("contrastive MLP", _ContrastiveMLP(kdim, n_in))):
         contrastive(model, x_tr, y_tr, hard_tr, epochs, seed=0)
         with torch.no_grad():
             rules[name] = nearest(model(x_te.float()).double())
+    hits = {name: (score[:, 0] < score[:, 1:].min(1).values).double() for name, score in rules.items()}
     out = {}
-    for name, score in rules.items():
-        hits = (score[:, 0] < score[:, 1:].min(1).values).tolist()
-        mean, sem, _ = by_image(
-            [{"image": im, "hit": h} for im, h in zip(images, hits, strict=True)], lambda r: r["hit"]
-        )
-        out[name] = (mean, sem)
+    for name, hit in hits.items():
+        for key, value in ((name, hit), (f"{name} - repeat", hit - hits["repeat"])):
+            if key != "repeat - repeat":
+                rows = [{"image": im, "v": v} for im, v in zip(images, value.tolist(), strict=True)]
+                mean, sem, _ = by_image(rows, lambda r: r["v"])
+                out[key] = (mean, sem)
     return out
+
+
+# --- the saccade's target as an input (bench.peripheral) ---------------------------------------------
+#: input parts: the saccade vector, or a preview of its target with the cutoff scaled (None: full resolution)
+PREVIEWS = {"preview": 1.0, "preview-coarse": 0.25, "preview-full": None}
+PARTS = ("saccade", *PREVIEWS)
+
+
+def parse_inputs(spec: str) -> list[str]:
+    """``"none"`` or parts joined by ``+`` (``"saccade+preview"``) -> the parts, checked."""
+    parts = [] if spec == "none" else spec.split("+")
+    for part in parts:
+        if part not in PARTS:
+            raise SystemExit(f"--inputs {spec!r}: {part!r} is not one of none, {', '.join(PARTS)}")
+    return parts
+
+
+def pca(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F, M) features -> their mean (M,), the covariance's eigenvalues (M,) and eigenvectors (M, M),
+    ascending."""
+    u = u.double()
+    mu = u.mean(0)
+    evals, vecs = torch.linalg.eigh(torch.cov((u - mu).T))
+    return mu, evals, vecs
+
+
+def projector(
+    basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int, whiten: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Centre and project on the top-k principal components, whitened (unit variance) if asked."""
+    mu, evals, vecs = basis
+    proj = vecs[:, -k:] / evals[-k:].sqrt() if whiten else vecs[:, -k:]  # (M, k)
+    return lambda x: (x.double() - mu) @ proj
+
+
+def target_inputs(
+    ds: RecordedDataset,
+    learner: StreamLearner,
+    paths: dict[str, list[Scanpath]],
+    parts: set[str],
+    args: argparse.Namespace,
+) -> Callable[[list[str], int, bool], Extra | None]:
+    """The inputs about the saccade's target for every pair of ``paths`` ("train", "test"); returns
+    ``extra_for(parts, k, whiten)``, the ``Extra`` of a set of parts in k dimensions.
+
+    The saccade's features are standardised on the training pairs, and the current patch's k
+    features are appended again times each of 3 bumps of the saccade's length (so a linear
+    predictor can lean on "the same again" after a short saccade only). Each preview's trunk
+    features are projected on their own top-k principal components (fitted on the training
+    previews), whitened as the patches are."""
+    ppd = args.px_per_deg or ds.px_per_deg or 24.0
+    crop = round(args.crop_factor * 50)
+    preview_px = args.preview_px or round(args.crop_factor * learner.cfg.input_size)
+    sacc = {split: [saccade_features(positions(ds, p), ppd) for p in ps] for split, ps in paths.items()}
+    s_all = torch.cat(sacc["train"])
+    s_mu, s_sd = s_all.mean(0), s_all.std(0).clamp(min=1e-9)
+    previews: dict[str, dict[str, list[torch.Tensor]]] = {}
+    bases = {}
+    for part in [p for p in PREVIEWS if p in parts]:  # a fixed order: the log reads the same
+        previews[part] = {
+            split: preview_features(
+                learner,
+                ds,
+                ps,
+                crop_px=crop,
+                input_px=preview_px,
+                px_per_deg=ppd,
+                scale=PREVIEWS[part],
+                cache=args.cache,
+            )
+            for split, ps in paths.items()
+        }
+        bases[part] = pca(torch.cat(previews[part]["train"]))
+    print(
+        f"saccade target inputs: {ppd} px/deg, preview crops {crop} px ({crop / ppd:.1f} deg) "
+        f"given to the trunk at {preview_px} px; previews {sorted(previews)}\n"
+    )
+
+    def extra_for(chosen: list[str], k: int, whiten: bool) -> Extra | None:
+        if not chosen:
+            return None
+        projs = {part: projector(bases[part], k, whiten) for part in chosen if part in PREVIEWS}
+
+        def extra(split: str, i: int, w: torch.Tensor) -> torch.Tensor:
+            cols = []
+            if "saccade" in chosen:
+                s = sacc[split][i]  # (T-1, 15)
+                gates = s[:, -len(LENGTH_CENTRES_DEG) :]  # (T-1, 3) bumps of the length
+                cols += [(s - s_mu) / s_sd, (w[:-1, :, None] * gates[:, None, :]).flatten(1)]
+            cols += [proj(previews[part][split][i]) for part, proj in projs.items()]
+            return torch.cat([c.to(w.dtype) for c in cols], 1)
+
+        return extra
+
+    return extra_for
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,7 +339,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--retrieval", type=int, default=0, help="also the retrieval ceiling on this many items")
     ap.add_argument("--nce-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--inputs",
+        nargs="+",
+        default=["none"],
+        help=f"input sets beside the current patch and the running mean, one row each: none, or parts "
+        f"of {', '.join(PARTS)} joined by + (e.g. saccade+preview)",
+    )
+    ap.add_argument("--crop-factor", type=float, default=2.0, help="preview crop, in patch sizes")
+    ap.add_argument(
+        "--preview-px", type=int, default=0, help="trunk input for previews (0: crop factor x input)"
+    )
+    ap.add_argument("--px-per-deg", type=float, default=0.0, help="0: the dataset's, else 24")
     args = ap.parse_args(argv)
+    specs = {spec: parse_inputs(spec) for spec in args.inputs}
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -219,9 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     train = scanpaths_of(cached_features(learner, ds, tr_i, tr_s, 50, args.cache))
     test = scanpaths_of(cached_features(learner, ds, te_i, te_s, 50, args.cache))
-    u = torch.cat([p.u for p in train]).double()
-    mu = u.mean(0)
-    evals, vecs = torch.linalg.eigh(torch.cov((u - mu).T))
+    basis = pca(torch.cat([p.u for p in train]))
+    used = {part for parts in specs.values() for part in parts}
+    extra_for = target_inputs(ds, learner, {"train": train, "test": test}, used, args) if used else None
     if args.retrieval:
         rs = retrieval_set(
             learner,
@@ -232,38 +377,38 @@ def main(argv: list[str] | None = None) -> None:
             patch_px=50,
             gen=torch.Generator().manual_seed(7),  # bench.controls' retrieval set
         )
-        print(f"| k | {' | '.join(RULES)} |")
-        print("|---|" + "---|" * len(RULES))
-        for k in args.dims:
-            scale = vecs[:, -k:] / evals[-k:].sqrt()  # (M, k) top-k components, whitened
-
-            def fw(x: torch.Tensor, scale: torch.Tensor = scale) -> torch.Tensor:
-                return (x.double() - mu) @ scale
-
-            got = retrieval_ceiling(train, test, rs, fw, args.ridge, args.nce_epochs)
-            print(f"| {k} | " + " | ".join(f"{got[r][0]:.3f} ± {got[r][1]:.3f}" for r in RULES) + " |")
+        leads = RULES[2:]
+        print(f"| inputs | k | {' | '.join(RULES)} | {' | '.join(f'{r} - repeat' for r in leads)} |")
+        print("|---|---|" + "---|" * (len(RULES) + len(leads)))
+        for spec, parts in specs.items():
+            for k in args.dims:
+                fw = projector(basis, k, whiten=True)
+                extra = extra_for(parts, k, True) if extra_for else None
+                got = retrieval_ceiling(train, test, rs, fw, args.ridge, args.nce_epochs, extra)
+                cells = [f"{got[r][0]:.3f} ± {got[r][1]:.3f}" for r in RULES]
+                cells += [f"{got[f'{r} - repeat'][0]:+.3f} ± {got[f'{r} - repeat'][1]:.3f}" for r in leads]
+                print(f"| {spec} | {k} | " + " | ".join(cells) + " |", flush=True)
         print()
-    print("| k | metric | ridge (current + running mean) | running mean | fixations |")
-    print("|---|---|---|---|---|")
-    for k in args.dims:
-        proj = vecs[:, -k:]  # (M, k) top-k principal directions
-
-        def f(x: torch.Tensor, proj: torch.Tensor = proj) -> torch.Tensor:
-            return (x.double() - mu) @ proj
-
-        x_tr, y_tr, *_ = pairs(train, f)
-        x_te, y_te, rep, mean, images = pairs(test, f)
-        a = torch.linalg.solve(
-            x_tr.T @ x_tr + args.ridge * torch.eye(x_tr.shape[1], dtype=x_tr.dtype), x_tr.T @ y_tr
-        )
-        pred = x_te @ a
-        for kind in ("cosine", "squared"):
-            s_ridge = skill(pred, y_te, rep, images, kind)
-            s_mean = skill(mean, y_te, rep, images, kind)
-            print(
-                f"| {k} | {kind} | {s_ridge[0]:+.3f} ± {s_ridge[1]:.3f} | "
-                f"{s_mean[0]:+.3f} ± {s_mean[1]:.3f} | {len(images)} |"
+    print("| inputs | k | metric | ridge (current + running mean + inputs) | running mean | fixations |")
+    print("|---|---|---|---|---|---|")
+    for spec, parts in specs.items():
+        for k in args.dims:
+            f = projector(basis, k, whiten=False)
+            extra = extra_for(parts, k, False) if extra_for else None
+            x_tr, y_tr, *_ = pairs(train, f, extra, "train")
+            x_te, y_te, rep, mean, images = pairs(test, f, extra, "test")
+            a = torch.linalg.solve(
+                x_tr.T @ x_tr + args.ridge * torch.eye(x_tr.shape[1], dtype=x_tr.dtype), x_tr.T @ y_tr
             )
+            pred = x_te @ a
+            for kind in ("cosine", "squared"):
+                s_ridge = skill(pred, y_te, rep, images, kind)
+                s_mean = skill(mean, y_te, rep, images, kind)
+                print(
+                    f"| {spec} | {k} | {kind} | {s_ridge[0]:+.3f} ± {s_ridge[1]:.3f} | "
+                    f"{s_mean[0]:+.3f} ± {s_mean[1]:.3f} | {len(images)} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

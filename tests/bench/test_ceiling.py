@@ -29,8 +29,10 @@ def test_a_learnable_transition_is_retrieved_by_the_ridge_and_not_by_repeat() ->
     steps = [int(torch.randint(1, 12, (1,), generator=gen)) for _ in test]
     rs = RetrievalSet(list(range(len(test))), steps, torch.randn(len(test), 9, 6, generator=gen))
     got = retrieval_ceiling(train, test, rs, lambda x: x.double(), ridge=1.0, epochs=2)
-    assert set(got) == set(RULES)
+    assert set(got) == set(RULES) | {f"{r} - repeat" for r in RULES[1:]}
     assert got["ridge"][0] >= 0.9 and got["ridge, likelihood ratio"][0] >= 0.9
     assert got["repeat"][0] <= 0.5  # the rotation moves the next vector away from the current one
-    for mean, sem in got.values():
+    for rule in RULES[1:]:  # the paired lead is the difference of the two accuracies
+        assert abs(got[f"{rule} - repeat"][0] - (got[rule][0] - got["repeat"][0])) < 1e-9
+    for mean, sem in (got[r] for r in RULES):
         assert 0.0 <= mean <= 1.0 and sem >= 0.0
