@@ -33,9 +33,12 @@ minute's) and after warm-up (the last minute's peak over minute ``--warm-minute`
 process's CPU (cores) is reported beside the server's: the load must keep its clock, or the soak
 measures the client.
 
-``--batch-cap`` decides where the overload waits: with 64 (the default) the server's backlog grows
-past what it serves within ``FOVEATE_SYNC_TIMEOUT_S`` and its back-pressure answers (429, and in
-short runs many 504s: docs/results.md); with 4 the overload stays in the rigs' buffers.
+``--batch-cap`` (default 8) is how many of its fixations a rig sends at once. A stream gets one
+fixation a worker tick, so a batch of k of one stream needs k ticks: the API refuses (429, with
+``Retry-After`` and the number that fits) a waiting batch whose stream would need more ticks than
+fit in ``FOVEATE_SYNC_TIMEOUT_S`` (before that check, batches of 64 with ticks of ~0.5 s were
+accepted and answered 504: docs/results.md). 8 fits ticks up to 1.25 s; with one request in flight
+a stream, the overload then waits in the rigs' buffers, and is shed there, not at the server.
 
 ``--server-env MALLOC_ARENA_MAX=2`` sets the server's environment (here: glibc's malloc arenas);
 ``--tracemalloc S`` snapshots the server's Python allocations every S seconds
@@ -649,7 +652,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overload", type=float, default=2.0, help="offered rate over the sustainable rate")
     p.add_argument("--rate", type=float, help="the sustainable rate (fixations/s); measured when left out")
     p.add_argument("--calibrate-s", type=float, default=30.0, help="calibration window after 5 s warm-up")
-    p.add_argument("--batch-cap", type=int, default=64, help="fixations in one request of a stream at most")
+    p.add_argument("--batch-cap", type=int, default=8, help="fixations in one request of a stream at most")
     p.add_argument("--buffer", type=int, default=256, help="a rig's buffer; beyond it the oldest are shed")
     p.add_argument("--load-procs", type=int, default=2, help="processes the streams are dealt over")
     p.add_argument("--redis", action="store_true", help="redis-server + foveate worker + foveate api")
