@@ -3,10 +3,11 @@ what each rank saves, and how a group of any size restores it.
 
 **Taking.** A group checkpoint is collective (learner/dist_checkpoint.py ``save``): every rank must
 take it between the same two ticks. So no rank starts one on its own: a periodic checkpoint due on a
-rank, a ``checkpoint`` command (rank 0) or a reset/delete over Redis that waits for a commit only
-*want* one (:attr:`DistCheckpointDriver.wanted`); the iteration's agreement (the third flag) tells
-every rank, and each then saves in its loop after the tick. A stop agreed by the ranks (SIGTERM to
-any) checkpoints the same way before they exit. The write happens in the loop: learning stalls for
+rank or a ``checkpoint`` command (rank 0) only *want* one (:attr:`DistCheckpointDriver.wanted`);
+the iteration's agreement (the third flag) tells every rank, and each then saves in its loop after
+the tick. (A reset or delete over Redis is answered at once, from the rank's command journal.) A
+stop agreed by the ranks (SIGTERM to any) checkpoints the same way before they exit. The write
+happens in the loop: learning stalls for
 the whole write on every rank (``foveate_checkpoint_stall_seconds``), unlike the single worker's
 snapshot-then-write-beside-the-loop. The commands that waited are answered after the commit.
 
@@ -18,14 +19,17 @@ streams ``rank_of(stream, world)`` gives it, and takes each of its streams' reco
 writer held the stream. Then:
 
 - *same number of ranks* (a group checkpoint of ``world`` ranks): rank ``r`` resumes its shard after
-  writer ``r``'s input offset, as the single worker does (every fixation applied exactly once);
+  writer ``r``'s input offset, as the single worker does (every fixation applied exactly once), and
+  re-applies the resets and deletes of its shard's command journal after writer ``r``'s journal
+  position at their place (service/journal.py); a commit trims the journal;
 - *another number* (or a single worker's checkpoint): the streams move to their new ranks, but the
   fixations of the old shards cannot (an old shard's entry is for the old partition). So the old
   shards must be fully answered: every rank checks that no old shard holds an entry after its
   writer's saved offset (a SIGTERM stop with no traffic arriving leaves it so) and refuses to start,
   naming the shard, otherwise. Then a rank whose shard existed resumes it after that offset (its
   end), a new shard is read from its start; the old shards beyond the new world are left unread,
-  and the tombstones of deleted streams (entry ids of the old shards) are dropped. The group
+  and the tombstones of deleted streams (entry ids of the old shards) are dropped, and so are the
+  journals' records (the checkpoint holds their effect: its shards were answered). The group
   checkpoints at its first iteration, so that a crash after it restores the new layout.
 """
 
@@ -81,7 +85,10 @@ class DistCheckpointDriver(CheckpointDriver):
             saved = {**mine, "records": records}
         else:
             offset = self._repartition(services, writers)
-            saved = {"records": records, "input_offset": offset, "deleted": {},
+            # the journals' records are all in the checkpoint (its shards were answered): skip them,
+            # and the older records a shard's journal may keep from an earlier layout
+            journal = {"through": worker.broker.journal_last(), "pending": []}
+            saved = {"records": records, "input_offset": offset, "deleted": {}, "journal": journal,
                      "checkpoint": services[0].get("checkpoint")}  # fmt: skip
         worker.load_service_state(saved)  # keeps the records of the streams this rank loaded
         logger.info("rank %d of %d restored %s (written by %s): %d streams, resuming after %s",
@@ -150,7 +157,7 @@ class DistCheckpointDriver(CheckpointDriver):
         except DistributedError:
             raise  # a lost rank: the loop exits for a restart
         except (FoveateError, OSError) as exc:
-            self.worker.broker.reply([(ctl, payload or failure(exc)) for ctl, payload in waiting])
+            self.worker.broker.reply([(ctl, failure(exc)) for ctl in waiting])
             raise
         finally:
             self.last_taken = time.monotonic()
@@ -163,9 +170,10 @@ class DistCheckpointDriver(CheckpointDriver):
         metrics.CHECKPOINTS.inc()
         metrics.LAST_CHECKPOINT.set(written_at)
         worker.last_checkpoint = info
-        self.worker.broker.reply(
-            [(ctl, payload or {"ok": True, "checkpoint": info}) for ctl, payload in waiting]
-        )
+        through = extra["service"].get("journal", {}).get("through")
+        if through is not None:  # the commit holds the journaled commands' effect
+            worker.broker.journal_trim(through)
+        self.worker.broker.reply([(ctl, {"ok": True, "checkpoint": info}) for ctl in waiting])
         return info
 
     def quietly(self, when: str, *, wait: bool = True) -> None:
@@ -190,7 +198,7 @@ class DistCheckpointDriver(CheckpointDriver):
         """At stop, the loop having ended: a command still waiting gets an error (the group is gone)."""
         if self._waiting:
             error = CheckpointError("the distributed worker stopped before a checkpoint committed")
-            self.worker.broker.reply([(ctl, failure(error)) for ctl, _ in self._waiting])
+            self.worker.broker.reply([(ctl, failure(error)) for ctl in self._waiting])
             self._waiting = []
 
 

@@ -39,10 +39,12 @@ step, and the rank exits non-zero.
 with status 3, so that the orchestrator (torchrun, compose) restarts the group; never a hang.
 
 **Checkpoints** (``FOVEATE_CHECKPOINT_PATH``; service/dist_checkpointer.py): every
-``FOVEATE_CHECKPOINT_INTERVAL_S``, on a ``checkpoint`` command (rank 0) or a reset/delete over Redis,
-and when the ranks agree to stop, the third flag makes every rank save its part of one group
-checkpoint (learner/dist_checkpoint.py) after the same tick, in the loop; the commands are answered
-after the commit. At start every rank restores it, with the same or another number of ranks.
+``FOVEATE_CHECKPOINT_INTERVAL_S``, on a ``checkpoint`` command (rank 0), and when the ranks agree to
+stop, the third flag makes every rank save its part of one group checkpoint
+(learner/dist_checkpoint.py) after the same tick, in the loop; the command is answered after the
+commit. A reset or delete over Redis is written to the rank's command journal and answered at once
+(service/journal.py). At start every rank restores the checkpoint, with the same or another number
+of ranks. A stop drains for at most ``DRAIN_S`` (the fifth flag: some rank's deadline passed).
 """
 
 from __future__ import annotations
@@ -82,9 +84,10 @@ _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 #: The exit status of a rank that lost its group: the orchestrator restarts the group.
 EXIT_RANK_LOST = 3
 #: At most this long after an agreed stop, the ranks answer the fixations in hand and in their
-#: shards before the final checkpoint (so that a re-partition finds the shards answered); within
-#: compose's stop_grace_period (60 s) with the checkpoint's write.
-DRAIN_S = 20.0
+#: shards before the final checkpoint (so that a re-partition finds the shards answered). torchrun
+#: gives its ranks 30 s after passing SIGTERM on, then kills them: the drain and the checkpoint's
+#: write (in the loop) must fit in that.
+DRAIN_S = 10.0
 
 
 def _never() -> bool:
@@ -98,6 +101,7 @@ class Agreement(NamedTuple):
     stop: bool  # some rank was asked to stop: all stop after this iteration
     checkpoint: bool  # some rank wants a checkpoint: all save one after this iteration's tick
     more: bool  # stopping, some rank still has fixations to answer: the drain goes on
+    over: bool  # stopping, some rank's drain deadline passed: all stop after this iteration
 
 
 class RankEnv(NamedTuple):
@@ -224,12 +228,14 @@ class DistWorker(Worker):
                 self._command(ctl)
             draining = drain_until is not None
             batch, controls = self.batcher.gather(self._receive, _never if draining else self._stop.is_set)
-            more = drain_until is not None and time.monotonic() < drain_until and self._unanswered()
+            over = drain_until is not None and time.monotonic() >= drain_until
+            more = draining and not over and self._unanswered()
             agreed = self._agree(
                 rows=bool(batch),
                 stop=self._stop.is_set() or draining,
                 checkpoint=self.checkpoints.want,
                 more=more,
+                over=over,  # bounds the drain while fixations keep arriving
             )
             if agreed.rows:
                 start = time.perf_counter()
@@ -238,7 +244,7 @@ class DistWorker(Worker):
                     self.rate.observe(len(batch), time.perf_counter() - start)
             for ctl in controls:
                 self._command(ctl)
-            done = draining and not (agreed.rows or agreed.more)
+            done = draining and (agreed.over or not (agreed.rows or agreed.more))
             if (agreed.checkpoint or done) and self.settings.checkpoint_path is not None:
                 self.checkpoints.quietly("at stop" if done else "agreed")  # every rank, now
             self._housekeeping()
@@ -253,16 +259,19 @@ class DistWorker(Worker):
         """Whether this rank holds, or its shard has, fixations not answered yet (the stop's drain)."""
         return self.batcher.held > 0 or self.broker.backlog() > 0
 
-    def _agree(self, *, rows: bool, stop: bool, checkpoint: bool = False, more: bool = False) -> Agreement:
-        """One ``all_reduce`` (max) of this rank's four flags: what any rank wants, every rank does."""
+    def _agree(
+        self, *, rows: bool, stop: bool, checkpoint: bool = False, more: bool = False, over: bool = False
+    ) -> Agreement:
+        """One ``all_reduce`` (max) of this rank's five flags: what any rank wants, every rank does."""
         assert self.sync is not None
-        flags = torch.tensor([rows, stop, checkpoint, more], dtype=torch.int32, device=self.learner.device)
+        flags = torch.tensor(
+            [rows, stop, checkpoint, more, over], dtype=torch.int32, device=self.learner.device
+        )
         self.sync._collective(
             "the iteration's agreement",
             lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group),
         )
-        rows_, stop_, checkpoint_, more_ = (bool(v) for v in flags.tolist())
-        return Agreement(rows_, stop_, checkpoint_, more_)
+        return Agreement(*(bool(v) for v in flags.tolist()))
 
     # ------------------------------------------------------------------ one tick on every rank
 

@@ -202,12 +202,17 @@ def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> No
     assert len(set(setup.fingerprints(3))) == 1
     # the new layout was checkpointed at the group's first iteration (before the second fixation)
     assert json.loads((setup.checkpoint / "manifest.json").read_text())["ranks"] == 3
-    # a reset over Redis cannot be replayed: answered once a group checkpoint holds it
+    # a reset over Redis is answered from its rank's command journal, with no checkpoint for it
     before = json.loads((setup.checkpoint / "manifest.json").read_text())["generation"]
     reply = client.post(f"/v1/streams/{STREAMS[1]}/reset", json={})
     assert reply.status_code == 200 and reply.json() == {"stream_id": STREAMS[1], "step": 0}, reply.text
+    journal = f"foveate:journal:{rank_of(STREAMS[1], 3)}"
+    r = redis.Redis.from_url(setup.redis_url)
+    assert [e[1][b"command"] for e in r.xrange(journal)] == [b"reset"]
+    assert json.loads((setup.checkpoint / "manifest.json").read_text())["generation"] == before
+    _stop(ranks)  # the stop's checkpoint holds the reset: the journal is trimmed
     assert json.loads((setup.checkpoint / "manifest.json").read_text())["generation"] > before
-    _stop(ranks)
+    assert r.xlen(journal) == 0
 
 
 def test_a_repartition_over_unanswered_entries_is_refused(setup: Setup) -> None:
