@@ -290,22 +290,30 @@ def save(
     learner: StreamLearner,
     extra: dict[str, Any] | None = None,
     stage: Callable[[str], None] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, Any]:
-    """Checkpoint the group now (collective, between ticks): ``take`` then ``write``."""
-    return write(take(path, learner, extra), stage)
+    """Checkpoint the group now (collective, between ticks): ``take`` then ``write``. ``group``:
+    as for ``take`` (a group with a longer timeout than the ticks', for a write that may be long)."""
+    return write(take(path, learner, extra, group=group), stage)
 
 
-def load(path: str | os.PathLike[str], learner: StreamLearner, partition: Partition) -> list[dict[str, Any]]:
+def load(
+    path: str | os.PathLike[str],
+    learner: StreamLearner,
+    partition: Partition,
+    group: dist.ProcessGroup | None = None,
+) -> list[dict[str, Any]]:
     """Restore this rank from ``path`` (collective, after ``join``): the shared state and the streams
     ``partition(stream, ranks)`` gives this rank; return every writer rank's ``extra`` (rank order;
-    one for a single worker's checkpoint).
+    one for a single worker's checkpoint). ``group`` carries the load's collectives (default: the
+    learner's); one with a longer timeout than the ticks' lets ranks wait for a slow load.
 
     Raises ``CheckpointError`` when the ranks read different manifests (the folder must be one that
     every rank sees), ``DistributedError`` when the partition loses or duplicates a stream, or the
     ranks end with different shared state.
     """
     path = Path(path)
-    group = _group_of(learner)
+    group = _group_of(learner) if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     manifest = read_checkpoint(path)
     ids = [sid for sid, _ in manifest["streams"]]
@@ -328,6 +336,8 @@ def load(path: str | os.PathLike[str], learner: StreamLearner, partition: Partit
             "must pass the same partition function (service.shards.rank_of)"
         )
     extra = load_checkpoint(path, learner, keep=mine.__contains__, manifest=manifest)
+    # every rank done loading (on ``group``'s timeout) before the check on the learner's
+    _collective(group, "the checkpoint's load", lambda: dist.barrier(group=group))
     assert learner.sync is not None
     learner.sync.check_identical()
     return list(extra["ranks"]) if "ranks" in manifest else [extra]

@@ -75,7 +75,7 @@ class DistCheckpointDriver(CheckpointDriver):
             logger.info("rank %d: no checkpoint at %s: starting fresh", worker.rank, path)
             return False
         writers = read_checkpoint(path).get("ranks")  # None: one worker's checkpoint
-        extras = load(path, worker.learner, rank_of)
+        extras = load(path, worker.learner, rank_of, group=worker.checkpoint_group)
         services = [extra.get("service", {}) for extra in extras]
         records: dict[str, Any] = {}
         for service in services:  # each stream's record from the writer that held it
@@ -87,7 +87,7 @@ class DistCheckpointDriver(CheckpointDriver):
             offset = self._repartition(services, writers)
             # the journals' records are all in the checkpoint (its shards were answered): skip them,
             # and the older records a shard's journal may keep from an earlier layout
-            journal = {"through": worker.broker.journal_last(), "pending": []}
+            journal: dict[str, Any] = {"through": worker.broker.journal_last(), "pending": []}
             saved = {"records": records, "input_offset": offset, "deleted": {}, "journal": journal,
                      "checkpoint": services[0].get("checkpoint")}  # fmt: skip
         worker.load_service_state(saved)  # keeps the records of the streams this rank loaded
@@ -152,7 +152,9 @@ class DistCheckpointDriver(CheckpointDriver):
                                         "streams": len(worker.records), "rank": worker.rank,
                                         "world_size": worker.world}  # fmt: skip
                 extra = {"service": worker.service_state(dict(info))}
-                written = save(path, worker.learner, extra, worker.checkpoint_stage)
+                written = save(
+                    path, worker.learner, extra, worker.checkpoint_stage, group=worker.checkpoint_group
+                )
                 seconds = time.perf_counter() - start
         except DistributedError:
             raise  # a lost rank: the loop exits for a restart

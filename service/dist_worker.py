@@ -159,20 +159,25 @@ def rank_settings(settings: Settings, rank: int, world: int) -> Settings:
     )
 
 
-def init_group(settings: Settings, env: RankEnv) -> dist.ProcessGroup:
-    """Join the process group (gloo, or NCCL on CUDA) and return the group the learner uses: the
-    same ranks with the short collective timeout ``dist_timeout_s``."""
+def init_group(settings: Settings, env: RankEnv) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """Join the process group (gloo, or NCCL on CUDA) and return the group the learner uses (the
+    same ranks with the short collective timeout ``dist_timeout_s``) and the one its checkpoints
+    use (the rendezvous's long timeout: a write or load waits for the slowest rank)."""
     device = resolve_device(settings.device)
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)  # one GPU per rank on a machine
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=_RENDEZVOUS_TIMEOUT)
     group = dist.new_group(timeout=timedelta(seconds=settings.dist_timeout_s))
-    if not isinstance(group, dist.ProcessGroup):  # torch's marker for "not a member": every rank is
+    # checkpoints' collectives wait for the slowest rank's write or load (thousands of streams, a
+    # shared file system): a group of the same ranks with the rendezvous's long timeout carries them
+    slow = dist.new_group(timeout=_RENDEZVOUS_TIMEOUT)
+    if not isinstance(group, dist.ProcessGroup) or not isinstance(slow, dist.ProcessGroup):
+        # torch's marker for "not a member": every rank is
         raise DistributedError(f"rank {env.rank} is not in the group it made of every rank")
     logger.info("rank %d of %d joined the %s group (collective timeout %g s)",
                 env.rank, env.world, backend, settings.dist_timeout_s)  # fmt: skip
-    return group
+    return group, slow
 
 
 class DistWorker(Worker):
@@ -188,6 +193,8 @@ class DistWorker(Worker):
         The process group the learner's collectives use (:func:`init_group`).
     learner
         A ready learner; built from ``settings`` when ``None``.
+    checkpoint_group
+        The group the checkpoints' collectives use (a long timeout); ``group`` when ``None``.
     """
 
     checkpoints: DistCheckpointDriver  # the group's checkpoints (service/dist_checkpointer.py)
@@ -198,9 +205,11 @@ class DistWorker(Worker):
         broker: Broker,
         group: dist.ProcessGroup | None = None,
         learner: StreamLearner | None = None,
+        checkpoint_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(settings, broker, learner)
         self.group = group
+        self.checkpoint_group = checkpoint_group  # None: the checkpoints use ``group``
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.input_base = settings.input_stream.rsplit(":", 1)[0]  # the key before rank_settings
@@ -423,8 +432,8 @@ def run_rank(settings: Settings, serve_metrics: Any, stop_on_signals: Any) -> in
     env = rank_env()
     check_settings(settings, env.world)
     settings = rank_settings(settings, env.rank, env.world)
-    group = init_group(settings, env)
-    worker = DistWorker(settings, RedisBroker(settings), group)
+    group, slow = init_group(settings, env)
+    worker = DistWorker(settings, RedisBroker(settings), group, checkpoint_group=slow)
     serve_metrics(settings)
     stop_on_signals(worker)
     try:
