@@ -12,25 +12,21 @@ with status 3 and a ``RankLost`` in its log, not hang.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import redis
 
 from service.dist_worker import EXIT_RANK_LOST
-from service.messages import Control
-from service.redis_broker import RedisBroker
 from service.shards import rank_of
-from tests.service._support import ServiceProcess, ThreadedServer, free_port, post_patch, small_settings
+from tests.service._dist_support import ask_rank, patch, start_ranks, wait_for_heartbeats
+from tests.service._support import ServiceProcess, ThreadedServer, post_patch, small_settings
 
 pytestmark = pytest.mark.slow  # two worker processes with torch, and the API: about 30-60 s on 2 cores
 
@@ -53,57 +49,12 @@ class Group:
 
     def restart(self, tag: str) -> None:
         """A new group of ranks on the same Redis (its consumer groups and shards exist already)."""
-        self.ranks = _start_ranks(self.tmp, self.redis_url, tag)
+        self.ranks = start_ranks(WORLD, self.redis_url, self.tmp, tag)
         self.started.append(self.ranks)
-        _wait_for_heartbeats(redis.Redis.from_url(self.redis_url), self.ranks)
+        wait_for_heartbeats(redis.Redis.from_url(self.redis_url), self.ranks, EXIT_BOUND_S)
 
     def ask_rank(self, command: str, rank: int, **args: Any) -> dict[str, Any]:
-        """A command sent to one rank's control shard, as the API sends them (signed)."""
-
-        async def ask() -> dict[str, Any]:
-            broker = RedisBroker(small_settings(redis_url=self.redis_url, shards=WORLD))
-            try:
-                return await broker.command_rank(Control(command, args), rank, timeout=60)
-            finally:
-                await broker.close_api()
-
-        reply = asyncio.run(ask())
-        assert reply["ok"], reply
-        return reply
-
-
-def _start_ranks(tmp: Path, redis_url: str, tag: str) -> list[ServiceProcess]:
-    """``WORLD`` ranks of ``foveate worker --distributed``, with the variables torchrun sets."""
-    master_port = free_port()
-    ranks = []
-    for rank in range(WORLD):
-        env = {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(master_port),
-            "FOVEATE_REDIS_URL": redis_url,
-            "FOVEATE_CHECKPOINT_PATH": "",  # none here: test_dist_worker_checkpoint.py has them
-            "FOVEATE_WORKER_METRICS_PORT": "0",
-            "FOVEATE_TORCH_THREADS": "1",
-            "FOVEATE_DIST_TIMEOUT_S": "20",
-        }
-        ranks.append(ServiceProcess(["worker", "--distributed"], env, tmp / f"{tag}-rank{rank}.log"))
-    return ranks
-
-
-def _wait_for_heartbeats(r: redis.Redis, ranks: list[ServiceProcess]) -> None:
-    """Until every rank's heartbeat is its own (a previous group's stays for a few seconds)."""
-    deadline = time.monotonic() + EXIT_BOUND_S
-    for rank, proc in enumerate(ranks):
-        while True:
-            raw = r.get(f"foveate:worker:heartbeat:{rank}")
-            if raw is not None and json.loads(raw)["consumer"].endswith(f"-{proc.process.pid}"):
-                break
-            assert proc.process.poll() is None, proc.tail()
-            assert time.monotonic() < deadline, f"rank {rank} wrote no heartbeat:\n{proc.tail()}"
-            time.sleep(0.1)
+        return ask_rank(self.redis_url, WORLD, command, rank, **args)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +65,12 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
 
     tmp = tmp_path_factory.mktemp("dist")
     redis_srv = RedisServer.start_in(tmp / "redis", binary=require_server_binary("redis-server"))
-    ranks = _start_ranks(tmp, redis_srv.url, "first")
+    ranks = start_ranks(WORLD, redis_srv.url, tmp, "first")
     api = ThreadedServer(create_app(small_settings(redis_url=redis_srv.url, shards=WORLD))).start()
     client = httpx.Client(base_url=api.url, timeout=60.0)
     started = [ranks]
     try:
-        _wait_for_heartbeats(redis.Redis.from_url(redis_srv.url), ranks)
+        wait_for_heartbeats(redis.Redis.from_url(redis_srv.url), ranks, EXIT_BOUND_S)
         ranks[0].wait_http(api.url + "/readyz")
         yield Group(ranks, api, redis_srv.url, client, tmp, started)
     finally:
@@ -136,15 +87,11 @@ def _commands(r: redis.Redis, rank: int, command: str) -> list[str]:
     return [json.loads(f[b"args"])["stream_id"] for _, f in entries if f[b"command"] == command.encode()]
 
 
-def _patch(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-
-
 def test_fixations_reach_their_rank_and_are_answered(group: Group) -> None:
     assert {rank_of(s, WORLD) for s in STREAMS} == set(range(WORLD))  # both ranks get streams
     for i in range(4):
         for k, sid in enumerate(STREAMS):
-            out = post_patch(group.client, sid, _patch(10 * k + i), seq=i)
+            out = post_patch(group.client, sid, patch(10 * k + i), seq=i)
             assert (out["status"], out["step"], out["stream_id"]) == ("applied", i + 1, sid)
     r = redis.Redis.from_url(group.redis_url)
     for rank in range(WORLD):  # each rank's input shard holds exactly its streams' fixations
@@ -180,7 +127,7 @@ def test_a_reset_reaches_its_streams_rank(group: Group) -> None:
     resets = {rank: _commands(r, rank, "reset") for rank in range(WORLD)}
     assert resets == {0: [], 1: [sid]}
     assert group.client.get(f"/v1/streams/{sid}").json()["step"] == 0
-    assert post_patch(group.client, sid, _patch(99), seq=0)["step"] == 1  # numbered afresh
+    assert post_patch(group.client, sid, patch(99), seq=0)["step"] == 1  # numbered afresh
 
 
 def test_broken_and_misrouted_messages_keep_the_ranks_in_step(group: Group) -> None:
@@ -198,7 +145,7 @@ def test_broken_and_misrouted_messages_keep_the_ranks_in_step(group: Group) -> N
         refused["error"] == "InputError" and "write its fixations to foveate:fixations:1" in refused["detail"]
     )
     for k, sid in enumerate(STREAMS):  # both ranks still learn, in step
-        assert post_patch(group.client, sid, _patch(1000 + k), seq=10)["status"] == "applied"
+        assert post_patch(group.client, sid, patch(1000 + k), seq=10)["status"] == "applied"
     prints = {group.ask_rank("model", rank)["model"]["distributed"]["fingerprint"] for rank in range(WORLD)}
     assert len(prints) == 1
 
@@ -214,7 +161,7 @@ def test_a_signal_to_one_rank_stops_both(group: Group) -> None:
 def test_a_killed_rank_makes_the_other_exit_not_hang(group: Group) -> None:
     group.restart("second")
     sid = STREAMS[2]
-    assert post_patch(group.client, sid, _patch(7), seq=20)["status"] == "applied"  # the new group learns
+    assert post_patch(group.client, sid, patch(7), seq=20)["status"] == "applied"  # the new group learns
     survivor, victim = group.ranks
     victim.process.send_signal(signal.SIGKILL)
     code = survivor.process.wait(timeout=EXIT_BOUND_S)  # raises TimeoutExpired on a hang

@@ -5,31 +5,26 @@ In order, on one Redis and one folder: two ranks learn, a checkpoint command ove
 after the group's commit, SIGTERM stops both with a checkpoint; two new ranks continue every stream
 (steps go on, a resent seq is a duplicate, the model is the one saved); then three ranks restart from
 the two's checkpoint (every stream once, on its new rank, its steps intact, the fixations queued
-when the two were stopped learned by their drain, learning on, and a reset answered after a group
-checkpoint); and a
+when the two were stopped learned by their drain, learning on, and a reset answered from its rank's
+command journal, which the stop's checkpoint trims); and a
 checkpoint whose old shard holds an entry it never answered is refused at start, naming the shard.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import redis
 
-from bench._servers import free_port
-from service.messages import Control
-from service.redis_broker import RedisBroker
 from service.shards import rank_of
+from tests.service._dist_support import ask_rank, patch, start_ranks, wait_for_heartbeats
 from tests.service._support import (
     ServiceProcess,
     ThreadedServer,
@@ -57,26 +52,10 @@ class Setup:
 
     def ranks(self, world: int, tag: str, *, wait: bool = True) -> list[ServiceProcess]:
         """``world`` ranks of ``foveate worker --distributed`` with the variables torchrun sets."""
-        master_port = free_port()
-        ranks = []
-        for rank in range(world):
-            env = {
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "LOCAL_RANK": str(rank),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(master_port),
-                "FOVEATE_REDIS_URL": self.redis_url,
-                "FOVEATE_CHECKPOINT_PATH": str(self.checkpoint),
-                "FOVEATE_CHECKPOINT_INTERVAL_S": "3600",  # only the command and the stop checkpoint
-                "FOVEATE_WORKER_METRICS_PORT": "0",
-                "FOVEATE_TORCH_THREADS": "1",
-                "FOVEATE_DIST_TIMEOUT_S": "20",
-            }
-            ranks.append(ServiceProcess(["worker", "--distributed"], env, self.tmp / f"{tag}-rank{rank}.log"))
+        ranks = start_ranks(world, self.redis_url, self.tmp, tag, checkpoint=self.checkpoint)
         self.procs.extend(ranks)
         if wait:
-            _wait_for_heartbeats(redis.Redis.from_url(self.redis_url), ranks)
+            wait_for_heartbeats(redis.Redis.from_url(self.redis_url), ranks, BOUND_S)
         return ranks
 
     def client(self, world: int) -> httpx.Client:
@@ -89,34 +68,10 @@ class Setup:
         return self.apis[world][1]
 
     def ask_rank(self, command: str, rank: int, world: int, **args: Any) -> dict[str, Any]:
-        """A command sent to one rank's control shard, as the API sends them (signed)."""
-
-        async def ask() -> dict[str, Any]:
-            broker = RedisBroker(small_settings(redis_url=self.redis_url, shards=world))
-            try:
-                return await broker.command_rank(Control(command, args), rank, timeout=60)
-            finally:
-                await broker.close_api()
-
-        reply = asyncio.run(ask())
-        assert reply["ok"], reply
-        return reply
+        return ask_rank(self.redis_url, world, command, rank, **args)
 
     def fingerprints(self, world: int) -> list[str]:
         return [self.ask_rank("model", r, world)["model"]["distributed"]["fingerprint"] for r in range(world)]
-
-
-def _wait_for_heartbeats(r: redis.Redis, ranks: list[ServiceProcess]) -> None:
-    """Until every rank's heartbeat is its own (a previous group's stays for a few seconds)."""
-    deadline = time.monotonic() + BOUND_S
-    for rank, proc in enumerate(ranks):
-        while True:
-            raw = r.get(f"foveate:worker:heartbeat:{rank}")
-            if raw is not None and json.loads(raw)["consumer"].endswith(f"-{proc.process.pid}"):
-                break
-            assert proc.process.poll() is None, proc.tail()
-            assert time.monotonic() < deadline, f"rank {rank} wrote no heartbeat:\n{proc.tail()}"
-            time.sleep(0.1)
 
 
 def _stop(ranks: list[ServiceProcess]) -> None:
@@ -124,10 +79,6 @@ def _stop(ranks: list[ServiceProcess]) -> None:
     ranks[-1].process.send_signal(signal.SIGTERM)
     for proc in ranks:
         assert proc.process.wait(timeout=BOUND_S) == 0, proc.tail()
-
-
-def _patch(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +106,14 @@ def test_a_checkpoint_command_is_answered_after_the_commit_and_a_restart_continu
     ranks = setup.ranks(2, "first")
     for i in range(3):
         for k, sid in enumerate(STREAMS):
-            assert post_patch(client, sid, _patch(10 * k + i), seq=i)["step"] == i + 1
+            assert post_patch(client, sid, patch(10 * k + i), seq=i)["step"] == i + 1
     reply = client.post("/v1/model/checkpoint", json={})  # to rank 0, which asks the group
     assert reply.status_code == 200, reply.text
     info = reply.json()  # CheckpointOut
     manifest = json.loads((setup.checkpoint / "manifest.json").read_text())  # committed before the answer
     assert (info["streams"], manifest["ranks"], len(manifest["streams"])) == (6, 2, 6)
     for k, sid in enumerate(STREAMS):  # learned after the checkpoint: the stop's checkpoint holds it
-        assert post_patch(client, sid, _patch(10 * k + 3), seq=3)["step"] == 4
+        assert post_patch(client, sid, patch(10 * k + 3), seq=3)["step"] == 4
     saved = setup.fingerprints(2)
     assert len(set(saved)) == 1
     _stop(ranks)
@@ -170,15 +121,15 @@ def test_a_checkpoint_command_is_answered_after_the_commit_and_a_restart_continu
     ranks = setup.ranks(2, "second")
     assert setup.fingerprints(2) == saved  # the model the stop saved, on both ranks
     for k, sid in enumerate(STREAMS):
-        again = post_patch(client, sid, _patch(10 * k + 3), seq=3)  # a resend: answered, not re-learned
+        again = post_patch(client, sid, patch(10 * k + 3), seq=3)  # a resend: answered, not re-learned
         assert (again["status"], again["step"]) == ("duplicate", 4), again
-        assert post_patch(client, sid, _patch(10 * k + 4), seq=4)["step"] == 5
+        assert post_patch(client, sid, patch(10 * k + 4), seq=4)["step"] == 5
     prints = setup.fingerprints(2)
     assert len(set(prints)) == 1 and prints != saved  # learning on, in step
     # queued in a shard as the stop comes: one tick each (one stream), answered by the stop's drain
     pipe = redis.Redis.from_url(setup.redis_url).pipeline()
     for seq in range(5, 5 + QUEUED):
-        fields = {"stream_id": STREAMS[0], "seq": seq, "patch": png(_patch(seq))}
+        fields = {"stream_id": STREAMS[0], "seq": seq, "patch": png(patch(seq))}
         pipe.xadd(f"foveate:fixations:{rank_of(STREAMS[0], 2)}", fields)  # type: ignore[arg-type]
     pipe.execute()  # all at once, then at once the signal
     _stop(ranks)
@@ -192,12 +143,12 @@ def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> No
         assert sorted(held) == sorted(s for s in STREAMS if rank_of(s, 3) == rank)
     for k, sid in enumerate(STREAMS[1:], start=1):
         assert client.get(f"/v1/streams/{sid}").json()["step"] == 5  # its steps intact
-        again = post_patch(client, sid, _patch(10 * k + 4), seq=4)  # its dedup record came along
+        again = post_patch(client, sid, patch(10 * k + 4), seq=4)  # its dedup record came along
         assert (again["status"], again["step"]) == ("duplicate", 5), again
-        assert post_patch(client, sid, _patch(10 * k + 5), seq=5)["step"] == 6
+        assert post_patch(client, sid, patch(10 * k + 5), seq=5)["step"] == 6
     last = 4 + QUEUED  # the fixations queued at the stop were learned before its checkpoint
     assert client.get(f"/v1/streams/{STREAMS[0]}").json()["step"] == last + 1
-    again = post_patch(client, STREAMS[0], _patch(last), seq=last)
+    again = post_patch(client, STREAMS[0], patch(last), seq=last)
     assert (again["status"], again["step"]) == ("duplicate", last + 1), again
     assert len(set(setup.fingerprints(3))) == 1
     # the new layout was checkpointed at the group's first iteration (before the second fixation)
