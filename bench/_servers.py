@@ -305,8 +305,15 @@ def start_serve(workdir: Path, env: dict[str, str], *, timeout: float = 180.0) -
 
     ``env`` holds ``FOVEATE_*`` settings (and thread counts) for the process.
     """
+    return start_http(["serve"], workdir, "serve", env, timeout)
+
+
+def start_http(
+    args: list[str], workdir: Path, name: str, env: dict[str, str], timeout: float = 180.0
+) -> FoveateProcess:
+    """``foveate ARGS --host 127.0.0.1 --port P`` (an API) on a free port, once ``/readyz`` is 200."""
     port = free_port()
-    proc = FoveateProcess(["serve", "--host", LOOPBACK, "--port", str(port)], workdir, "serve", env)
+    proc = FoveateProcess([*args, "--host", LOOPBACK, "--port", str(port)], workdir, name, env)
     proc.url = f"http://{LOOPBACK}:{port}"
     proc.metrics_url = f"{proc.url}/metrics"
 

@@ -77,8 +77,8 @@ from bench._servers import (
     FoveateProcess,
     RedisServer,
     cpu_seconds,
-    free_port,
     machine_busy_seconds,
+    start_http,
     start_serve,
     start_worker,
 )
@@ -366,20 +366,7 @@ def start_api(
     redis_url: str, workdir: Path, env: dict[str, str], *, timeout: float = 180.0
 ) -> FoveateProcess:
     """``foveate api --redis URL`` on a free port, once ``/readyz`` is 200 (a worker is beating)."""
-    port = free_port()
-    proc = FoveateProcess(["api", "--redis", redis_url, "--host", "127.0.0.1", "--port", str(port)],
-                          workdir, "api", env)  # fmt: skip
-    proc.url = f"http://127.0.0.1:{port}"
-    proc.metrics_url = f"{proc.url}/metrics"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{proc.url}/readyz", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    proc.wait_until(ready, timeout, "answer /readyz")
-    return proc
+    return start_http(["api", "--redis", redis_url], workdir, "api", env, timeout)
 
 
 async def calibrate(url: str, streams: int, seconds: float, warmup: float) -> float:
