@@ -342,7 +342,7 @@ class DistWorker(Worker):
                     pairs.append((one, self._features_of([one.fix])[0]))
                 except FoveateError as exc:
                     replies.append(self._refuse(one.fix, exc))
-        except RuntimeError as exc:  # a torch failure (out of memory): answer, keep in step
+        except Exception as exc:  # a torch failure (out of memory), or any other: answer, keep in step
             logger.error("computing the trunk features of %d fixations failed", len(accepted), exc_info=exc)
             return [], [self._refuse(a.fix, WorkerError(f"the learner failed: {exc}")) for a in accepted]
         good: list[Accepted] = []
