@@ -162,30 +162,49 @@ def with_previews(ticks: Sequence[Tick], paths: Sequence[Scanpath]) -> list[Tick
 def attach_previews(
     learner: StreamLearner,
     ds: RecordedDataset,
-    paths: Sequence[Scanpath],
+    splits: dict[str, list[Scanpath]],
     *,
     saccade: bool,
     cache: Path | None,
+    dims: int = 0,
     crop_factor: float = 2.0,
-) -> list[Scanpath]:
-    """The scanpaths with ``v``: for each fixation t >= 1, the frozen trunk's features of its region
-    as seen from fixation t-1 (``bench.peripheral``: a crop of ``crop_factor`` patch sizes, blurred
-    to acuity at the saccade's eccentricity, given to the trunk at ``crop_factor`` x its input
-    size), and with ``saccade`` the saccade's 15 features after them. The learner whitens them."""
+) -> dict[str, list[Scanpath]]:
+    """The scanpaths of each split ("train" and the others) with ``v``: for each fixation t >= 1,
+    the frozen trunk's features of its region as seen from fixation t-1 (``bench.peripheral``: a
+    crop of ``crop_factor`` patch sizes, blurred to acuity at the saccade's eccentricity, given to
+    the trunk at ``crop_factor`` x its input size), with ``dims`` > 0 projected on their top
+    ``dims`` principal components fitted on the training previews (as ``bench.ceiling`` does: of
+    1752 whitened directions most are noise), and with ``saccade`` the saccade's 15 features after
+    them. The model whitens what it gets."""
     from bench.peripheral import positions, preview_features, saccade_features  # it imports this module
 
     ppd = ds.px_per_deg or 24.0
     crop, size = round(crop_factor * 50), round(crop_factor * learner.cfg.input_size)
-    feats = preview_features(
-        learner, ds, paths, crop_px=crop, input_px=size, px_per_deg=ppd, scale=1.0, cache=cache
-    )
-    out = []
-    for p, f in zip(paths, feats, strict=True):
-        cols = [f.to(p.u.dtype)]
-        if saccade:
-            cols.append(saccade_features(positions(ds, p), ppd).to(p.u.dtype))
-        v = torch.cat(cols, 1)  # (T-1, F)
-        out.append(Scanpath(p.subject, p.image, p.u, torch.cat([v.new_zeros(1, v.shape[1]), v])))
+    feats = {
+        split: preview_features(
+            learner, ds, paths, crop_px=crop, input_px=size, px_per_deg=ppd, scale=1.0, cache=cache
+        )
+        for split, paths in splits.items()
+    }
+    project = None
+    if dims:
+        train = torch.cat(feats["train"]).double()  # (P, M)
+        mu = train.mean(0)
+        _, vecs = torch.linalg.eigh(torch.cov((train - mu).T))
+        top = vecs[:, -dims:]  # (M, dims), ascending eigenvalues: the last are the largest
+
+        def project(f: torch.Tensor) -> torch.Tensor:
+            return (f.double() - mu) @ top
+
+    out: dict[str, list[Scanpath]] = {}
+    for split, paths in splits.items():
+        out[split] = []
+        for p, f in zip(paths, feats[split], strict=True):
+            cols = [(project(f) if project else f).to(p.u.dtype)]
+            if saccade:
+                cols.append(saccade_features(positions(ds, p), ppd).to(p.u.dtype))
+            v = torch.cat(cols, 1)  # (T-1, F)
+            out[split].append(Scanpath(p.subject, p.image, p.u, torch.cat([v.new_zeros(1, v.shape[1]), v])))
     return out
 
 
@@ -546,9 +565,11 @@ def run(
     patch_px: int = 50,
     cache: Path | None = None,
     preview: str = "none",
+    preview_dims: int = 0,
 ) -> dict[str, Any]:
     """``preview``: ``none``, ``preview`` (each fixation's peripheral preview, ``attach_previews``)
-    or ``saccade+preview``; the model then reads it (``cfg.preview_features`` is set to its width)."""
+    or ``saccade+preview``; the model then reads it (``cfg.preview_features`` is set to its width);
+    ``preview_dims`` > 0: the preview's top principal components only."""
     ds = RecordedDataset.open(dataset)
     tr_s, tr_i, te_s, te_i = held_out_split(ds, train_subjects, train_images, test_subjects, test_images)
     feature_learner = RFPLearner(cfg)
@@ -557,10 +578,16 @@ def run(
     test = cached_features(feature_learner, ds, te_i, te_s, patch_px, cache)
     test_paths = scanpaths_of(test)
     if preview != "none":
-        saccade = preview == "saccade+preview"
-        train_paths = attach_previews(feature_learner, ds, scanpaths_of(train), saccade=saccade, cache=cache)
-        test_paths = attach_previews(feature_learner, ds, test_paths, saccade=saccade, cache=cache)
-        train, test = with_previews(train, train_paths), with_previews(test, test_paths)
+        got = attach_previews(
+            feature_learner,
+            ds,
+            {"train": scanpaths_of(train), "test": test_paths},
+            saccade=preview == "saccade+preview",
+            cache=cache,
+            dims=preview_dims,
+        )
+        test_paths = got["test"]
+        train, test = with_previews(train, got["train"]), with_previews(test, test_paths)
         assert test_paths[0].v is not None
         cfg = cfg.replace(preview_features=test_paths[0].v.shape[1])
     rs = retrieval_set(
@@ -584,6 +611,7 @@ def run(
         },
         "retrieval_candidates": {"same_image": same_image, "other_images": 9 - same_image},
         "preview": preview,
+        "preview_dims": preview_dims,
         "seconds_features": t_features,
         "seeds": per_seed,
     }
@@ -698,6 +726,9 @@ def main(argv: list[str] | None = None) -> None:
         help="the model's predictor also reads each fixation's peripheral preview (blurred to acuity, "
         "bench.peripheral), and with saccade+preview the saccade's features (ModelConfig.preview_features)",
     )
+    ap.add_argument(
+        "--preview-dims", type=int, default=0, help="the preview's top principal components (0: all)"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache", type=Path, default=Path("runs/cache"), help="trunk feature cache folder")
     ap.add_argument("--out-dir", type=Path, default=None, help="write controls.json, .md and the figure")
@@ -741,6 +772,7 @@ def main(argv: list[str] | None = None) -> None:
         same_image=args.same_image,
         cache=args.cache,
         preview=args.preview,
+        preview_dims=args.preview_dims,
     )
     for s in res["seeds"]:
         s.pop("learner")

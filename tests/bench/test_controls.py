@@ -155,8 +155,9 @@ def test_the_command_reports_every_control_and_combines_runs(
 
 @pytest.mark.slow
 def test_the_command_runs_the_controls_with_a_preview_input(tmp_path: Path) -> None:
-    """``--preview saccade+preview``: the model reads the trunk's features of each fixation's
-    peripheral preview and the saccade's 15 features, and every control runs with them."""
+    """``--preview saccade+preview --preview-dims 8``: the model reads the top 8 principal components
+    of the trunk's features of each fixation's peripheral preview and the saccade's 15 features, and
+    every control runs with them."""
     main(
         [
             "--dataset",
@@ -177,6 +178,8 @@ def test_the_command_runs_the_controls_with_a_preview_input(tmp_path: Path) -> N
             "0",
             "--preview",
             "saccade+preview",
+            "--preview-dims",
+            "8",
             "--cache",
             str(tmp_path / "cache"),
             "--out-dir",
@@ -185,7 +188,7 @@ def test_the_command_runs_the_controls_with_a_preview_input(tmp_path: Path) -> N
     )
     res = json.loads((tmp_path / "controls.json").read_text())
     assert res["preview"] == "saccade+preview"
-    assert res["config"]["preview_features"] == 1752 + 15  # EfficientNet-Lite0's features, the saccade's
+    assert res["config"]["preview_features"] == 8 + 15  # the preview's components, the saccade's features
     (seed,) = res["seeds"]
     for key in ("transfer", "shuffled", "iid", "online_held_out_second_half"):
         assert seed[key]["fixations"] > 0 and torch.isfinite(torch.tensor(seed[key]["skill"])), key
