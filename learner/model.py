@@ -368,14 +368,16 @@ class RJEPA(nn.Module):
                 self.G.lin2.weight.zero_()
                 self.G.lin2.bias.zero_()
         # the preview (cfg.preview_features): whitened like the trunk features (a running ZCA), then
-        # projected into the predictor's hidden layer by Q; drawn last, so that every other weight is
-        # the same with and without it
+        # projected into the predictor's hidden layer by Q, which starts at zero: a random Q's drive
+        # (unit-variance inputs) outweighed G1 z in the hidden units, and on the OSIE controls the
+        # model then learned more slowly than without the preview (docs/results.md). At zero, the
+        # untrained model is the same as without it, and Q grows where the gradient says the preview
+        # helps (it gets one as soon as G2 has moved from zero, after the first step).
         f = cfg.preview_features
         self.preview_norm = RunningWhitening(f, every=4096 if f > 1024 else 256) if f else None
         self.Q = nn.Linear(f, cfg.pred_hidden, bias=False) if f else None  # (H, F)
         if self.Q is not None:
-            with torch.no_grad():
-                _seeded_like_default(self.Q, gen)
+            nn.init.zeros_(self.Q.weight)
         self.trunk_dtype = torch.float32
 
     # --- parameter groups -------------------------------------------------------------------

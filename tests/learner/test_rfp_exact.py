@@ -86,6 +86,8 @@ def make_learner(
             q = torch.randn(preview, preview, generator=gen, dtype=torch.float64)
             norm.whiten.copy_(torch.eye(preview, dtype=torch.float64) + 0.3 * q)  # not symmetric
         norm.observe = lambda x: None  # type: ignore[method-assign]
+        with torch.no_grad():  # Q starts at zero, which would hide the preview's forward pass
+            learner.model.Q.weight.copy_(torch.randn(H, preview, generator=gen, dtype=torch.float64) * 0.3)
     if loss == "whitened_mse":  # a random fixed metric: RFP treats it as a constant of each step
         gen = torch.Generator().manual_seed(300 + seed)
         q = torch.randn(D, D, generator=gen, dtype=torch.float64)
