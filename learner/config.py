@@ -106,8 +106,9 @@ class ModelConfig:
         saccade's features: ``bench.peripheral``), and the prediction of z_t made from the previous
         state reads it: the residual or MLP predictor's hidden layer becomes
         ``relu(G1 z_{t-1} + Q n(v_t) + g1)``, with n the running whitening of the previews and Q (H, F)
-        learned like G. The preview feeds only the predictor, never area 6, so RFP stays exact.
-        Not with the linear predictor.
+        learned like G from zero (so an untrained model predicts as it would without the preview).
+        The preview feeds only the predictor, never area 6, so RFP stays exact. Not with the linear
+        predictor; ``RFPLearner`` only. On the OSIE controls it does not help yet (docs/results.md).
     min_norm
         A scored fixation is learned from only when the prediction's and the target's norms are both
         at least ``min_norm * sqrt(embed_dim)`` (``model.well_conditioned``); others are scored but
