@@ -64,6 +64,7 @@ class Scanpath:
     subject: str
     image: str
     u: torch.Tensor  # (T, M) raw trunk features, in scanpath order
+    v: torch.Tensor | None = None  # (T, F) each fixation's preview (row 0: zeros, never read), or None
 
 
 def held_out_split(
@@ -138,19 +139,88 @@ def lockstep_ticks(paths: Sequence[Scanpath], width: int = 32) -> list[Tick]:
                     u=torch.stack([p.u[t] for _, p in live]),
                     reset=[t == 0] * len(live),
                     meta=[(p.subject, p.image, t) for _, p in live],
+                    preview=torch.stack([p.v[t] for _, p in live]) if group[0].v is not None else None,
                 )
             )
     return ticks
 
 
+def preview_of(learner: StreamLearner, tick: Tick) -> torch.Tensor | None:
+    """The tick's previews when the learner reads them (an untrained reference does not)."""
+    return tick.preview if learner.cfg.preview_features else None
+
+
+def with_previews(ticks: Sequence[Tick], paths: Sequence[Scanpath]) -> list[Tick]:
+    """Interleaved ticks given each fixation's preview from its scanpath's ``v``."""
+    v = {(p.subject, p.image): p.v for p in paths}
+    return [
+        dataclasses.replace(tick, preview=torch.stack([v[(s, im)][i] for s, im, i in tick.meta]))  # type: ignore[index]
+        for tick in ticks
+    ]
+
+
+def attach_previews(
+    learner: StreamLearner,
+    ds: RecordedDataset,
+    splits: dict[str, list[Scanpath]],
+    *,
+    saccade: bool,
+    cache: Path | None,
+    dims: int = 0,
+    crop_factor: float = 2.0,
+) -> dict[str, list[Scanpath]]:
+    """The scanpaths of each split ("train" and the others) with ``v``: for each fixation t >= 1,
+    the frozen trunk's features of its region as seen from fixation t-1 (``bench.peripheral``: a
+    crop of ``crop_factor`` patch sizes, blurred to acuity at the saccade's eccentricity, given to
+    the trunk at ``crop_factor`` x its input size), with ``dims`` > 0 projected on their top
+    ``dims`` principal components fitted on the training previews (as ``bench.ceiling`` does: of
+    1752 whitened directions most are noise), and with ``saccade`` the saccade's 15 features after
+    them. The model whitens what it gets."""
+    from bench.peripheral import positions, preview_features, saccade_features  # it imports this module
+
+    ppd = ds.px_per_deg or 24.0
+    crop, size = round(crop_factor * 50), round(crop_factor * learner.cfg.input_size)
+    feats = {
+        split: preview_features(
+            learner, ds, paths, crop_px=crop, input_px=size, px_per_deg=ppd, scale=1.0, cache=cache
+        )
+        for split, paths in splits.items()
+    }
+    project = None
+    if dims:
+        train = torch.cat(feats["train"]).double()  # (P, M)
+        mu = train.mean(0)
+        _, vecs = torch.linalg.eigh(torch.cov((train - mu).T))
+        top = vecs[:, -dims:]  # (M, dims), ascending eigenvalues: the last are the largest
+
+        def project(f: torch.Tensor) -> torch.Tensor:
+            return (f.double() - mu) @ top
+
+    out: dict[str, list[Scanpath]] = {}
+    for split, paths in splits.items():
+        out[split] = []
+        for p, f in zip(paths, feats[split], strict=True):
+            cols = [(project(f) if project else f).to(p.u.dtype)]
+            if saccade:
+                cols.append(saccade_features(positions(ds, p), ppd).to(p.u.dtype))
+            v = torch.cat(cols, 1)  # (T-1, F)
+            out[split].append(Scanpath(p.subject, p.image, p.u, torch.cat([v.new_zeros(1, v.shape[1]), v])))
+    return out
+
+
 def shuffled(paths: Sequence[Scanpath], gen: torch.Generator) -> list[Scanpath]:
     """Each scanpath's fixations in a random order."""
-    return [Scanpath(p.subject, p.image, p.u[torch.randperm(len(p.u), generator=gen)]) for p in paths]
+    out = []
+    for p in paths:  # a preview travels with its fixation: what the eye saw of the patch that lands
+        order = torch.randperm(len(p.u), generator=gen)
+        out.append(Scanpath(p.subject, p.image, p.u[order], p.v[order] if p.v is not None else None))
+    return out
 
 
 def iid_other_images(paths: Sequence[Scanpath], gen: torch.Generator) -> list[Scanpath]:
     """Every patch replaced by a fixated patch of a random other image of the set."""
     pool = torch.cat([p.u for p in paths])  # (F, M)
+    pool_v = torch.cat([p.v for p in paths]) if paths[0].v is not None else None  # type: ignore[misc]
     image_of = [p.image for p in paths for _ in range(len(p.u))]
     out = []
     for p in paths:
@@ -160,8 +230,9 @@ def iid_other_images(paths: Sequence[Scanpath], gen: torch.Generator) -> list[Sc
                 j = int(torch.randint(len(pool), (1,), generator=gen))
                 if image_of[j] != p.image:
                     break
-            picks.append(pool[j])
-        out.append(Scanpath(p.subject, p.image, torch.stack(picks)))
+            picks.append(j)
+        v = pool_v[picks] if pool_v is not None else None  # a preview travels with its patch
+        out.append(Scanpath(p.subject, p.image, pool[picks], v))
     return out
 
 
@@ -175,7 +246,9 @@ def score(learner: StreamLearner, paths: Sequence[Scanpath]) -> list[dict[str, A
     last: dict[str, torch.Tensor] = {}  # lane -> z of its previous fixation
     with torch.no_grad():
         for tick in lockstep_ticks(paths):
-            res = probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
+            res = probe.tick_features(
+                tick.ids, tick.u, tick.reset, learn=False, preview=preview_of(probe, tick)
+            )
             slots = probe.states.slots(tick.ids)
             z = model.embed(probe.states.u[slots], probe.states.h[slots])  # (B, D)
             for i in range(len(tick.ids)):
@@ -206,7 +279,9 @@ def online(learner: StreamLearner, ticks: Sequence[Tick]) -> list[dict[str, Any]
     """Prequential records of a learning run: each fixation scored before it is learned from."""
     out = []
     for tick in ticks:
-        res = learner.tick_features(tick.ids, tick.u, tick.reset, learn=True)
+        res = learner.tick_features(
+            tick.ids, tick.u, tick.reset, learn=True, preview=preview_of(learner, tick)
+        )
         out.extend(rec for i in range(len(tick.ids)) if (rec := _scored(tick, res, i)) is not None)
     return out
 
@@ -365,8 +440,15 @@ def retrieval(learner: StreamLearner, paths: Sequence[Scanpath], rs: RetrievalSe
         cands = torch.cat([u[t : t + 1], model.normalize(dis.to(learner.dtype), update=False)])  # (10, M)
         h_next, _, _ = model.rgc.step(cands, h.expand(10, -1), c.expand(10, -1))
         z = model.embed(cands, h_next)  # (10, D): the true one first
+        v = paths[k].v
+        if v is not None and model.cfg.preview_features:  # the true fixation's preview, seen before it
+            pred_model = model.predictor(
+                z_prev, model.normalize_preview(v[t : t + 1].to(z.dtype), update=False)
+            )
+        else:
+            pred_model = model.G(z_prev)
         hit = []
-        for pred in (model.G(z_prev), z_prev):
+        for pred in (pred_model, z_prev):
             losses = model.distance(pred.expand(10, -1), z)
             hit.append(float(bool(losses[0] < losses[1:].min())))
         rows.append({"image": paths[k].image, "model": hit[0], "repeat": hit[1]})
@@ -387,7 +469,7 @@ def dimensionality(learner: StreamLearner, paths: Sequence[Scanpath], window: in
     zs = []
     with torch.no_grad():
         for tick in lockstep_ticks(paths):
-            probe.tick_features(tick.ids, tick.u, tick.reset, learn=False)
+            probe.tick_features(tick.ids, tick.u, tick.reset, learn=False, preview=preview_of(probe, tick))
             slots = probe.states.slots(tick.ids)
             zs.append(probe.model.embed(probe.states.u[slots], probe.states.h[slots]).double())
     return participation_ratio(covariance_spectrum(torch.cat(zs)[-window:]))
@@ -430,7 +512,9 @@ def run_seed(
     t0 = time.perf_counter()
     train_records = online(learner, train)
     t_train = time.perf_counter() - t0
-    untrained, _ = untrained_reference(cfg, train, 1, "cpu")
+    # with a preview: G starts at the identity whatever Q is, and Q is drawn after every other weight,
+    # so the untrained model is the same without the preview (and BPTT, which runs it, reads none)
+    untrained, _ = untrained_reference(cfg.replace(preview_features=0), train, 1, "cpu")
     frozen = _clone_frozen(learner)
     transfer = score(frozen, test_paths)
     res: dict[str, Any] = {
@@ -480,7 +564,12 @@ def run(
     same_image: int = 5,
     patch_px: int = 50,
     cache: Path | None = None,
+    preview: str = "none",
+    preview_dims: int = 0,
 ) -> dict[str, Any]:
+    """``preview``: ``none``, ``preview`` (each fixation's peripheral preview, ``attach_previews``)
+    or ``saccade+preview``; the model then reads it (``cfg.preview_features`` is set to its width);
+    ``preview_dims`` > 0: the preview's top principal components only."""
     ds = RecordedDataset.open(dataset)
     tr_s, tr_i, te_s, te_i = held_out_split(ds, train_subjects, train_images, test_subjects, test_images)
     feature_learner = RFPLearner(cfg)
@@ -488,6 +577,19 @@ def run(
     train = cached_features(feature_learner, ds, tr_i, tr_s, patch_px, cache)
     test = cached_features(feature_learner, ds, te_i, te_s, patch_px, cache)
     test_paths = scanpaths_of(test)
+    if preview != "none":
+        got = attach_previews(
+            feature_learner,
+            ds,
+            {"train": scanpaths_of(train), "test": test_paths},
+            saccade=preview == "saccade+preview",
+            cache=cache,
+            dims=preview_dims,
+        )
+        test_paths = got["test"]
+        train, test = with_previews(train, got["train"]), with_previews(test, test_paths)
+        assert test_paths[0].v is not None
+        cfg = cfg.replace(preview_features=test_paths[0].v.shape[1])
     rs = retrieval_set(
         feature_learner,
         ds,
@@ -508,6 +610,8 @@ def run(
             "test_images": test_images,
         },
         "retrieval_candidates": {"same_image": same_image, "other_images": 9 - same_image},
+        "preview": preview,
+        "preview_dims": preview_dims,
         "seconds_features": t_features,
         "seeds": per_seed,
     }
@@ -615,6 +719,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="other ModelConfig fields (ablations)"
     )
+    ap.add_argument(
+        "--preview",
+        default="none",
+        choices=["none", "preview", "saccade+preview"],
+        help="the model's predictor also reads each fixation's peripheral preview (blurred to acuity, "
+        "bench.peripheral), and with saccade+preview the saccade's features (ModelConfig.preview_features)",
+    )
+    ap.add_argument(
+        "--preview-dims", type=int, default=0, help="the preview's top principal components (0: all)"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache", type=Path, default=Path("runs/cache"), help="trunk feature cache folder")
     ap.add_argument("--out-dir", type=Path, default=None, help="write controls.json, .md and the figure")
@@ -657,6 +771,8 @@ def main(argv: list[str] | None = None) -> None:
         retrieval_n=args.retrieval,
         same_image=args.same_image,
         cache=args.cache,
+        preview=args.preview,
+        preview_dims=args.preview_dims,
     )
     for s in res["seeds"]:
         s.pop("learner")

@@ -50,6 +50,7 @@ class Tick:
     u: torch.Tensor  # (B, M)
     reset: list[bool]
     meta: list[tuple[str, str, int]]  # (subject, image, fix_index)
+    preview: torch.Tensor | None = None  # (B, F) each fixation's preview (bench.controls --preview)
 
 
 def feature_ticks(

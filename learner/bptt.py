@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from learner.errors import ConfigError
 from learner.model import Scores
 from learner.streaming import StreamLearner
 
@@ -43,6 +44,8 @@ class BPTTLearner(StreamLearner):
 
     def __init__(self, *args, window: int | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
+        if self.cfg.preview_features:  # its unrolls and segments would have to keep the previews too
+            raise ConfigError("BPTTLearner does not read a preview (preview_features); use RFPLearner")
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 or None, got {window}")
         self.window = window
@@ -62,7 +65,7 @@ class BPTTLearner(StreamLearner):
         return self._start.get(slot, (zero, zero, zero.new_zeros(self.model.context_features)))
 
     def _learn(
-        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor
+        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor, v: torch.Tensor | None = None
     ) -> tuple[Scores, torch.Tensor]:
         model, st = self.model, self.states
         out = self.scored_rows(len(slots), u)

@@ -36,6 +36,7 @@ ARCHITECTURE_FIELDS = (
     "input_norm",
     "context_norm",
     "embed_from",
+    "preview_features",
     "loss",  # whitened_mse keeps statistics of its own in the weights
 )
 
@@ -98,6 +99,16 @@ class ModelConfig:
         What the embedding E projects: ``context`` (default; spec v2) the context list, the patch now
         fixated's whitened trunk features u_t and the whitened state s(h_t); ``state`` s(h_t) alone
         (spec v1, kept for ablation: it admits the slowness collapse of spec 1.6).
+    preview_features
+        F, width of an optional per-fixation *preview* input of the predictor (0, the default: none).
+        When > 0, every tick gives, for each fixation, a vector v_t of F numbers known before the
+        fixation lands (e.g. the frozen trunk's features of a peripheral view of its region, and the
+        saccade's features: ``bench.peripheral``), and the prediction of z_t made from the previous
+        state reads it: the residual or MLP predictor's hidden layer becomes
+        ``relu(G1 z_{t-1} + Q n(v_t) + g1)``, with n the running whitening of the previews and Q (H, F)
+        learned like G from zero (so an untrained model predicts as it would without the preview).
+        The preview feeds only the predictor, never area 6, so RFP stays exact. Not with the linear
+        predictor; ``RFPLearner`` only. On the OSIE controls it does not help yet (docs/results.md).
     min_norm
         A scored fixation is learned from only when the prediction's and the target's norms are both
         at least ``min_norm * sqrt(embed_dim)`` (``model.well_conditioned``); others are scored but
@@ -150,6 +161,7 @@ class ModelConfig:
     input_norm: bool = True
     context_norm: bool = True
     embed_from: str = "context"
+    preview_features: int = 0
     min_norm: float = 0.01
     loss: str = "whitened_mse"
     lr: float = 1e-4
@@ -196,6 +208,12 @@ class ModelConfig:
             )
         if self.rgc_inputs < 0:
             raise ConfigError(f"rgc_inputs must be >= 0 (0 = all {self.M} inputs), got {self.rgc_inputs}")
+        if self.preview_features < 0:
+            raise ConfigError(f"preview_features must be >= 0 (0 = no preview), got {self.preview_features}")
+        if self.preview_features and self.predictor == "linear":
+            raise ConfigError(
+                "preview_features needs predictor='residual' or 'mlp' (it feeds their hidden layer)"
+            )
         if self.segment_len < 0:
             raise ConfigError(f"segment_len must be >= 0 (0 = never), got {self.segment_len}")
 

@@ -28,7 +28,7 @@ from learner.streaming import grad_of
 
 @dataclass(frozen=True)
 class HandHead:
-    """The head as ``backward`` differentiates it: p = [z +] lin2(relu(lin1(z))), z = E kappa,
+    """The head as ``backward`` differentiates it: p = [z +] lin2(relu(lin1(z) [+ q v])), z = E kappa,
     kappa = [u; s] (or s alone when ``context`` is 0), s = the state h, whitened by ``norm`` when
     there is one."""
 
@@ -38,6 +38,7 @@ class HandHead:
     residual: bool
     norm: RunningWhitening | None
     context: int  # M, the width of u in kappa (0: the embedding reads the state alone)
+    q: nn.Linear | None  # the preview's projection into the hidden layer (cfg.preview_features > 0)
     model: RJEPA  # for whitened_mse's metric (``RJEPA.change_metric``) and whether it is ready
 
 
@@ -55,7 +56,8 @@ def hand_head(model: RJEPA) -> HandHead:
     lin1, lin2 = layers
     assert isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
     residual = isinstance(g, ResidualPredictor)
-    return HandHead(model.E, lin1, lin2, residual, model.context_norm, model.context_features, model)
+    norm, context = model.context_norm, model.context_features
+    return HandHead(model.E, lin1, lin2, residual, norm, context, model.Q, model)
 
 
 @torch.no_grad()
@@ -66,14 +68,17 @@ def backward(
     h_prev: torch.Tensor,
     u: torch.Tensor,
     h: torch.Tensor,
+    v: torch.Tensor | None = None,
 ) -> tuple[Scores, torch.Tensor]:
-    """Scores of D(G(z(u_prev, h_prev)), sg(z(u, h))) per stream, and the gradient of their mean, by hand.
+    """Scores of D(G(z(u_prev, h_prev); v), sg(z(u, h))) per stream, and the gradient of their mean, by hand.
 
     The mean is taken over the rows ``RJEPA.learnable`` keeps (well-conditioned); the others give
     no gradient. Adds the gradients of E and of G's two layers to their ``.grad`` and returns
     d(mean)/d h_prev (Bs, N). Same values as autograd through ``model.loss`` up to rounding (the
     exactness tests compare RFP with an autograd BPTT reference in float64). The context whitening,
-    when there is one, is a constant linear map of each step: s = (h - mean) @ whiten.
+    when there is one, is a constant linear map of each step: s = (h - mean) @ whiten. ``v`` (Bs, F):
+    the whitened previews of the fixations scored, when the model has a preview (else ignored);
+    they reach the hidden layer only, so Q gets a gradient and delta does not change its form.
     """
     e, lin1, lin2, norm = head.e.weight, head.lin1, head.lin2, head.norm  # e: (D, M + N) or (D, N)
     w1, b1, w2, b2 = lin1.weight, lin1.bias, lin2.weight, lin2.bias  # (H, D), (H,), (D, H), (D,)
@@ -85,6 +90,9 @@ def backward(
     z_both = s_both @ e.t()  # (2 Bs, D)
     k_prev, z, target = s_both[:bs], z_both[:bs], z_both[bs:]  # target: sg(z_t)
     pre = torch.addmm(b1, z, w1.t())  # (Bs, H)
+    preview = head.q is not None and v is not None
+    if preview:
+        pre.addmm_(v, head.q.weight.t())  # + Q v: the preview's drive
     hidden = pre.relu()
     p = torch.addmm(b2, hidden, w2.t())  # (Bs, D) the prediction
     if head.residual:
@@ -115,6 +123,8 @@ def backward(
     g_pre = (g_p @ w2).mul_(pre > 0)  # (Bs, H), through the ReLU
     grad_of(w1).addmm_(g_pre.t(), z)  # (H, D)
     grad_of(b1).add_(g_pre.sum(0))
+    if preview:
+        grad_of(head.q.weight).addmm_(g_pre.t(), v)  # (H, F)
     g_z = g_pre @ w1  # (Bs, D)
     if head.residual:
         g_z.add_(g_p)

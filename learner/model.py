@@ -10,6 +10,11 @@ It predicts the embedding of fixation t+1 as ``G(z_t)`` and is scored when that 
 
     E_{t+1} = D(G(z_t), sg(z_{t+1}))     D: ``whitened_mse`` (default), 1 - cos, or 1/2 ||p - z||^2
 
+With ``cfg.preview_features`` > 0 the prediction also reads a preview v_{t+1} of the next
+fixation, known before it lands (its region as the periphery sees it, the saccade): the predictor's
+hidden layer gets a learned projection Q n(v_{t+1}) of the whitened preview, ``G(z_t; v_{t+1})``. It
+feeds the predictor only, so the loss still reaches the RGC only through h_t.
+
 The stop-gradient ``sg`` is on the target branch (SimSiam-style, no EMA target). The loss reaches
 the RGC only through h_t (u_t is frozen trunk output), so RFP stays exact. Reading u_t keeps the
 target fast: with s(h_t) alone the RGC learns to close its input gates and "predict the current
@@ -232,8 +237,10 @@ class ResidualPredictor(nn.Module):
         self.lin1 = nn.Linear(dim, hidden)
         self.lin2 = nn.Linear(hidden, dim)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + self.lin2(torch.relu(self.lin1(z)))
+    def forward(self, z: torch.Tensor, drive: torch.Tensor | None = None) -> torch.Tensor:
+        """``drive`` (B, H): an extra input of the hidden layer (the preview's, ``RJEPA.predictor``)."""
+        pre = self.lin1(z)
+        return z + self.lin2(torch.relu(pre if drive is None else pre + drive))
 
 
 @dataclass
@@ -360,6 +367,17 @@ class RJEPA(nn.Module):
             if isinstance(self.G, ResidualPredictor):
                 self.G.lin2.weight.zero_()
                 self.G.lin2.bias.zero_()
+        # the preview (cfg.preview_features): whitened like the trunk features (a running ZCA), then
+        # projected into the predictor's hidden layer by Q, which starts at zero: a random Q's drive
+        # (unit-variance inputs) outweighed G1 z in the hidden units, and on the OSIE controls the
+        # model then learned more slowly than without the preview (docs/results.md). At zero, the
+        # untrained model is the same as without it, and Q grows where the gradient says the preview
+        # helps (it gets one as soon as G2 has moved from zero, after the first step).
+        f = cfg.preview_features
+        self.preview_norm = RunningWhitening(f, every=4096 if f > 1024 else 256) if f else None
+        self.Q = nn.Linear(f, cfg.pred_hidden, bias=False) if f else None  # (H, F)
+        if self.Q is not None:
+            nn.init.zeros_(self.Q.weight)
         self.trunk_dtype = torch.float32
 
     # --- parameter groups -------------------------------------------------------------------
@@ -372,8 +390,9 @@ class RJEPA(nn.Module):
         return [self.rgc.gains] + ([self.rgc.biases] if self.rgc.biases is not None else [])
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """E and G: trained by per-step backprop."""
-        return list(self.E.parameters()) + list(self.G.parameters())
+        """E, G and the preview's projection Q: trained by per-step backprop."""
+        preview = list(self.Q.parameters()) if self.Q is not None else []
+        return list(self.E.parameters()) + list(self.G.parameters()) + preview
 
     def to_device(
         self,
@@ -421,16 +440,39 @@ class RJEPA(nn.Module):
         if self.context_norm is not None:
             self.context_norm.observe(h)
 
-    def predict(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Predicted embedding of the next fixation, G(z(u, h)): (B, M), (B, N) -> (B, D)."""
-        return self.G(self.embed(u, h))
+    def normalize_preview(self, v: torch.Tensor, *, update: bool) -> torch.Tensor:
+        """Previews (B, F) -> whitened (B, F); with ``update`` they join the statistics first."""
+        assert self.preview_norm is not None, "this model has no preview (cfg.preview_features = 0)"
+        return self.preview_norm(v, update=update)
+
+    def predictor(self, z: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        """G(z; v): (B, D), whitened previews (B, F) or None -> (B, D). Without a preview (None, or a
+        model without one) this is G(z): the hidden layer's preview drive is then 0, the drive of
+        the mean preview."""
+        if v is None or self.Q is None:
+            return self.G(z)
+        drive = self.Q(v)  # (B, H)
+        if isinstance(self.G, ResidualPredictor):
+            return self.G(z, drive)
+        lin1, act, lin2 = self.G  # the MLP (ModelConfig refuses a preview with the linear predictor)
+        return lin2(act(lin1(z) + drive))
+
+    def predict(self, u: torch.Tensor, h: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted embedding of the next fixation, G(z(u, h); v): (B, M), (B, N)[, (B, F)] -> (B, D)."""
+        return self.predictor(self.embed(u, h), v)
 
     def loss(
-        self, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor
+        self,
+        u_prev: torch.Tensor,
+        h_prev: torch.Tensor,
+        u: torch.Tensor,
+        h: torch.Tensor,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-stream loss of predicting from (u_prev, h_prev) the embedding of (u, h) (detached): (B,)."""
+        """Per-stream loss of predicting from (u_prev, h_prev) and the preview v of (u, h) the
+        embedding of (u, h) (detached): (B,)."""
         target = self.embed(u, h).detach()  # sg(z_t)
-        return self.distance(self.predict(u_prev, h_prev), target)
+        return self.distance(self.predict(u_prev, h_prev, v), target)
 
     def distance(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The loss D(p, z) of ``cfg.loss``: (B, D), (B, D) -> (B,)."""
@@ -483,10 +525,17 @@ class RJEPA(nn.Module):
         self.change_sq[1] = count
 
     @torch.no_grad()
-    def scores(self, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> Scores:
+    def scores(
+        self,
+        u_prev: torch.Tensor,
+        h_prev: torch.Tensor,
+        u: torch.Tensor,
+        h: torch.Tensor,
+        v: torch.Tensor | None = None,
+    ) -> Scores:
         """The model's error, the repeat baseline's error, and which rows are well-conditioned."""
         z_prev, target = self.embed(u_prev, h_prev), self.embed(u, h)  # (B, D) each
-        p = self.G(z_prev)
+        p = self.predictor(z_prev, v)
         metric = self.change_metric()
         return Scores(
             prediction_loss(p, target, self.cfg.loss, metric),
@@ -500,7 +549,8 @@ class RJEPA(nn.Module):
             "trunk": sum(p.numel() for p in self.trunk.parameters()),
             "rgc": sum(p.numel() for p in self.rgc.parameters()),
             "embedding": sum(p.numel() for p in self.E.parameters()),
-            "predictor": sum(p.numel() for p in self.G.parameters()),
+            "predictor": sum(p.numel() for p in self.G.parameters())
+            + (self.Q.weight.numel() if self.Q is not None else 0),
         }
 
 

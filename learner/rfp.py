@@ -91,7 +91,7 @@ class RFPLearner(StreamLearner):
 
     # --- one tick -----------------------------------------------------------------------------
     def _learn(
-        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor
+        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor, v: torch.Tensor | None = None
     ) -> tuple[Scores, torch.Tensor]:
         model, st = self.model, self.states
         h_prev, c_prev = st.h[slots], st.c[slots]  # (B, N) each, copies
@@ -102,7 +102,8 @@ class RFPLearner(StreamLearner):
         delta = None
         if idx.numel():
             rows = slice(None) if idx.numel() == len(slots) else idx
-            got, delta = self._head_backward(st.u[slots][rows], h_prev[rows], u[rows], h[rows])
+            vs = v[rows] if v is not None else None
+            got, delta = self._head_backward(st.u[slots][rows], h_prev[rows], u[rows], h[rows], vs)
             out.put(rows, got)
         jac = model.rgc.jacobian(cache)
         self._rgc_grads_and_traces(slots, idx, delta, jac, cache.v)
@@ -110,18 +111,23 @@ class RFPLearner(StreamLearner):
         return out, jac.a
 
     def _head_backward(
-        self, u_prev: torch.Tensor, h_prev: torch.Tensor, u: torch.Tensor, h: torch.Tensor
+        self,
+        u_prev: torch.Tensor,
+        h_prev: torch.Tensor,
+        u: torch.Tensor,
+        h: torch.Tensor,
+        v: torch.Tensor | None = None,
     ) -> tuple[Scores, torch.Tensor]:
         """Scored streams' scores and delta = d(mean loss)/d h_prev (Bs, N), the mean taken over the
-        well-conditioned rows (the others get delta 0); E's and G's gradients of that mean are added
-        to their ``.grad``."""
+        well-conditioned rows (the others get delta 0); E's, G's (and the preview's Q's) gradients
+        of that mean are added to their ``.grad``. ``v``: the rows' whitened previews, or None."""
         if self._head is not None:
-            return hand.backward(self._head, self.cfg, u_prev, h_prev, u, h)
+            return hand.backward(self._head, self.cfg, u_prev, h_prev, u, h, v)
         model = self.model
-        got = model.scores(u_prev, h_prev, u, h)
+        got = model.scores(u_prev, h_prev, u, h, v)
         hp = h_prev.detach().requires_grad_(True)
         weight = got.ok.to(h_prev.dtype).div_(max(int(got.ok.sum()), 1))  # (Bs,)
-        per_stream = model.loss(u_prev, hp, u, h)  # (Bs,)
+        per_stream = model.loss(u_prev, hp, u, h, v)  # (Bs,)
         head = [p for p in model.head_parameters() if p.requires_grad]
         grads = torch.autograd.grad((per_stream * weight).sum(), [hp, *head])
         for p, g in zip(head, grads[1:], strict=True):

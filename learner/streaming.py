@@ -134,11 +134,12 @@ class StreamLearner:
         return {}
 
     def _learn(
-        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor
+        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor, v: torch.Tensor | None = None
     ) -> tuple[Scores, torch.Tensor]:
         """Advance ``slots`` by one step on inputs u (B, M); accumulate the gradients of the mean loss
         over the well-conditioned scored rows; return the tick's scores (``scored_rows``) and each
-        unit's 2x2 Jacobian blocks (B, N, 2, 2)."""
+        unit's 2x2 Jacobian blocks (B, N, 2, 2). ``v`` (B, F): the whitened previews that the
+        scored rows' predictions read (``cfg.preview_features``), else None."""
         raise NotImplementedError
 
     def scored_rows(self, batch: int, like: torch.Tensor) -> Scores:
@@ -149,7 +150,7 @@ class StreamLearner:
 
     @torch.no_grad()
     def _infer(
-        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor
+        self, slots: torch.Tensor, u: torch.Tensor, scored: torch.Tensor, v: torch.Tensor | None = None
     ) -> tuple[Scores, torch.Tensor]:
         """Forward only: advance h and c, score the predictions; no gradients, traces untouched."""
         st, model = self.states, self.model
@@ -158,7 +159,8 @@ class StreamLearner:
         out = self.scored_rows(len(slots), h)
         idx = scored.nonzero().squeeze(1)
         if idx.numel():
-            out.put(idx, model.scores(st.u[slots][idx], h_prev[idx], u[idx], h[idx]))
+            vs = v[idx] if v is not None else None
+            out.put(idx, model.scores(st.u[slots][idx], h_prev[idx], u[idx], h[idx], vs))
         st.h[slots], st.c[slots] = h, c
         return out, model.rgc.jacobian(cache).a
 
@@ -173,6 +175,7 @@ class StreamLearner:
         reset: Sequence[bool] | None = None,
         *,
         learn: bool = True,
+        preview: torch.Tensor | None = None,
     ) -> TickOutput:
         """Learn from one fixation of each stream.
 
@@ -180,6 +183,7 @@ class StreamLearner:
         any size (resized to ``cfg.input_size``). With ``trunk='none'``: feature vectors (B, M).
         ``learn=False``: forward only (states advance and errors are scored, weights and traces stay;
         a stream that later learns again has stale traces until its next reset).
+        ``preview``: trunk-side features (B, F) of each fixation's preview (``tick_features``).
         """
         if self.cfg.trunk == "none":
             x = torch.as_tensor(np.asarray(patches) if not torch.is_tensor(patches) else patches)
@@ -188,7 +192,7 @@ class StreamLearner:
             x = preprocess(patches, self.cfg.input_size, device=self.device, dtype=self.dtype)
         if x.shape[0] != len(stream_ids):
             raise InputError(f"{len(stream_ids)} stream ids but {x.shape[0]} patches")
-        return self.tick_features(stream_ids, self.model.encode(x), reset, learn=learn)
+        return self.tick_features(stream_ids, self.model.encode(x), reset, learn=learn, preview=preview)
 
     def tick_features(
         self,
@@ -197,13 +201,23 @@ class StreamLearner:
         reset: Sequence[bool] | None = None,
         *,
         learn: bool = True,
+        preview: torch.Tensor | None = None,
     ) -> TickOutput:
-        """Like ``tick`` on trunk features u (B, M)."""
+        """Like ``tick`` on trunk features u (B, M).
+
+        ``preview`` (B, F), required exactly when ``cfg.preview_features`` = F > 0: for each
+        fixation of this tick, what was known of it before it landed (e.g. the trunk's features of
+        its region seen from the previous fixation). The prediction of this fixation's embedding,
+        made from the previous tick's state, reads it; a stream's first fixation ignores it. The
+        ``prediction`` this tick returns (of the *next* fixation, whose preview is not known yet)
+        is made without one (``RJEPA.predictor``).
+        """
         cfg = self.cfg
         if u.dim() != 2 or u.shape[1] != cfg.M:
             raise InputError(f"features must have shape (B, {cfg.M}), got {tuple(u.shape)}")
         if not torch.isfinite(u).all():
             raise InputError("features contain NaN or infinite values")
+        self._check_preview(preview, u.shape[0])
         slots = self.states.slots(list(stream_ids))
         starts = self.states.step[slots] == 0
         if reset is not None:
@@ -220,7 +234,8 @@ class StreamLearner:
             u = self.model.normalize(u, update=False)  # (B, M)
         else:
             u = self.model.normalize(u, update=learn)  # (B, M)
-        scores, blocks = self._learn(slots, u, scored) if learn else self._infer(slots, u, scored)
+        v = self._whiten_preview(preview, scored, learn=learn)  # (B, F) or None
+        scores, blocks = self._learn(slots, u, scored, v) if learn else self._infer(slots, u, scored, v)
         st = self.states
         if st.inputs:
             st.u[slots] = u  # what the next fixation's loss reads as u_{t-1}
@@ -252,6 +267,35 @@ class StreamLearner:
             self.diagnostics.observe(step, scores.error, z, h_now, radius, scores.repeat)
         skipped = scored & ~scores.ok
         return TickOutput(list(stream_ids), step, scores.error, pred, updated, scores.repeat, skipped, radius)
+
+    def _check_preview(self, preview: torch.Tensor | None, batch: int) -> None:
+        """A preview of (B, F) exactly when the model reads one; a clear error otherwise."""
+        f = self.cfg.preview_features
+        if not f:
+            if preview is not None:
+                raise InputError("this model reads no preview (ModelConfig.preview_features = 0); drop it")
+            return
+        if preview is None:
+            raise InputError(f"this model reads a preview per fixation: pass preview of shape ({batch}, {f})")
+        if preview.dim() != 2 or tuple(preview.shape) != (batch, f):
+            raise InputError(f"preview must have shape ({batch}, {f}), got {tuple(preview.shape)}")
+        if not torch.isfinite(preview).all():
+            raise InputError("preview contains NaN or infinite values")
+        if self.sync is not None:
+            raise ConfigError("the distributed learner does not share preview statistics yet")
+
+    def _whiten_preview(
+        self, preview: torch.Tensor | None, scored: torch.Tensor, *, learn: bool
+    ) -> torch.Tensor | None:
+        """The scored rows' previews, whitened (their statistics learn from them when ``learn``);
+        the other rows 0 (nothing reads them)."""
+        if preview is None:
+            return None
+        v = preview.to(self.device, self.dtype)
+        out = torch.zeros_like(v)  # (B, F)
+        if bool(scored.any()):
+            out[scored] = self.model.normalize_preview(v[scored], update=learn)
+        return out
 
     def _check_lockstep(self, slots: torch.Tensor, starts: torch.Tensor) -> None:
         """Segment mode steps the optimizer when a stream ends its segment; the gradient is exact

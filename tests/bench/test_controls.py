@@ -16,6 +16,7 @@ from bench.controls import (
     main,
     parse_range,
     shuffled,
+    with_previews,
 )
 from clients.recorded import bundled_dataset_path
 
@@ -30,6 +31,22 @@ def paths() -> list[Scanpath]:
             u[:, 0], u[:, 1], u[:, 2] = image, torch.arange(n), subject
             out.append(Scanpath(str(subject), f"im{image}", u))
     return out
+
+
+def previewed(src: list[Scanpath]) -> list[Scanpath]:
+    """The scanpaths with a preview that names its fixation: v[t] = 10 u[t, :3]."""
+    return [Scanpath(p.subject, p.image, p.u, 10 * p.u[:, :3]) for p in src]
+
+
+def test_every_control_keeps_each_fixations_preview_with_it() -> None:
+    """A preview is what the eye saw of the patch that lands: shuffled, i.i.d. and replayed
+    fixations carry their own (``bench.controls --preview``)."""
+    src = previewed(paths())
+    for got in (shuffled(src, torch.Generator().manual_seed(0)), iid_other_images(src, torch.Generator())):
+        for p in got:
+            assert p.v is not None and torch.equal(p.v, 10 * p.u[:, :3])
+    for tick in lockstep_ticks(src, width=3) + with_previews(lockstep_ticks(src, width=3), src):
+        assert tick.preview is not None and torch.equal(tick.preview, 10 * tick.u[:, :3])
 
 
 def test_parse_range_takes_one_based_positions() -> None:
@@ -134,3 +151,47 @@ def test_the_command_reports_every_control_and_combines_runs(
     main(["--combine", str(tmp_path / "s0" / "controls.json"), str(tmp_path / "s1" / "controls.json")])
     table = capsys.readouterr().out
     assert "| measure | seed 0 | seed 1 |" in table and "retrieval top-1: model" in table
+
+
+@pytest.mark.slow
+def test_the_command_runs_the_controls_with_a_preview_input(tmp_path: Path) -> None:
+    """``--preview saccade+preview --preview-dims 8``: the model reads the top 8 principal components
+    of the trunk's features of each fixation's peripheral preview and the saccade's 15 features, and
+    every control runs with them."""
+    main(
+        [
+            "--dataset",
+            str(bundled_dataset_path()),
+            "--train-subjects",
+            "1-2",
+            "--train-images",
+            "1-2",
+            "--test-subjects",
+            "13",
+            "--test-images",
+            "4-5",
+            "--retrieval",
+            "6",
+            "--threads",
+            "1",
+            "--seeds",
+            "0",
+            "--preview",
+            "saccade+preview",
+            "--preview-dims",
+            "8",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    res = json.loads((tmp_path / "controls.json").read_text())
+    assert res["preview"] == "saccade+preview"
+    assert res["config"]["preview_features"] == 8 + 15  # the preview's components, the saccade's features
+    (seed,) = res["seeds"]
+    for key in ("transfer", "shuffled", "iid", "online_held_out_second_half"):
+        assert seed[key]["fixations"] > 0 and torch.isfinite(torch.tensor(seed[key]["skill"])), key
+    assert seed["untrained"]["model_minus_repeat"][0] == pytest.approx(0.0, abs=1e-6)  # identity G
+    assert seed["retrieval"]["n"] == 6
+    assert list((tmp_path / "cache").glob("preview-*.pt"))  # the previews went through the trunk

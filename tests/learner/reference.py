@@ -48,6 +48,19 @@ def embed(model: RJEPA, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return h @ model.E.weight.T
 
 
+def predict(model: RJEPA, z: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    """G(z), or with a preview v (B, F) G's hidden layer driven by Q (v - mean) W too (the preview
+    whitening written out again; ``ModelConfig.preview_features``)."""
+    if v is None:
+        return model.G(z)
+    norm = model.preview_norm
+    drive = ((v - norm.mean) @ norm.whiten) @ model.Q.weight.T  # (B, H)
+    g = model.G
+    lin1, lin2 = (g.lin1, g.lin2) if hasattr(g, "lin1") else (g[0], g[2])
+    out = lin2(torch.relu(lin1(z) + drive))
+    return z + out if hasattr(g, "lin1") else out
+
+
 def step_loss(
     model: RJEPA,
     u_prev: torch.Tensor,
@@ -55,10 +68,12 @@ def step_loss(
     u: torch.Tensor,
     h: torch.Tensor,
     floor: float = 0.0,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean of D(G(z(u_{t-1}, h_{t-1})), sg(z(u_t, h_t))) over the streams whose prediction and
-    target both have a norm of at least ``floor`` (all of them at 0)."""
-    p = model.G(embed(model, u_prev, h_prev))
+    """Mean of D(G(z(u_{t-1}, h_{t-1}); v_t), sg(z(u_t, h_t))) over the streams whose prediction and
+    target both have a norm of at least ``floor`` (all of them at 0); ``v``: the raw previews of
+    fixation t, or None."""
+    p = predict(model, embed(model, u_prev, h_prev), v)
     z = embed(model, u, h).detach()
     ok = (p.detach().norm(dim=-1) >= floor) & (z.norm(dim=-1) >= floor)
     if model.cfg.loss == "cosine":
@@ -86,9 +101,15 @@ def smaller_norms(model: RJEPA, u: torch.Tensor) -> torch.Tensor:
 
 
 def bptt_grads(
-    model: RJEPA, u: torch.Tensor, *, k_full: torch.Tensor | None = None, floor: float = 0.0
+    model: RJEPA,
+    u: torch.Tensor,
+    *,
+    k_full: torch.Tensor | None = None,
+    floor: float = 0.0,
+    previews: torch.Tensor | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Autograd gradients of L = sum_{t>=2} E_t for u (B, T, M) from zero state: (summed, per step)."""
+    """Autograd gradients of L = sum_{t>=2} E_t for u (B, T, M) from zero state: (summed, per step).
+    ``previews`` (B, T, F): the raw preview of each fixation, read by the prediction of it."""
     params = dict(model.named_parameters())
     names = [n for n in params if not n.startswith("trunk.")]
     B, T, _ = u.shape
@@ -99,7 +120,8 @@ def bptt_grads(
         hs.append(h)
     per_step = []
     for t in range(1, T):
-        loss_t = step_loss(model, u[:, t - 1], hs[t - 1], u[:, t], hs[t], floor)
+        v = previews[:, t] if previews is not None else None
+        loss_t = step_loss(model, u[:, t - 1], hs[t - 1], u[:, t], hs[t], floor, v)
         g = torch.autograd.grad(loss_t, [params[n] for n in names], retain_graph=True, allow_unused=True)
         per_step.append(
             {

@@ -30,12 +30,14 @@ def make_learner(
     head: str = "mlp",
     embed_from: str = "context",
     rgc_inputs: int = 0,
+    preview: int = 0,
 ) -> RFPLearner:
     """``head``: ``mlp`` (the spec's predictor, no context whitening), or ``default`` (the residual
     predictor and the context whitening of ModelConfig's defaults, with random non-trivial weights and
     statistics held fixed, since RFP treats them as constants of each step). ``embed_from``: the
     embedding reads the context list [u; s(h)] (the default) or the state alone. ``rgc_inputs``: area 6
-    reads a fixed random projection of u to that many inputs (0: all of u)."""
+    reads a fixed random projection of u to that many inputs (0: all of u). ``preview``: the predictor
+    also reads a preview of that width per fixation, whitened by fixed random statistics."""
     cfg = ModelConfig(
         predictor="mlp" if head == "mlp" else "residual",
         context_norm=head != "mlp",
@@ -44,6 +46,7 @@ def make_learner(
         in_features=M,
         n_units=N,
         rgc_inputs=rgc_inputs,
+        preview_features=preview,
         embed_dim=D,
         pred_hidden=H,
         loss=loss,
@@ -75,6 +78,16 @@ def make_learner(
                 torch.eye(N, dtype=torch.float64) + 0.3 * q
             )  # not symmetric: W vs W^T shows
         model.observe_context = lambda h: None  # type: ignore[method-assign]
+    if preview:  # random fixed preview statistics: RFP treats them as constants, like the context's
+        norm = learner.model.preview_norm
+        gen = torch.Generator().manual_seed(400 + seed)
+        with torch.no_grad():
+            norm.mean.copy_(torch.randn(preview, generator=gen, dtype=torch.float64) * 0.5)
+            q = torch.randn(preview, preview, generator=gen, dtype=torch.float64)
+            norm.whiten.copy_(torch.eye(preview, dtype=torch.float64) + 0.3 * q)  # not symmetric
+        norm.observe = lambda x: None  # type: ignore[method-assign]
+        with torch.no_grad():  # Q starts at zero, which would hide the preview's forward pass
+            learner.model.Q.weight.copy_(torch.randn(H, preview, generator=gen, dtype=torch.float64) * 0.3)
     if loss == "whitened_mse":  # a random fixed metric: RFP treats it as a constant of each step
         gen = torch.Generator().manual_seed(300 + seed)
         q = torch.randn(D, D, generator=gen, dtype=torch.float64)
@@ -92,12 +105,15 @@ def inputs(seed: int, batch: int = B, steps: int = T) -> torch.Tensor:
     return torch.randn(batch, steps, M, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def run_rfp(learner: RFPLearner, u: torch.Tensor) -> tuple[dict, list[dict]]:
-    """Feed u (B, T, M) as B lockstep streams; return summed and per-step gradients (times B: sums)."""
+def run_rfp(
+    learner: RFPLearner, u: torch.Tensor, previews: torch.Tensor | None = None
+) -> tuple[dict, list[dict]]:
+    """Feed u (B, T, M) (and previews (B, T, F)) as B lockstep streams; return summed and per-step
+    gradients (times B: sums)."""
     ids = [f"s{i}" for i in range(u.shape[0])]
     per_step, prev = [], None
     for t in range(u.shape[1]):
-        learner.tick_features(ids, u[:, t])
+        learner.tick_features(ids, u[:, t], preview=previews[:, t] if previews is not None else None)
         now = learner.grads()
         if t >= 1:
             per_step.append({n: now[n] - (prev[n] if prev else 0) for n in now})
@@ -140,14 +156,29 @@ def test_rfp_exact_when_area_6_reads_a_projection_of_u(batched: bool) -> None:
     assert_exact(learner, head="default", weights="random")
 
 
-def assert_exact(learner: RFPLearner, *, head: str, weights: str) -> None:
+@pytest.mark.parametrize("head", ["mlp", "default"])
+def test_rfp_exact_with_a_preview_input(head: str) -> None:
+    """The predictor also reads a preview of each fixation (``preview_features``): Q's gradient and
+    every RFP group still equal BPTT's, with the hand head and with autograd's."""
+    for impl in ("hand", "autograd"):
+        learner = make_learner(loss="whitened_mse", phi="tanh", weights="random", head=head, preview=5)
+        learner._head = None if impl == "autograd" else learner._head
+        previews = torch.randn(B, T, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        assert_exact(learner, head=head, weights="random", previews=previews)
+
+
+def assert_exact(
+    learner: RFPLearner, *, head: str, weights: str, previews: torch.Tensor | None = None
+) -> None:
     """RFP's summed and per-step gradients of every group equal the float64 BPTT reference."""
     u = inputs(1)
-    ref_sum, ref_steps = bptt_grads(learner.model, u)
-    got_sum, got_steps = run_rfp(learner, u)
+    ref_sum, ref_steps = bptt_grads(learner.model, u, previews=previews)
+    got_sum, got_steps = run_rfp(learner, u, previews)
     errors = rel_errors(split_groups(got_sum), split_groups(ref_sum))
     groups = set(errors)
     assert {"rgc.W", "rgc.b", "w_hh", "w_ch", "w_hc", "w_cc", "E.weight"} <= groups
+    if previews is not None:
+        assert "Q.weight" in groups and float(ref_sum["Q.weight"].abs().max()) > 1e-6
     if head != "mlp":
         assert {"G.lin1.weight", "G.lin1.bias", "G.lin2.weight", "G.lin2.bias"} <= groups
     if weights == "random":
