@@ -226,7 +226,10 @@ class JournalDriver:
             self._apply(self.journal.due_before(batch))
 
     def seen(self, batch: Sequence[Fixation]) -> None:
-        """Where each stream, and the input, stand after a tick of ``batch`` (the lock held)."""
+        """Where each stream, and the input, stand after a tick of ``batch`` (the lock held); only
+        the journal reads it, so nothing is done per fixation without one (HTTP, no checkpoints)."""
+        if not self.enabled:
+            return
         for fix in batch:
             key = entry_key(fix.entry_id)
             if key is None:
