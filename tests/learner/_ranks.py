@@ -8,10 +8,12 @@ state, the per-stream outputs it produced and any error in ``out/rank<r>.pt``.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -133,3 +135,43 @@ def rank_main(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def run_ranks(
+    target: Callable[..., None],
+    args_of: Callable[[int, int], tuple[Any, ...]],
+    world: int,
+    result_of: Callable[[int], Path],
+    survivors: int | None = None,
+    join_bound_s: float = 400,
+) -> list[dict[str, Any]]:
+    """Spawn ``world`` processes ``target(*args_of(rank, port))`` (one free port for the group), wait
+    for the first ``survivors`` (all by default; a rank left running past ``join_bound_s`` is a hang),
+    kill the rest, and return the survivors' result files (``result_of(rank)``), each checked to hold
+    no traceback and its process to have exited 0."""
+    from bench._servers import free_port
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=args_of(r, port)) for r in range(world)]
+    for p in procs:
+        p.start()
+    alive = procs if survivors is None else procs[:survivors]
+    try:
+        for r, p in enumerate(alive):
+            p.join(join_bound_s)
+            assert p.exitcode is not None, f"rank {r} still running after {join_bound_s} s: a hang"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    results = []
+    for r, p in enumerate(alive):
+        path = result_of(r)
+        assert path.exists(), f"rank {r} left no result (exit code {p.exitcode})"
+        res = torch.load(path, weights_only=False)
+        assert "traceback" not in res, f"rank {r} failed:\n{res['traceback']}"
+        assert p.exitcode == 0
+        results.append(res)
+    return results

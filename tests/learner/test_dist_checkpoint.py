@@ -11,7 +11,6 @@ to the rounding of the gradients' sum, which depends on the number of ranks (lea
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench._servers import free_port
 from learner import dist_checkpoint
 from learner.checkpoint import MANIFEST, STREAMS, load_checkpoint, read_state, save_checkpoint
 from learner.distributed import join, shared_state
@@ -32,32 +30,13 @@ from tests.learner.test_distributed import JOIN_BOUND_S, _assert_same
 
 def _spawn(out: Path, world: int, role: str, kind: str = "rfp") -> list[dict[str, Any]]:
     """Run ``world`` ranks in ``role`` to the end; return each one's result (rank order)."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=_ckpt_ranks.rank_main, args=(r, world, port, str(out), role, kind))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for r, p in enumerate(procs):
-            p.join(JOIN_BOUND_S)
-            assert p.exitcode is not None, f"rank {r} still running after {JOIN_BOUND_S} s: a hang"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    results = []
-    for r, p in enumerate(procs):
-        path = _ckpt_ranks.result_file(str(out), role, world, r)
-        assert path.exists(), f"rank {r} left no result (exit code {p.exitcode})"
-        res = torch.load(path, weights_only=False)
-        assert "traceback" not in res, f"rank {r} failed:\n{res['traceback']}"
-        assert p.exitcode == 0
-        results.append(res)
-    return results
+    return _ranks.run_ranks(
+        _ckpt_ranks.rank_main,
+        lambda r, port: (r, world, port, str(out), role, kind),
+        world,
+        lambda r: _ckpt_ranks.result_file(str(out), role, world, r),
+        join_bound_s=JOIN_BOUND_S,
+    )
 
 
 def _touched_late() -> set[str]:

@@ -10,7 +10,6 @@ hanging; ranks that start from different models, or whose ticks go out of step, 
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench._servers import free_port
 from learner.config import ModelConfig
 from learner.distributed import idle_tick, join, shared_state
 from learner.errors import ConfigError
@@ -35,39 +33,16 @@ JOIN_BOUND_S = 400
 def _spawn(
     tmp_path: Path, world: int, role: str = "play", timeout_s: float = 120, kind: str = "rfp"
 ) -> list[dict[str, Any]]:
-    """Run ``world`` ranks to the end; return each one's result file (rank order)."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_ranks.rank_main, args=(r, world, port, str(tmp_path), TICKS, role, timeout_s, kind)
-        )
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        survivors = procs[:-1] if role in ("exit", "stall") else procs
-        for p in survivors:
-            p.join(JOIN_BOUND_S)
-            assert p.exitcode is not None, (
-                f"rank {procs.index(p)} still running after {JOIN_BOUND_S} s: a hang"
-            )
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    results = []
-    for r, p in enumerate(procs):
-        path = tmp_path / f"rank{r}.pt"
-        if p in survivors:
-            assert path.exists(), f"rank {r} left no result (exit code {p.exitcode})"
-            res = torch.load(path, weights_only=False)
-            assert "traceback" not in res, f"rank {r} failed:\n{res['traceback']}"
-            assert p.exitcode == 0
-            results.append(res)
-    return results
+    """Run ``world`` ranks to the end; return each one's result file (rank order; with ``exit`` or
+    ``stall`` the last rank leaves none)."""
+    return _ranks.run_ranks(
+        _ranks.rank_main,
+        lambda r, port: (r, world, port, str(tmp_path), TICKS, role, timeout_s, kind),
+        world,
+        lambda r: tmp_path / f"rank{r}.pt",
+        survivors=world - 1 if role in ("exit", "stall") else None,
+        join_bound_s=JOIN_BOUND_S,
+    )
 
 
 def _assert_same(a: Any, b: Any, *, exact: bool, where: str = "") -> None:
