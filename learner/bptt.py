@@ -32,12 +32,12 @@ class BPTTLearner(StreamLearner):
     Examples
     --------
     >>> from learner.config import ModelConfig
-    >>> cfg = ModelConfig(trunk="none", in_features=8, n_units=6, embed_dim=4, pred_hidden=5)
+    >>> cfg = ModelConfig(trunk="none", in_features=8, n_units=6, embed_dim=4, pred_hidden=5, loss="cosine")
     >>> learner = BPTTLearner(cfg, window=3)
     >>> for _ in range(5):
     ...     out = learner.tick_features(["a"], torch.randn(1, 8))
-    >>> out.step.item(), learner.updates_applied
-    (5, 4)
+    >>> out.step.item(), learner.updates_applied  # tick 1 predicts nothing; tick 2 scores a 0 prediction
+    (5, 3)
     """
 
     can_spill = False  # the windows below are keyed by slot, and spilling moves streams between slots

@@ -90,9 +90,9 @@ def backward(
     z_both = s_both @ e.t()  # (2 Bs, D)
     k_prev, z, target = s_both[:bs], z_both[:bs], z_both[bs:]  # target: sg(z_t)
     pre = torch.addmm(b1, z, w1.t())  # (Bs, H)
-    preview = head.q is not None and v is not None
-    if preview:
-        pre.addmm_(v, head.q.weight.t())  # + Q v: the preview's drive
+    preview = (head.q.weight, v) if head.q is not None and v is not None else None  # (H, F), (Bs, F)
+    if preview is not None:
+        pre.addmm_(preview[1], preview[0].t())  # + Q v: the preview's drive
     hidden = pre.relu()
     p = torch.addmm(b2, hidden, w2.t())  # (Bs, D) the prediction
     if head.residual:
@@ -123,8 +123,8 @@ def backward(
     g_pre = (g_p @ w2).mul_(pre > 0)  # (Bs, H), through the ReLU
     grad_of(w1).addmm_(g_pre.t(), z)  # (H, D)
     grad_of(b1).add_(g_pre.sum(0))
-    if preview:
-        grad_of(head.q.weight).addmm_(g_pre.t(), v)  # (H, F)
+    if preview is not None:
+        grad_of(preview[0]).addmm_(g_pre.t(), preview[1])  # (H, F)
     g_z = g_pre @ w1  # (Bs, D)
     if head.residual:
         g_z.add_(g_p)

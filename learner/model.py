@@ -454,6 +454,7 @@ class RJEPA(nn.Module):
         drive = self.Q(v)  # (B, H)
         if isinstance(self.G, ResidualPredictor):
             return self.G(z, drive)
+        assert isinstance(self.G, nn.Sequential), "a preview needs the MLP or residual predictor"
         lin1, act, lin2 = self.G  # the MLP (ModelConfig refuses a preview with the linear predictor)
         return lin2(act(lin1(z) + drive))
 

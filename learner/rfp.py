@@ -60,7 +60,8 @@ class RFPLearner(StreamLearner):
     Examples
     --------
     >>> from learner.config import ModelConfig
-    >>> cfg = ModelConfig(trunk="none", in_features=8, n_units=6, embed_dim=4, pred_hidden=5, lr=1e-2)
+    >>> cfg = ModelConfig(trunk="none", in_features=8, n_units=6, embed_dim=4, pred_hidden=5, lr=1e-2,
+    ...                   loss="cosine")  # whitened_mse, the default, waits for its whitenings
     >>> learner = RFPLearner(cfg)
     >>> out = learner.tick_features(["a", "b"], torch.randn(2, 8))
     >>> out.error.isnan().all().item()      # first fixations: nothing was predicted yet

@@ -296,7 +296,8 @@ class Worker:
             replies.append((fix, payload))
         metrics.observe_tick(steps, errors, repeats, skipped, out.trace_radius)
         try:  # the live page's ring buffers: never at the cost of the replies of an applied tick
-            live.FEED.observe(ids, [f.patch for f in fixes], steps=steps, errors=errors,
+            patches = cast("list[np.ndarray]", [f.patch for f in fixes])  # decoded before the tick
+            live.FEED.observe(ids, patches, steps=steps, errors=errors,
                               repeat_errors=repeats, seqs=[f.seq for f in fixes])  # fmt: skip
         except Exception:
             logger.warning("live page feed failed on a tick; the page may miss it", exc_info=True)

@@ -61,12 +61,21 @@ def in_rank_order(tick: Tick, world: int) -> Tick:
     return sorted(tick, key=lambda f: rank_of(f[0], world))
 
 
-def new_learner(kind: str, seed_offset: int = 0) -> StreamLearner:
+def new_learner(kind: str, seed_offset: int = 0, device: str = "cpu") -> StreamLearner:
     """The tiny float64 learner every rank and the single reference build: RFP, or BPTT(4)."""
     cfg = ModelConfig(**{**SMALL, "seed": SMALL["seed"] + seed_offset})
     if kind == "bptt":
-        return BPTTLearner(cfg, dtype=torch.float64, window=4)
-    return RFPLearner(cfg, dtype=torch.float64)
+        return BPTTLearner(cfg, device=device, dtype=torch.float64, window=4)
+    return RFPLearner(cfg, device=device, dtype=torch.float64)
+
+
+def on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it moved to the CPU (a CUDA rank's results, for the test)."""
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj.cpu() if torch.is_tensor(obj) else obj
 
 
 def play(learner: StreamLearner, ticks: list[Tick], rank: int | None, world: int) -> dict[str, list[float]]:
@@ -82,7 +91,7 @@ def play(learner: StreamLearner, ticks: list[Tick], rank: int | None, world: int
                 idle_tick(learner)
             continue
         ids = [f[0] for f in mine]
-        x = torch.tensor(np.stack([f[1] for f in mine]), dtype=learner.dtype)
+        x = torch.tensor(np.stack([f[1] for f in mine]), dtype=learner.dtype, device=learner.device)
         out = learner.tick_features(ids, x, reset=[f[2] for f in mine])
         for sid, e in zip(ids, out.error.tolist(), strict=True):
             errors.setdefault(sid, []).append(e)
@@ -90,21 +99,33 @@ def play(learner: StreamLearner, ticks: list[Tick], rank: int | None, world: int
 
 
 def rank_main(
-    rank: int, world: int, port: int, out: str, ticks: int, role: str, timeout_s: float, kind: str = "rfp"
+    rank: int,
+    world: int,
+    port: int,
+    out: str,
+    ticks: int,
+    role: str,
+    timeout_s: float,
+    kind: str = "rfp",
+    device: str = "cpu",
 ) -> None:
     """One rank. ``role``: ``play`` (the whole schedule), ``exit`` / ``stall`` (rank world-1 leaves,
     or stops calling collectives, after half the schedule; the others go on), ``differ`` (rank
     world-1 starts from another seed, so ``join`` must refuse), ``skew`` (rank world-1's tick counter
-    is off by 5, so its first tick must be refused)."""
+    is off by 5, so its first tick must be refused). ``device="cuda"``: NCCL, rank r on GPU r."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result: dict[str, Any] = {"rank": rank}
     try:
         # a long rendezvous (spawned interpreters start at different times on a loaded machine), then
         # the group the learner uses, with the short collective timeout under test
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+            device = f"cuda:{rank}"
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=300))
         group = dist.new_group(timeout=timedelta(seconds=timeout_s))
-        learner = new_learner(kind, int(role == "differ" and rank == world - 1))
+        learner = new_learner(kind, int(role == "differ" and rank == world - 1), device)
         try:
             join(learner, group)
         except DistributedError as e:
@@ -122,7 +143,7 @@ def rank_main(
             result["errors"] = play(learner, plan, rank, world)
         except DistributedError as e:  # RankLost: a peer is gone; else the ranks disagree
             result["lost" if isinstance(e, RankLost) else "refused"] = str(e)
-        result["shared"] = shared_state(learner)
+        result["shared"] = on_cpu(shared_state(learner))
         result["fingerprint"] = fingerprint(learner)
     except Exception:
         result["traceback"] = traceback.format_exc()

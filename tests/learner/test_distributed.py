@@ -31,13 +31,18 @@ JOIN_BOUND_S = 400
 
 
 def _spawn(
-    tmp_path: Path, world: int, role: str = "play", timeout_s: float = 120, kind: str = "rfp"
+    tmp_path: Path,
+    world: int,
+    role: str = "play",
+    timeout_s: float = 120,
+    kind: str = "rfp",
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Run ``world`` ranks to the end; return each one's result file (rank order; with ``exit`` or
     ``stall`` the last rank leaves none)."""
     return _ranks.run_ranks(
         _ranks.rank_main,
-        lambda r, port: (r, world, port, str(tmp_path), TICKS, role, timeout_s, kind),
+        lambda r, port: (r, world, port, str(tmp_path), TICKS, role, timeout_s, kind, device),
         world,
         lambda r: tmp_path / f"rank{r}.pt",
         survivors=world - 1 if role in ("exit", "stall") else None,
@@ -88,6 +93,26 @@ def test_ranks_stay_identical_and_equal_one_learner(tmp_path: Path, kind: str, w
                 torch.tensor(errs), torch.tensor(errors[sid]), rtol=1e-9, atol=1e-12, equal_nan=True
             )
     assert sum(len(res["errors"]) for res in results) == len(errors)
+
+
+@pytest.mark.gpu
+def test_nccl_ranks_on_cuda_stay_identical_and_equal_one_cpu_learner(tmp_path: Path) -> None:
+    """The NCCL path: rank r on GPU r (2 ranks where there are 2 GPUs, else a group of one, which
+    still runs every collective through NCCL on CUDA tensors), against one float64 CPU learner."""
+    world = min(2, torch.cuda.device_count())
+    results = _spawn(tmp_path, world, device="cuda")
+    for res in results[1:]:
+        assert res["fingerprint"] == results[0]["fingerprint"]
+        _assert_same(res["shared"], results[0]["shared"], exact=True)
+    one = _ranks.new_learner("rfp")
+    errors = _ranks.play(one, _ranks.schedule(TICKS, world), None, world)
+    assert one.updates_applied == results[0]["shared"]["updates"] > TICKS // 2
+    for name, value in shared_state(one)["weights"].items():  # CUDA kernels round differently
+        torch.testing.assert_close(results[0]["shared"]["weights"][name], value, rtol=1e-6, atol=1e-9)
+    for res in results:
+        for sid, errs in res["errors"].items():
+            torch.testing.assert_close(torch.tensor(errs), torch.tensor(errors[sid]), rtol=1e-6, atol=1e-9,
+                                       equal_nan=True)  # fmt: skip
 
 
 @pytest.mark.slow
