@@ -31,13 +31,15 @@ def make_learner(
     embed_from: str = "context",
     rgc_inputs: int = 0,
     preview: int = 0,
+    input_norm: bool = False,
 ) -> RFPLearner:
     """``head``: ``mlp`` (the spec's predictor, no context whitening), or ``default`` (the residual
     predictor and the context whitening of ModelConfig's defaults, with random non-trivial weights and
     statistics held fixed, since RFP treats them as constants of each step). ``embed_from``: the
     embedding reads the context list [u; s(h)] (the default) or the state alone. ``rgc_inputs``: area 6
     reads a fixed random projection of u to that many inputs (0: all of u). ``preview``: the predictor
-    also reads a preview of that width per fixation, whitened by fixed random statistics."""
+    also reads a preview of that width per fixation, whitened by fixed random statistics.
+    ``input_norm``: the trunk features are whitened first, by fixed random statistics."""
     cfg = ModelConfig(
         predictor="mlp" if head == "mlp" else "residual",
         context_norm=head != "mlp",
@@ -52,7 +54,7 @@ def make_learner(
         loss=loss,
         phi=phi,
         gate_bias=weights == "random",
-        input_norm=False,
+        input_norm=input_norm,
         update_mode="segment",
         segment_len=0,
         optimizer="sgd",
@@ -88,6 +90,14 @@ def make_learner(
         norm.observe = lambda x: None  # type: ignore[method-assign]
         with torch.no_grad():  # Q starts at zero, which would hide the preview's forward pass
             learner.model.Q.weight.copy_(torch.randn(H, preview, generator=gen, dtype=torch.float64) * 0.3)
+    if input_norm:  # random fixed input statistics: every step reads them as constants
+        norm = learner.model.input_norm
+        gen = torch.Generator().manual_seed(500 + seed)
+        with torch.no_grad():
+            norm.mean.copy_(torch.randn(M, generator=gen, dtype=torch.float64) * 0.5)
+            q = torch.randn(M, M, generator=gen, dtype=torch.float64)
+            norm.whiten.copy_(torch.eye(M, dtype=torch.float64) + 0.3 * q)  # not symmetric
+        norm.observe = lambda x: None  # type: ignore[method-assign]
     if loss == "whitened_mse":  # a random fixed metric: RFP treats it as a constant of each step
         gen = torch.Generator().manual_seed(300 + seed)
         q = torch.randn(D, D, generator=gen, dtype=torch.float64)
@@ -167,12 +177,24 @@ def test_rfp_exact_with_a_preview_input(head: str) -> None:
         assert_exact(learner, head=head, weights="random", previews=previews)
 
 
+@pytest.mark.parametrize("head", ["mlp", "default"])
+def test_rfp_exact_when_the_trunk_features_are_whitened(head: str) -> None:
+    """``input_norm`` (the default): area 6, its traces and the embedding all read the whitened
+    features; the hand head and autograd's."""
+    for impl in ("hand", "autograd"):
+        learner = make_learner(loss="whitened_mse", phi="tanh", weights="random", head=head, input_norm=True)
+        learner._head = None if impl == "autograd" else learner._head
+        assert_exact(learner, head=head, weights="random")
+
+
 def assert_exact(
     learner: RFPLearner, *, head: str, weights: str, previews: torch.Tensor | None = None
 ) -> None:
     """RFP's summed and per-step gradients of every group equal the float64 BPTT reference."""
     u = inputs(1)
-    ref_sum, ref_steps = bptt_grads(learner.model, u, previews=previews)
+    norm = learner.model.input_norm  # the reference reads the whitened features, written out again
+    u_ref = u if norm is None else (u - norm.mean) @ norm.whiten
+    ref_sum, ref_steps = bptt_grads(learner.model, u_ref, previews=previews)
     got_sum, got_steps = run_rfp(learner, u, previews)
     errors = rel_errors(split_groups(got_sum), split_groups(ref_sum))
     groups = set(errors)
