@@ -314,7 +314,13 @@ class DistWorker(Worker):
         self.offset.answered([fix.entry_id for fix in fixes])
 
     def _idle(self) -> TickOutput:
-        return idle_tick(self.learner)
+        """This rank's part of a tick it has no fixations for. The group's update is applied here
+        too, and counted: every rank's ``foveate_updates_total`` is the group's (a dashboard takes
+        one rank's), not the updates of the ticks in which this rank had fixations."""
+        out = idle_tick(self.learner)
+        if out.updated:
+            metrics.UPDATES.inc()
+        return out
 
     def _apply(self, accepted: list[Accepted]) -> list[tuple[Message, dict[str, Any]]]:
         """Exactly one learning tick: on the fixations whose features could be computed, else idle."""
