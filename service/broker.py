@@ -209,6 +209,12 @@ class Broker(ABC):
         """Messages queued in the broker that the worker has not received yet."""
         return 0
 
+    def unanswered_after(self, offset: str | None) -> bool:
+        """Whether a fixation the worker has not answered is still here, read now (never a cached
+        reading): the stop's drain of a distributed rank asks it until the answer is no. ``offset``:
+        the worker's input offset, for a broker that re-reads its input (service/streams.py)."""
+        return self.backlog() > 0
+
     def forget_stream(self, stream_id: str) -> None:  # noqa: B027
         """Drop what the broker keeps about a deleted stream (its results stream in Redis)."""
 

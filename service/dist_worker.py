@@ -23,8 +23,8 @@ exactly one per iteration, or none. Each iteration of :meth:`DistWorker.run`:
    checkpoints when agreed.
 
 **Stopping.** SIGTERM to one rank stops all: once the stop is agreed, the ranks drain (for at most
-``DRAIN_S``: they go on ticking while any rank holds fixations or has unread entries in its shard),
-then checkpoint together and return.
+``DRAIN_S``: they go on ticking while any rank holds fixations or its shard has entries past its
+input offset, asked of Redis at each check), then checkpoint together and return.
 
 **A bad fixation** must not cost a tick on one rank only. The single worker's recovery (apply each
 fixation alone when a tick fails: several learning ticks in one iteration) would break lockstep, so
@@ -53,6 +53,7 @@ import logging
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -70,6 +71,7 @@ from service.broker import Broker, Message
 from service.config import Settings
 from service.dist_checkpointer import DistCheckpointDriver
 from service.errors import WorkerError
+from service.learner_setup import spill_folder
 from service.messages import Fixation
 from service.replies import failure, reject_reason
 from service.shards import rank_of, shard_key
@@ -207,17 +209,23 @@ class DistWorker(Worker):
         learner: StreamLearner | None = None,
         checkpoint_group: dist.ProcessGroup | None = None,
     ) -> None:
+        self.rank = dist.get_rank(group)  # before Worker's __init__: its spill folder is this rank's
+        self.world = dist.get_world_size(group)
         super().__init__(settings, broker, learner)
         self.group = group
         self.checkpoint_group = checkpoint_group  # None: the checkpoints use ``group``
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
         self.input_base = settings.input_stream.rsplit(":", 1)[0]  # the key before rank_settings
         self.checkpoints = DistCheckpointDriver(self, self._lock)
         self.batcher = TickBatcher(settings.max_batch, settings.max_wait_ms / 1000.0, idle_poll_s=_POLL_S)
         self.sync: TickSync | None = None
         self._features: torch.Tensor | None = None  # (B, M) of the fixations being ticked
         self._ticks_before = 0  # the learning tick counter when the learner was called
+
+    def spill_folder(self) -> Path | None:
+        """``<checkpoint>.spill/rank-<r>``: the ranks of one machine share the checkpoint's folder, and
+        each empties its spill folder at start (a rank restarting alone must not delete the state
+        of another's spilled streams)."""
+        return spill_folder(self.settings, self.rank)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -265,8 +273,9 @@ class DistWorker(Worker):
                 return
 
     def _unanswered(self) -> bool:
-        """Whether this rank holds, or its shard has, fixations not answered yet (the stop's drain)."""
-        return self.batcher.held > 0 or self.broker.backlog() > 0
+        """Whether this rank holds, or its shard has, fixations not answered yet (the stop's drain):
+        read fresh from the broker, past this rank's input offset."""
+        return self.batcher.held > 0 or self.broker.unanswered_after(self.offset.text)
 
     def _agree(
         self, *, rows: bool, stop: bool, checkpoint: bool = False, more: bool = False, over: bool = False
@@ -314,7 +323,13 @@ class DistWorker(Worker):
         self.offset.answered([fix.entry_id for fix in fixes])
 
     def _idle(self) -> TickOutput:
-        return idle_tick(self.learner)
+        """This rank's part of a tick it has no fixations for. The group's update is applied here
+        too, and counted: every rank's ``foveate_updates_total`` is the group's (a dashboard takes
+        one rank's), not the updates of the ticks in which this rank had fixations."""
+        out = idle_tick(self.learner)
+        if out.updated:
+            metrics.UPDATES.inc()
+        return out
 
     def _apply(self, accepted: list[Accepted]) -> list[tuple[Message, dict[str, Any]]]:
         """Exactly one learning tick: on the fixations whose features could be computed, else idle."""

@@ -4,13 +4,14 @@ threads, holding how many streams' state in memory.
 Examples
 --------
 >>> learner = build_learner(Settings())  # doctest: +SKIP
->>> limit_memory(learner, Settings())     # doctest: +SKIP
+>>> limit_memory(learner, Settings(), spill_folder(Settings()))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -52,14 +53,24 @@ def torch_threads(settings: Settings) -> int:
     return max(1, cores - 1)
 
 
-def limit_memory(learner: StreamLearner, settings: Settings) -> int:
-    """Cap the streams' state at ``max_state_mb``; spill beyond it next to the checkpoint.
+def spill_folder(settings: Settings, rank: int | None = None) -> Path | None:
+    """Where the streams beyond the memory cap wait: ``<checkpoint>.spill`` beside the checkpoint
+    (none without one), and ``<checkpoint>.spill/rank-<r>`` for rank ``r`` of a distributed worker:
+    each rank empties its folder at start, and must never empty, or write into, another rank's."""
+    path = settings.checkpoint_path
+    if path is None:
+        return None
+    folder = path.with_name(path.name + ".spill")
+    return folder if rank is None else folder / f"rank-{rank}"
+
+
+def limit_memory(learner: StreamLearner, settings: Settings, spill: Path | None = None) -> int:
+    """Cap the streams' state at ``max_state_mb``; spill beyond it to ``spill`` (:func:`spill_folder`).
 
     Returns how many streams stay resident.
     """
     s = settings
-    path = s.checkpoint_path
-    spill = None if path is None or not learner.can_spill else path.with_name(path.name + ".spill")
+    spill = spill if learner.can_spill else None
     streams = learner.limit_memory(s.max_state_mb * 2**20, spill)
     if spill is not None and streams < s.max_batch:
         raise ConfigError(

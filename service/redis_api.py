@@ -14,7 +14,6 @@ shards, and the workers are alive when every rank's heartbeat is.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -143,18 +142,28 @@ class RedisApiSide(RedisSide):
             fix.entry_id = id_text(entry)
 
     async def command(self, control: Control, timeout: float | None = None) -> dict[str, Any]:
-        """Send a command to the rank it concerns; ``streams`` (the list) to every rank, joined."""
+        """Send a command to the rank it concerns; ``streams`` (the list) to every rank, joined.
+
+        The list is asked of every rank in one pipelined round trip and its replies are awaited on one
+        connection (:meth:`results`), as any other request: the pool holds one connection per HTTP
+        request, so one that waited on a connection per rank would empty it ``FOVEATE_SHARDS`` times
+        faster, and answer 503 "cannot reach Redis" while Redis is fine."""
         if control.command != "streams" or self.settings.shards == 1:
             return await super().command(control, timeout)
+        wait = self.settings.sync_timeout_s if timeout is None else timeout
         asks = [
-            self.command_rank(Control(control.command, dict(control.args)), rank, timeout)
+            (Control(control.command, dict(control.args), request_id=new_request_id()), rank)
             for rank in range(self.settings.shards)
         ]
-        replies = await asyncio.gather(*asks)
-        failed = [r for r in replies if not r.get("ok")]
+        await self._send_controls(asks, wait)
+        replies = await self.results([str(ctl.request_id) for ctl, _ in asks], wait)
+        for reply in replies:
+            if isinstance(reply, FoveateError):  # no answer from a rank (timeout), or Redis is gone
+                raise reply
+        failed = [r for r in replies if isinstance(r, dict) and not r.get("ok")]
         if failed:
             return failed[0]
-        streams = [s for r in replies for s in r["streams"]]
+        streams = [s for r in replies if isinstance(r, dict) for s in r["streams"]]
         return {"ok": True, "streams": streams, "count": len(streams)}
 
     async def command_rank(self, control: Control, rank: int, timeout: float | None = None) -> dict[str, Any]:
@@ -167,14 +176,20 @@ class RedisApiSide(RedisSide):
         return await self.result(control.request_id, wait)
 
     async def _send_control(self, control: Control, timeout: float, *, rank: int | None = None) -> None:
-        fields = control_to_fields(control)
-        fields["deadline"] = repr(time.time() + timeout)
-        if self._secret is not None:
-            sign_control(fields, self._secret)
+        await self._send_controls([(control, self._control_rank(control) if rank is None else rank)], timeout)
+
+    async def _send_controls(self, controls: Sequence[tuple[Control, int]], timeout: float) -> None:
+        """XADD each command to its rank's control stream, in one pipelined round trip."""
+        pipe = self.aio.pipeline(transaction=False)
+        for control, rank in controls:
+            fields = control_to_fields(control)
+            fields["deadline"] = repr(time.time() + timeout)
+            if self._secret is not None:
+                sign_control(fields, self._secret)
+            pipe.xadd(self._shard(self.settings.control_stream, rank), fields,  # type: ignore[arg-type]
+                      maxlen=10_000, approximate=True)  # fmt: skip
         try:
-            rank = self._control_rank(control) if rank is None else rank
-            await self.aio.xadd(self._shard(self.settings.control_stream, rank), fields,  # type: ignore[arg-type]
-                                maxlen=10_000, approximate=True)  # fmt: skip
+            await pipe.execute()
         except RedisError as exc:
             raise self._unavailable(exc) from exc
 

@@ -366,6 +366,21 @@ class RedisWorkerSide(RedisSide):
         self._backlog_cache = (now, value)
         return value + self.inbox.fixations()
 
+    def unanswered_after(self, offset: str | None) -> bool:
+        """Whether the input stream holds an entry after ``offset`` (every entry up to it answered):
+        unread, or read and not answered yet (being decoded, queued, in a tick). Read from Redis
+        now: :meth:`backlog`'s reading may be a second old, and a drain that trusted it could end
+        while the shard holds entries, which a re-partition then refuses (the same XRANGE as its
+        check, service/dist_checkpointer.py). Redis unreachable: yes (the drain is bounded)."""
+        if self.inbox.fixations():
+            return True
+        start = "-" if offset is None else "(" + offset
+        try:
+            return bool(self.sync.xrange(self.settings.input_stream, min=start, max="+", count=1))
+        except RedisError as exc:
+            self._log_error("reading the input stream's end failed", exc)
+            return True
+
     def stop_worker(self) -> None:
         self._stop.set()
         for thread in (self._thread, self._control_thread):

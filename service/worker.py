@@ -46,6 +46,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -64,7 +65,7 @@ from service.config import Settings
 from service.decode import decode_fixation
 from service.errors import WorkerError
 from service.journal import JOURNALED, JournalDriver
-from service.learner_setup import build_learner, limit_memory, torch_threads
+from service.learner_setup import build_learner, limit_memory, spill_folder, torch_threads
 from service.messages import Command, Control, Fixation
 from service.replies import failure, fixation_scores, reject_reason
 from service.streams import InputOffset, StreamRecord, Tombstones, entry_key
@@ -112,7 +113,11 @@ class Worker:
         self.checkpoint_stage: Callable[[str], None] | None = None
         self.rate = ServiceRate()  # fixations answered per second of tick time
         self.started = False
-        self.max_resident = limit_memory(self.learner, settings)
+        self.max_resident = limit_memory(self.learner, settings, self.spill_folder())
+
+    def spill_folder(self) -> Path | None:
+        """Where the streams beyond the memory cap wait (service/learner_setup.py ``spill_folder``)."""
+        return spill_folder(self.settings)
 
     # ------------------------------------------------------------------ life cycle
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.messages import Control
 from service.redis_broker import RedisBroker
@@ -18,11 +21,18 @@ from tests.service._support import ServiceProcess, free_port, small_settings
 
 
 def start_ranks(
-    world: int, redis_url: str, logs: Path, tag: str, checkpoint: Path | None = None
+    world: int,
+    redis_url: str,
+    logs: Path,
+    tag: str,
+    checkpoint: Path | None = None,
+    metrics_port: int = 0,
+    extra_env: dict[str, str] | None = None,
 ) -> list[ServiceProcess]:
     """``world`` ranks of ``foveate worker --distributed`` with the variables torchrun sets (each a
     process of its own, so that a test can kill one without torchrun's agent stopping the others);
-    checkpoints into ``checkpoint`` (only the command's and the stop's), or none."""
+    checkpoints into ``checkpoint`` (only the command's and the stop's), or none; rank r serves its
+    metrics on ``metrics_port + r`` (0: none); ``extra_env`` adds or overrides settings."""
     master_port = free_port()
     ranks = []
     for rank in range(world):
@@ -35,12 +45,43 @@ def start_ranks(
             "FOVEATE_REDIS_URL": redis_url,
             "FOVEATE_CHECKPOINT_PATH": "" if checkpoint is None else str(checkpoint),
             "FOVEATE_CHECKPOINT_INTERVAL_S": "3600",
-            "FOVEATE_WORKER_METRICS_PORT": "0",
+            "FOVEATE_WORKER_METRICS_PORT": str(metrics_port),
             "FOVEATE_TORCH_THREADS": "1",
             "FOVEATE_DIST_TIMEOUT_S": "20",
+            **(extra_env or {}),
         }
         ranks.append(ServiceProcess(["worker", "--distributed"], env, logs / f"{tag}-rank{rank}.log"))
     return ranks
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports on 127.0.0.1 that were free a moment ago (the
+    ranks' metrics ports: rank r serves on base + r)."""
+    for _ in range(100):
+        base = free_port()
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def metric_value(url: str, name: str) -> float | None:
+    """The value of the unlabelled sample ``name`` in the text at ``url`` (a ``/metrics``), or None."""
+    text = httpx.get(url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return None
 
 
 def wait_for_heartbeats(r: redis.Redis, ranks: list[ServiceProcess], bound_s: float) -> None:

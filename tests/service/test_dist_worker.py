@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,14 @@ import redis
 
 from service.dist_worker import EXIT_RANK_LOST
 from service.shards import rank_of
-from tests.service._dist_support import ask_rank, patch, start_ranks, wait_for_heartbeats
+from tests.service._dist_support import (
+    ask_rank,
+    free_ports,
+    metric_value,
+    patch,
+    start_ranks,
+    wait_for_heartbeats,
+)
 from tests.service._support import ServiceProcess, ThreadedServer, post_patch, small_settings
 
 pytestmark = pytest.mark.slow  # two worker processes with torch, and the API: about 30-60 s on 2 cores
@@ -46,6 +54,7 @@ class Group:
     client: httpx.Client
     tmp: Path
     started: list[list[ServiceProcess]]  # every group of ranks started, for the teardown
+    metrics_port: int  # the first group's rank r serves its metrics on metrics_port + r
 
     def restart(self, tag: str) -> None:
         """A new group of ranks on the same Redis (its consumer groups and shards exist already)."""
@@ -65,14 +74,15 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
 
     tmp = tmp_path_factory.mktemp("dist")
     redis_srv = RedisServer.start_in(tmp / "redis", binary=require_server_binary("redis-server"))
-    ranks = start_ranks(WORLD, redis_srv.url, tmp, "first")
+    metrics_port = free_ports(WORLD)
+    ranks = start_ranks(WORLD, redis_srv.url, tmp, "first", metrics_port=metrics_port)
     api = ThreadedServer(create_app(small_settings(redis_url=redis_srv.url, shards=WORLD))).start()
     client = httpx.Client(base_url=api.url, timeout=60.0)
     started = [ranks]
     try:
         wait_for_heartbeats(redis.Redis.from_url(redis_srv.url), ranks, EXIT_BOUND_S)
         ranks[0].wait_http(api.url + "/readyz")
-        yield Group(ranks, api, redis_srv.url, client, tmp, started)
+        yield Group(ranks, api, redis_srv.url, client, tmp, started, metrics_port)
     finally:
         client.close()
         api.stop()
@@ -116,6 +126,17 @@ def test_both_ranks_hold_one_model(group: Group) -> None:
     model = group.client.get("/v1/model").json()  # the API asks rank 0
     assert model["distributed"]["rank"] == 0
     assert model["distributed"]["fingerprint"] == infos[0]["distributed"]["fingerprint"]
+
+
+def test_every_rank_counts_every_update_of_the_group(group: Group) -> None:
+    # each fixation above ticked on its stream's rank and idled on the other: both applied the
+    # update, so both ranks' foveate_updates_total are the group's count (the dashboard takes one)
+    updates = group.ask_rank("model", 0)["model"]["updates_applied"]
+    urls = [f"http://127.0.0.1:{group.metrics_port + rank}/metrics" for rank in range(WORLD)]
+    deadline = time.monotonic() + EXIT_BOUND_S  # a rank counts after its tick's collectives end
+    while (counts := [metric_value(url, "foveate_updates_total") for url in urls]) != [updates] * WORLD:
+        assert time.monotonic() < deadline, f"ranks count {counts} updates, the group applied {updates}"
+        time.sleep(0.1)
 
 
 def test_a_reset_reaches_its_streams_rank(group: Group) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import redis
 
 from service.errors import WorkerTimeout
+from service.messages import Control
+from service.redis_api import SPARE_CONNECTIONS
 from service.redis_broker import RedisBroker
 from tests.service._support import small_settings
 
@@ -88,3 +90,32 @@ def test_an_unanswered_item_of_a_batch_times_out_alone(redis_server: str) -> Non
     answered, never = asyncio.run(scenario())
     assert answered == {"ok": True, "step": 5}
     assert isinstance(never, WorkerTimeout) and "never" in str(never)
+
+
+def test_listing_the_streams_of_three_ranks_holds_one_connection_per_request(redis_server: str) -> None:
+    # GET /v1/streams with FOVEATE_SHARDS=3 asks every rank; as many lists at once as the whole pool
+    # (4 HTTP requests' worth + the spare) must all be answered, each request waiting on one connection
+    settings = small_settings(redis_url=redis_server, shards=3, max_connections=4)
+    requests = settings.max_connections + SPARE_CONNECTIONS
+    api_side, r = RedisBroker(settings), redis.Redis.from_url(redis_server)
+
+    async def scenario() -> list[dict[str, Any]]:
+        tasks = [
+            asyncio.create_task(api_side.command(Control("streams", {"prefix": ""}), 60.0))
+            for _ in range(requests)
+        ]
+        await _until_blocked(r, requests, tasks)
+        for rank in range(3):  # each rank answers its control shard, as a worker does: RPUSH the reply
+            for _, fields in r.xrange(f"foveate:control:{rank}"):
+                listed = {"ok": True, "streams": [{"stream_id": f"on-rank-{rank}"}], "count": 1}
+                r.rpush(settings.result_key_prefix + fields[b"request_id"].decode(), json.dumps(listed))
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            await api_side.close_api()
+
+    out = asyncio.run(scenario())
+    assert len(out) == requests
+    for joined in out:
+        assert sorted(s["stream_id"] for s in joined["streams"]) == ["on-rank-0", "on-rank-1", "on-rank-2"]
+        assert joined["count"] == 3
