@@ -39,9 +39,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from learner.errors import CheckpointError, ConfigError, DistributedError, FoveateError
 from service import metrics
-from service.checkpointer import CheckpointDriver
+from service.checkpointer import CheckpointDriver, WriteJob
 from service.replies import failure
 from service.shards import rank_of, shard_key
 
@@ -131,18 +133,44 @@ class DistCheckpointDriver(CheckpointDriver):
         return self.wanted or bool(self._waiting)
 
     @property
-    def pending(self) -> bool:
-        return bool(self._waiting)
+    def writing(self) -> bool:
+        """Whether this rank's part of a checkpoint is still being written, or its end not yet settled
+        (:meth:`settle`): told to the group at each agreement, so that no rank takes a snapshot
+        while any rank's writer still uses the checkpoint group."""
+        return self._committing is not None
+
+    def begin(self) -> None:
+        """The agreed checkpoint (every rank, after the same tick, no rank writing): take the snapshot
+        here, in the loop, and write it beside the loop; a failure is logged (and told to the
+        commands that waited), a lost rank (``DistributedError``) propagates."""
+        try:
+            self._begin(background=not self._waiting)
+        except (FoveateError, OSError) as exc:
+            logger.error("group checkpoint failed: %s", exc)
 
     def checkpoint(self, *, wait: bool = True) -> dict[str, Any] | None:
-        """The group's checkpoint, now (collective: every rank calls it between the same ticks);
-        answers the commands that waited for it. ``wait`` is ignored: the write is in the loop."""
+        """The group's checkpoint now, waited for (collective: every rank calls it between the same
+        ticks, at start and at stop): after the write in flight, if any; answers the commands that
+        waited. ``wait`` is ignored: the loop takes the others with :meth:`begin`."""
+        self.writer.wait()
+        self.settle()
+        job = self._begin(background=False)
+        self.writer.wait()
+        self._answer()
+        return job.result()  # raises what the write raised: a lost rank, or a failure on any rank
+
+    def _begin(self, *, background: bool) -> WriteJob:
+        """Snapshot this rank's part (under the lock: the only pause of learning), hand rank 0 every
+        rank's (``take``, on the checkpoint group), and start writing it and committing the group's
+        checkpoint in the writer's thread (``write``, on the same group): the loop ticks on meanwhile,
+        on the learner's group."""
         worker = self.dist_worker
         path = worker.settings.checkpoint_path
         if path is None:
             raise ConfigError("checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH")
-        from learner.dist_checkpoint import save
+        from learner.dist_checkpoint import take, write
 
+        assert not self.writing, "the agreement lets no rank take a snapshot while one writes"
         waiting, self._waiting, self.wanted = self._waiting, [], False
         try:
             with self._lock:
@@ -151,11 +179,9 @@ class DistCheckpointDriver(CheckpointDriver):
                                         "updates_applied": worker.learner.updates_applied,
                                         "streams": len(worker.records), "rank": worker.rank,
                                         "world_size": worker.world}  # fmt: skip
-                extra = {"service": worker.service_state(dict(info))}
-                written = save(
-                    path, worker.learner, extra, worker.checkpoint_stage, group=worker.checkpoint_group
-                )
-                seconds = time.perf_counter() - start
+                service = worker.service_state(dict(info))
+                part = take(path, worker.learner, {"service": service}, group=worker.checkpoint_group)
+                info["stall_seconds"] = time.perf_counter() - start
         except DistributedError:
             raise  # a lost rank: the loop exits for a restart
         except (FoveateError, OSError) as exc:
@@ -163,24 +189,35 @@ class DistCheckpointDriver(CheckpointDriver):
             raise
         finally:
             self.last_taken = time.monotonic()
-        info.update(written)
-        info["seconds"] = info["stall_seconds"] = seconds
-        metrics.CHECKPOINT_STALL_SECONDS.observe(seconds)
-        metrics.CHECKPOINT_SECONDS.observe(seconds)
-        metrics.CHECKPOINT_BYTES.set(written["bytes"])
-        metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
-        metrics.CHECKPOINTS.inc()
-        metrics.LAST_CHECKPOINT.set(written_at)
-        worker.last_checkpoint = info
-        through = extra["service"].get("journal", {}).get("through")
-        if through is not None:  # the commit holds the journaled commands' effect
-            worker.broker.journal_trim(through)
-        self.worker.broker.reply([(ctl, {"ok": True, "checkpoint": info}) for ctl in waiting])
-        return info
+        metrics.CHECKPOINT_STALL_SECONDS.observe(info["stall_seconds"])
+        through = service.get("journal", {}).get("through")  # the snapshot's journal position
+        device = torch.cuda.current_device() if worker.learner.device.type == "cuda" else None
+
+        def write_part() -> dict[str, Any]:  # in the writer's thread
+            if device is not None:  # a thread's current CUDA device is its own: the loop's, for NCCL
+                torch.cuda.set_device(device)
+            written = write(part, worker.checkpoint_stage)
+            info.update(written)
+            info["seconds"] = written["write_seconds"]
+            metrics.CHECKPOINT_SECONDS.observe(written["write_seconds"])
+            metrics.CHECKPOINT_BYTES.set(written["bytes"])
+            metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
+            metrics.CHECKPOINTS.inc()
+            metrics.LAST_CHECKPOINT.set(written_at)
+            worker.last_checkpoint = info
+            if through is not None:  # the commit holds the journaled commands' effect up to there
+                worker.broker.journal_trim(through)
+            return info
+
+        job = self.writer.submit(write_part, background=background)
+        job.waited = True  # its end is reported by settle: to the commands, or in the log
+        self._committing = (job, waiting)
+        return job
 
     def quietly(self, when: str, *, wait: bool = True) -> None:
-        """``wait`` (at start, on every rank): checkpoint now, logging a failure. Otherwise (a
-        periodic checkpoint due on this rank's clock): ask for one at the next agreement."""
+        """``wait`` (at start and at stop, on every rank): checkpoint now and wait for the commit,
+        logging a failure. Otherwise (a periodic checkpoint due on this rank's clock): ask for one
+        at the next agreement."""
         if self.worker.settings.checkpoint_path is None:
             return
         if not wait:
@@ -190,14 +227,34 @@ class DistCheckpointDriver(CheckpointDriver):
             self.checkpoint()
         except DistributedError:
             raise
-        except (FoveateError, OSError) as exc:  # the same error on every rank (save tells them all)
+        except (FoveateError, OSError) as exc:  # the same error on every rank (write tells them all)
             logger.error("group checkpoint %s failed: %s", when, exc)
 
     def settle(self) -> None:
-        """Nothing: the waiting commands are answered by :meth:`checkpoint` in the loop."""
+        """Called from the loop: once the write in flight has ended, answer the commands that waited
+        for it, log a failure, and raise a lost rank (``DistributedError``: the loop exits)."""
+        if self._committing is None or not self._committing[0].done.is_set():
+            return
+        job = self._answer()
+        if isinstance(job.error, DistributedError):
+            raise job.error
+        if job.error is not None:  # the same on every rank (write tells them all): nothing committed
+            logger.error("group checkpoint failed: %s", job.error)
+
+    def _answer(self) -> WriteJob:
+        """Answer the commands that waited for the ended write in flight; return its job."""
+        assert self._committing is not None
+        job, waiting = self._committing
+        self._committing = None
+        self.worker.broker.reply([(ctl, self._committed(job)) for ctl in waiting])
+        return job
 
     def drain(self) -> None:
-        """At stop, the loop having ended: a command still waiting gets an error (the group is gone)."""
+        """At stop, the loop having ended: the write in flight is waited for and its commands
+        answered; a command still waiting gets an error (the group is gone)."""
+        self.writer.wait()
+        if self._committing is not None:
+            self._answer()
         if self._waiting:
             error = CheckpointError("the distributed worker stopped before a checkpoint committed")
             self.worker.broker.reply([(ctl, failure(error)) for ctl in self._waiting])

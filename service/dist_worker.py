@@ -99,7 +99,8 @@ class Agreement(NamedTuple):
 
     rows: bool  # some rank has fixations: every rank takes one learning tick
     stop: bool  # some rank was asked to stop: all stop after this iteration
-    checkpoint: bool  # some rank wants a checkpoint: all save one after this iteration's tick
+    checkpoint: bool  # some rank wants a checkpoint: all snapshot one after this iteration's tick
+    writing: bool  # some rank's checkpoint write is in flight: the snapshot waits for its end
     more: bool  # stopping, some rank still has fixations to answer: the drain goes on
     over: bool  # stopping, some rank's drain deadline passed: all stop after this iteration
 
@@ -233,6 +234,7 @@ class DistWorker(Worker):
         logger.info("rank %d of %d running on %s", self.rank, self.world, self.learner.device)
         drain_until: float | None = None  # set when the stop is agreed: answer what is in hand first
         while True:
+            self.checkpoints.settle()  # a write that ended: answer its commands (a lost rank raises)
             for ctl in self.broker.commands():
                 self._command(ctl)
             draining = drain_until is not None
@@ -243,6 +245,7 @@ class DistWorker(Worker):
                 rows=bool(batch),
                 stop=self._stop.is_set() or draining,
                 checkpoint=self.checkpoints.want,
+                writing=self.checkpoints.writing,
                 more=more,
                 over=over,  # bounds the drain while fixations keep arriving
             )
@@ -254,8 +257,10 @@ class DistWorker(Worker):
             for ctl in controls:
                 self._command(ctl)
             done = draining and (agreed.over or not (agreed.rows or agreed.more))
-            if (agreed.checkpoint or done) and self.settings.checkpoint_path is not None:
-                self.checkpoints.quietly("at stop" if done else "agreed")  # every rank, now
+            if done:  # every rank: after the write in flight, the final checkpoint, waited for
+                self.checkpoints.quietly("at stop")
+            elif agreed.checkpoint and not agreed.writing and self.settings.checkpoint_path is not None:
+                self.checkpoints.begin()  # every rank: the snapshot now, the write beside the loop
             self._housekeeping()
             if agreed.stop and not draining:
                 drain_until = time.monotonic() + DRAIN_S
@@ -269,12 +274,19 @@ class DistWorker(Worker):
         return self.batcher.held > 0 or self.broker.backlog() > 0
 
     def _agree(
-        self, *, rows: bool, stop: bool, checkpoint: bool = False, more: bool = False, over: bool = False
+        self,
+        *,
+        rows: bool,
+        stop: bool,
+        checkpoint: bool = False,
+        writing: bool = False,
+        more: bool = False,
+        over: bool = False,
     ) -> Agreement:
-        """One ``all_reduce`` (max) of this rank's five flags: what any rank wants, every rank does."""
+        """One ``all_reduce`` (max) of this rank's six flags: what any rank wants, every rank does."""
         assert self.sync is not None
         flags = torch.tensor(
-            [rows, stop, checkpoint, more, over], dtype=torch.int32, device=self.learner.device
+            [rows, stop, checkpoint, writing, more, over], dtype=torch.int32, device=self.learner.device
         )
         self.sync._collective(
             "the iteration's agreement",
