@@ -1,15 +1,30 @@
 """The checkpoints of a distributed worker (service/dist_worker.py): when the ranks take one together,
 what each rank saves, and how a group of any size restores it.
 
-**Taking.** A group checkpoint is collective (learner/dist_checkpoint.py ``save``): every rank must
-take it between the same two ticks. So no rank starts one on its own: a periodic checkpoint due on a
-rank or a ``checkpoint`` command (rank 0) only *want* one (:attr:`DistCheckpointDriver.wanted`);
-the iteration's agreement (the third flag) tells every rank, and each then saves in its loop after
-the tick. (A reset or delete over Redis is answered at once, from the rank's command journal.) A
-stop agreed by the ranks (SIGTERM to any) checkpoints the same way before they exit. The write
-happens in the loop: learning stalls for
-the whole write on every rank (``foveate_checkpoint_stall_seconds``), unlike the single worker's
-snapshot-then-write-beside-the-loop. The commands that waited are answered after the commit.
+**Taking.** A group checkpoint is collective (learner/dist_checkpoint.py ``take`` then ``write``):
+every rank must snapshot it between the same two ticks. So no rank starts one on its own: a periodic
+checkpoint due on a rank or a ``checkpoint`` command (rank 0) only *want* one
+(:attr:`DistCheckpointDriver.want`); the iteration's agreement (the third flag) tells every rank.
+Then, as the single worker does (service/checkpointer.py), each rank snapshots its part in the loop,
+after the tick, under the tick lock (``take``: the generation agreed, rank 0's core, its streams
+copy-on-write, its service state; rank 0 gathers every rank's part and fingerprint), and its
+:class:`~service.checkpointer.Checkpointer` thread writes the files and runs the collective commit
+(``write``: fsync, every rank's outcome to rank 0, the manifest) on the checkpoint process group,
+while the loop ticks on, on the learner's group. ``foveate_checkpoint_stall_seconds`` is the
+snapshot only; ``foveate_checkpoint_seconds`` the write.
+
+One write is in flight at a time, on every rank alike: the agreement's fourth flag says that some
+rank's write has not ended yet (:attr:`DistCheckpointDriver.writing`, until the loop has *settled*
+it), and a checkpoint agreed then waits for a later agreement (the wish stays). So no rank snapshots,
+and no two threads use the checkpoint group, while any rank still writes. The loop settles an ended
+write at each iteration: it answers the commands that waited (after the commit, or with the error
+when any rank's part failed: then nothing was committed, on any rank), trims the command journal up
+to the snapshot's position (in the writer, after the commit), and re-raises a lost rank
+(``RankLost``: the rank exits with status 3; a peer that died is reported by gloo at once, and a
+stalled one makes the loop's own next collective time out, so a write in flight never hangs the
+group). (A reset or delete over Redis is answered at once, from the rank's command journal.) A stop
+agreed by the ranks (SIGTERM to any) waits for the write in flight, then takes the final checkpoint
+and waits for its commit before the ranks exit; so does the checkpoint at start.
 
 **What each rank saves** as its ``extra``: ``Worker.service_state`` (its streams' records: seq,
 dedup answers; its shard's input offset; its deleted streams). ``load`` hands every writer's back.
@@ -57,7 +72,8 @@ logger = logging.getLogger(__name__)
 
 class DistCheckpointDriver(CheckpointDriver):
     """``CheckpointDriver``'s interface for one rank of a group (see the module docstring): its
-    collective checkpoint runs only where the loop calls it, on every rank at once."""
+    collective snapshot is taken only where the loop calls it, on every rank at once, and written by
+    the inherited ``writer`` thread."""
 
     def __init__(self, worker: DistWorker, lock: threading.Lock) -> None:
         super().__init__(worker, lock)

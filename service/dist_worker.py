@@ -16,11 +16,12 @@ exactly one per iteration, or none. Each iteration of :meth:`DistWorker.run`:
 
 1. gathers a tick's fixations as the single worker does, waiting at most ``_POLL_S`` when none come
    (so an idle service makes a few small agreements a second, not a spin);
-2. agrees with the others in one ``all_reduce`` (max) of four flags: has any rank fixations, does
-   any rank want to stop, does any want a checkpoint (below), is any still draining;
+2. agrees with the others in one ``all_reduce`` (max) of six flags: has any rank fixations, does
+   any rank want to stop, does any want a checkpoint, is any still writing one (below), is any
+   still draining, has any passed the drain's deadline;
 3. if any rank has fixations, every rank ticks: on its own admitted fixations, or ``idle_tick``;
 4. answers its commands (all local: a stream's state lives on its rank; ``model`` on rank 0), and
-   checkpoints when agreed.
+   snapshots a checkpoint when agreed.
 
 **Stopping.** SIGTERM to one rank stops all: once the stop is agreed, the ranks drain (for at most
 ``DRAIN_S``: they go on ticking while any rank holds fixations or has unread entries in its shard),
@@ -40,11 +41,14 @@ with status 3, so that the orchestrator (torchrun, compose) restarts the group; 
 
 **Checkpoints** (``FOVEATE_CHECKPOINT_PATH``; service/dist_checkpointer.py): every
 ``FOVEATE_CHECKPOINT_INTERVAL_S``, on a ``checkpoint`` command (rank 0), and when the ranks agree to
-stop, the third flag makes every rank save its part of one group checkpoint
-(learner/dist_checkpoint.py) after the same tick, in the loop; the command is answered after the
-commit. A reset or delete over Redis is written to the rank's command journal and answered at once
+stop, the third flag makes every rank snapshot its part of one group checkpoint
+(learner/dist_checkpoint.py) after the same tick, in the loop, unless the fourth says a write is
+still in flight somewhere (then a later iteration takes it); a thread on each rank writes it and
+commits it together beside the loop, on the checkpoint process group, and the command is answered
+after the commit. The stop's checkpoint waits for the write in flight, then for its own commit. A
+reset or delete over Redis is written to the rank's command journal and answered at once
 (service/journal.py). At start every rank restores the checkpoint, with the same or another number
-of ranks. A stop drains for at most ``DRAIN_S`` (the fifth flag: some rank's deadline passed).
+of ranks. A stop drains for at most ``DRAIN_S`` (the sixth flag: some rank's deadline passed).
 """
 
 from __future__ import annotations
@@ -85,8 +89,8 @@ _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 EXIT_RANK_LOST = 3
 #: At most this long after an agreed stop, the ranks answer the fixations in hand and in their
 #: shards before the final checkpoint (so that a re-partition finds the shards answered). torchrun
-#: gives its ranks 30 s after passing SIGTERM on, then kills them: the drain and the checkpoint's
-#: write (in the loop) must fit in that.
+#: gives its ranks 30 s after passing SIGTERM on, then kills them: the drain, the write in flight
+#: and the final checkpoint's must fit in that.
 DRAIN_S = 10.0
 
 
@@ -171,7 +175,8 @@ def init_group(settings: Settings, env: RankEnv) -> tuple[dist.ProcessGroup, dis
     dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=_RENDEZVOUS_TIMEOUT)
     group = dist.new_group(timeout=timedelta(seconds=settings.dist_timeout_s))
     # checkpoints' collectives wait for the slowest rank's write or load (thousands of streams, a
-    # shared file system): a group of the same ranks with the rendezvous's long timeout carries them
+    # shared file system), and the write's run in the writer's thread beside the ticks': a group of
+    # the same ranks with the rendezvous's long timeout carries them, apart from the ticks' group
     slow = dist.new_group(timeout=_RENDEZVOUS_TIMEOUT)
     if not isinstance(group, dist.ProcessGroup) or not isinstance(slow, dist.ProcessGroup):
         # torch's marker for "not a member": every rank is
