@@ -14,7 +14,11 @@ tick saying whether any rank still writes (as the worker's fourth flag). Measure
   write);
 * ``full``: one full checkpoint snapshot-then-write, into another folder (so every stream is
   written again);
-* ``incremental``: ``--rounds`` more, each after about 10 % of the streams ticked.
+* ``incremental``: ``--rounds`` more, each writing the streams ticked since the previous snapshot
+  (during its write, and about 10 % more after it).
+
+The writer thread runs at niceness ``--nice`` (10: the worker's periodic checkpoints; a checkpoint
+command's write is not niced).
 
 Per checkpoint: the stall (the slower rank's), the write (the slower rank's), their ratio, the
 stall against the in-the-loop checkpoint's, the ticks taken during the write and their median time
@@ -76,7 +80,13 @@ def _beside(learner: RFPLearner, path: Path, mine: list[str], args: dict[str, An
     part = take(path, learner, {"bench": True}, group=slow)
     stall = time.perf_counter() - t0
     out: dict[str, Any] = {}
-    writer = threading.Thread(target=lambda: out.update(write(part)))
+
+    def run() -> None:
+        if args["nice"]:  # this thread only (Linux), as the worker's periodic checkpoints
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), args["nice"])
+        out.update(write(part))
+
+    writer = threading.Thread(target=run)
     writer.start()
     during: list[float] = []
     while _any(writer.is_alive(), group):
@@ -131,11 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--rounds", type=int, default=2, help="incremental checkpoints after the full one")
     ap.add_argument("--base-ticks", type=int, default=20, help="ticks timed without a checkpoint")
+    ap.add_argument("--nice", type=int, default=10, help="the writer thread's niceness (periodic: 10)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     ns = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         args = {"streams": ns.streams, "batch": ns.batch, "threads": ns.threads, "rounds": ns.rounds,
-                "base_ticks": ns.base_ticks, "dir": ns.dir or tmp}  # fmt: skip
+                "nice": ns.nice, "base_ticks": ns.base_ticks, "dir": ns.dir or tmp}  # fmt: skip
         load = os.getloadavg()[0]
         print(f"{WORLD} gloo ranks, {ns.streams} streams, ticks of {ns.batch} per rank, {ns.threads} "
               f"torch thread(s) per rank, {os.cpu_count()} cores; load {load:.2f} at start")  # fmt: skip

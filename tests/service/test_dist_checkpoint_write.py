@@ -105,7 +105,7 @@ def test_learning_goes_on_during_the_write_and_the_checkpoint_holds_the_agreed_t
 ) -> None:
     folder = tmp_path / "foveate.pt"
     run = Rank(checkpoint_path=folder)
-    held, release, hold = _holder("commit")  # every file written, the manifest not yet
+    held, release, hold = _holder("rows")  # the snapshot taken, not one file written yet
     try:
         assert [o["step"] for o in run.loop.run_until_complete(run.learn(_first()))] == [1, 1, 2]
         start_generation = _generation(folder)  # the starting point's (taken at start)
@@ -113,7 +113,7 @@ def test_learning_goes_on_during_the_write_and_the_checkpoint_holds_the_agreed_t
 
         async def go() -> tuple[list[dict[str, Any]], int, int, bool, dict[str, Any]]:
             pending = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
-            assert await asyncio.to_thread(held.wait, BOUND_S), "the write never reached its commit"
+            assert await asyncio.to_thread(held.wait, BOUND_S), "the write never started"
             before = run.worker.learner.updates_applied
             out = await run.learn(_later())  # answered while the writer is held: learned meanwhile
             applied = run.worker.learner.updates_applied - before
