@@ -6,7 +6,8 @@ The writer is held at a stage of its write (``Worker.checkpoint_stage``) until t
 fixations learned meanwhile, so nothing here depends on timing. The checkpoint so written holds the
 agreed tick's state: loaded into a fresh learner it equals, bit for bit, a reference worker stopped
 after the same fixations. A write that fails commits nothing and answers the command with the error;
-a stop asked for during a write waits for it, then takes the final checkpoint.
+a stop asked for during a write waits for it, then takes the final checkpoint; over a real Redis,
+the commit trims the command journal only up to the snapshot's position.
 (tests/service/test_dist_worker_checkpoint.py covers the command, the stop and the restarts with
 real rank processes; tests/learner/test_dist_checkpoint.py the collective write itself.)
 """
@@ -202,3 +203,47 @@ def test_a_stop_during_a_write_waits_for_it_then_takes_the_final_checkpoint(
     assert _generation(folder) == start_generation + 2  # the held one committed, then the final one
     assert run.worker.last_checkpoint is not None
     assert run.worker.last_checkpoint["generation"] == start_generation + 2
+
+
+def test_the_commit_trims_the_journal_to_the_snapshots_position(
+    group_of_one: None, redis_server: str, tmp_path: Path
+) -> None:
+    """Over Redis: a reset journaled while the write is in flight is not in the snapshot, so the
+    commit must leave its record; the next checkpoint holds it and trims it."""
+    import redis
+
+    from service.redis_broker import RedisBroker
+    from tests.service._dist_support import ask_rank
+    from tests.service.test_worker import _patch, _reply
+
+    # a group of one reads the keys the API (FOVEATE_SHARDS=1) writes: those of the single worker
+    settings = small_settings(redis_url=redis_server, checkpoint_path=tmp_path / "foveate.pt", max_batch=1,
+                              checkpoint_interval_s=3600.0, torch_threads=1)  # fmt: skip
+    worker = DistWorker(settings, RedisBroker(settings))
+    r = redis.Redis.from_url(redis_server)
+    held, release, hold = _holder("rows")
+    try:
+        worker.start(thread=True)
+        for seq in range(2):
+            fields = {"stream_id": "a", "seq": seq, "raw": _patch(seq).tobytes(), "shape": "32,32,3",
+                      "request_id": f"a-{seq}"}  # fmt: skip
+            r.xadd(settings.input_stream, fields)  # type: ignore[arg-type]
+            assert _reply(r, f"a-{seq}")["step"] == seq + 1
+        worker.checkpoint_stage = hold
+        replies: list[dict[str, Any]] = []
+        asking = threading.Thread(target=lambda: replies.append(ask_rank(redis_server, 1, "checkpoint", 0)))
+        asking.start()
+        assert held.wait(BOUND_S), "the write never started"
+        reset = ask_rank(redis_server, 1, "reset", 0, stream_id="a")  # answered during the write
+        assert reset["step"] == 0
+        assert r.xlen(settings.journal_stream) == 1
+        release.set()
+        asking.join(BOUND_S)
+        assert replies and replies[0]["checkpoint"]["generation"] >= 1
+        assert r.xlen(settings.journal_stream) == 1  # after the snapshot: not trimmed by its commit
+        again = ask_rank(redis_server, 1, "checkpoint", 0)["checkpoint"]
+        assert again["generation"] == replies[0]["checkpoint"]["generation"] + 1
+        assert r.xlen(settings.journal_stream) == 0  # held by this one: trimmed
+    finally:
+        release.set()
+        worker.stop(checkpoint=False)
