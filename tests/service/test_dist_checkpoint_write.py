@@ -7,7 +7,8 @@ fixations learned meanwhile, so nothing here depends on timing. The checkpoint s
 agreed tick's state: loaded into a fresh learner it equals, bit for bit, a reference worker stopped
 after the same fixations. A write that fails commits nothing and answers the command with the error;
 a stop asked for during a write waits for it, then takes the final checkpoint; over a real Redis,
-the commit trims the command journal only up to the snapshot's position.
+the commit trims the command journal only up to the snapshot's position; and (two spawned ranks) a
+rank that dies in its writer's thread makes the other's loop raise ``RankLost``, never hang.
 (tests/service/test_dist_worker_checkpoint.py covers the command, the stop and the restarts with
 real rank processes; tests/learner/test_dist_checkpoint.py the collective write itself.)
 """
@@ -247,3 +248,56 @@ def test_the_commit_trims_the_journal_to_the_snapshots_position(
     finally:
         release.set()
         worker.stop(checkpoint=False)
+
+
+def lost_writer_rank(rank: int, port: int, out: str) -> None:
+    """A spawned rank of a group of two on the in-process broker, checkpointing every 0.3 s beside the
+    loop. Rank 1 dies in its writer's thread, its snapshot taken, before its first file; rank 0
+    leaves what its loop raised in ``out/rank0.pt`` and exits 0."""
+    import os
+    import sys
+    from datetime import timedelta
+
+    from learner.errors import DistributedError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"rank": rank}
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=300))
+    group = dist.new_group(timeout=timedelta(seconds=20))
+    slow = dist.new_group(timeout=timedelta(seconds=300))
+    settings = small_settings(checkpoint_path=Path(out) / "foveate.pt", checkpoint_interval_s=0.3,
+                              torch_threads=1)  # fmt: skip
+    worker = DistWorker(settings, LocalBroker(settings), group, checkpoint_group=slow)
+    if rank == 1:
+        worker.checkpoint_stage = lambda stage: os._exit(3)  # no clean-up: as a killed process
+    worker.start(thread=False)
+    try:
+        worker.run()
+        result["returned"] = True
+    except DistributedError as exc:
+        result["lost"] = f"{type(exc).__name__}: {exc}"
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no teardown of a broken gloo group (its destructors can abort)
+
+
+@pytest.mark.slow
+def test_a_rank_lost_during_the_write_ends_the_others_loop(tmp_path: Path) -> None:
+    """A rank that dies while the group's checkpoint is written beside the loop makes the others'
+    loop raise ``RankLost`` (``foveate worker --distributed`` exits 3 on it), never hang, and
+    nothing is committed."""
+    from tests.learner import _ranks
+
+    (survivor,) = _ranks.run_ranks(
+        lost_writer_rank,
+        lambda r, port: (r, port, str(tmp_path)),
+        2,
+        lambda r: tmp_path / f"rank{r}.pt",
+        survivors=1,
+        join_bound_s=BOUND_S * 2,
+    )
+    assert "returned" not in survivor
+    assert survivor["lost"].startswith("RankLost:") and "another rank exited" in survivor["lost"]
+    assert not (tmp_path / "foveate.pt" / MANIFEST).exists()
