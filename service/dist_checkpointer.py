@@ -1,15 +1,30 @@
 """The checkpoints of a distributed worker (service/dist_worker.py): when the ranks take one together,
 what each rank saves, and how a group of any size restores it.
 
-**Taking.** A group checkpoint is collective (learner/dist_checkpoint.py ``save``): every rank must
-take it between the same two ticks. So no rank starts one on its own: a periodic checkpoint due on a
-rank or a ``checkpoint`` command (rank 0) only *want* one (:attr:`DistCheckpointDriver.wanted`);
-the iteration's agreement (the third flag) tells every rank, and each then saves in its loop after
-the tick. (A reset or delete over Redis is answered at once, from the rank's command journal.) A
-stop agreed by the ranks (SIGTERM to any) checkpoints the same way before they exit. The write
-happens in the loop: learning stalls for
-the whole write on every rank (``foveate_checkpoint_stall_seconds``), unlike the single worker's
-snapshot-then-write-beside-the-loop. The commands that waited are answered after the commit.
+**Taking.** A group checkpoint is collective (learner/dist_checkpoint.py ``take`` then ``write``):
+every rank must snapshot it between the same two ticks. So no rank starts one on its own: a periodic
+checkpoint due on a rank or a ``checkpoint`` command (rank 0) only *want* one
+(:attr:`DistCheckpointDriver.want`); the iteration's agreement (the third flag) tells every rank.
+Then, as the single worker does (service/checkpointer.py), each rank snapshots its part in the loop,
+after the tick, under the tick lock (``take``: the generation agreed, rank 0's core, its streams
+copy-on-write, its service state; rank 0 gathers every rank's part and fingerprint), and its
+:class:`~service.checkpointer.Checkpointer` thread writes the files and runs the collective commit
+(``write``: fsync, every rank's outcome to rank 0, the manifest) on the checkpoint process group,
+while the loop ticks on, on the learner's group. ``foveate_checkpoint_stall_seconds`` is the
+snapshot only; ``foveate_checkpoint_seconds`` the write.
+
+One write is in flight at a time, on every rank alike: the agreement's fourth flag says that some
+rank's write has not ended yet (:attr:`DistCheckpointDriver.writing`, until the loop has *settled*
+it), and a checkpoint agreed then waits for a later agreement (the wish stays). So no rank snapshots,
+and no two threads use the checkpoint group, while any rank still writes. The loop settles an ended
+write at each iteration: it answers the commands that waited (after the commit, or with the error
+when any rank's part failed: then nothing was committed, on any rank), trims the command journal up
+to the snapshot's position (in the writer, after the commit), and re-raises a lost rank
+(``RankLost``: the rank exits with status 3; a peer that died is reported by gloo at once, and a
+stalled one makes the loop's own next collective time out, so a write in flight never hangs the
+group). (A reset or delete over Redis is answered at once, from the rank's command journal.) A stop
+agreed by the ranks (SIGTERM to any) waits for the write in flight, then takes the final checkpoint
+and waits for its commit before the ranks exit; so does the checkpoint at start.
 
 **What each rank saves** as its ``extra``: ``Worker.service_state`` (its streams' records: seq,
 dedup answers; its shard's input offset; its deleted streams). ``load`` hands every writer's back.
@@ -39,9 +54,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from learner.errors import CheckpointError, ConfigError, DistributedError, FoveateError
 from service import metrics
-from service.checkpointer import CheckpointDriver
+from service.checkpointer import CheckpointDriver, WriteJob
 from service.replies import failure
 from service.shards import rank_of, shard_key
 
@@ -55,7 +72,8 @@ logger = logging.getLogger(__name__)
 
 class DistCheckpointDriver(CheckpointDriver):
     """``CheckpointDriver``'s interface for one rank of a group (see the module docstring): its
-    collective checkpoint runs only where the loop calls it, on every rank at once."""
+    collective snapshot is taken only where the loop calls it, on every rank at once, and written by
+    the inherited ``writer`` thread."""
 
     def __init__(self, worker: DistWorker, lock: threading.Lock) -> None:
         super().__init__(worker, lock)
@@ -131,18 +149,44 @@ class DistCheckpointDriver(CheckpointDriver):
         return self.wanted or bool(self._waiting)
 
     @property
-    def pending(self) -> bool:
-        return bool(self._waiting)
+    def writing(self) -> bool:
+        """Whether this rank's part of a checkpoint is still being written, or its end not yet settled
+        (:meth:`settle`): told to the group at each agreement, so that no rank takes a snapshot
+        while any rank's writer still uses the checkpoint group."""
+        return self._committing is not None
+
+    def begin(self) -> None:
+        """The agreed checkpoint (every rank, after the same tick, no rank writing): take the snapshot
+        here, in the loop, and write it beside the loop; a failure is logged (and told to the
+        commands that waited), a lost rank (``DistributedError``) propagates."""
+        try:
+            self._begin(background=not self._waiting)
+        except (FoveateError, OSError) as exc:
+            logger.error("group checkpoint failed: %s", exc)
 
     def checkpoint(self, *, wait: bool = True) -> dict[str, Any] | None:
-        """The group's checkpoint, now (collective: every rank calls it between the same ticks);
-        answers the commands that waited for it. ``wait`` is ignored: the write is in the loop."""
+        """The group's checkpoint now, waited for (collective: every rank calls it between the same
+        ticks, at start and at stop): after the write in flight, if any; answers the commands that
+        waited. ``wait`` is ignored: the loop takes the others with :meth:`begin`."""
+        self.writer.wait()
+        self.settle()
+        job = self._begin(background=False)
+        self.writer.wait()
+        self._answer()
+        return job.result()  # raises what the write raised: a lost rank, or a failure on any rank
+
+    def _begin(self, *, background: bool) -> WriteJob:
+        """Snapshot this rank's part (under the lock: the only pause of learning), hand rank 0 every
+        rank's (``take``, on the checkpoint group), and start writing it and committing the group's
+        checkpoint in the writer's thread (``write``, on the same group): the loop ticks on meanwhile,
+        on the learner's group."""
         worker = self.dist_worker
         path = worker.settings.checkpoint_path
         if path is None:
             raise ConfigError("checkpoints are disabled: set FOVEATE_CHECKPOINT_PATH")
-        from learner.dist_checkpoint import save
+        from learner.dist_checkpoint import take, write
 
+        assert not self.writing, "the agreement lets no rank take a snapshot while one writes"
         waiting, self._waiting, self.wanted = self._waiting, [], False
         try:
             with self._lock:
@@ -151,11 +195,9 @@ class DistCheckpointDriver(CheckpointDriver):
                                         "updates_applied": worker.learner.updates_applied,
                                         "streams": len(worker.records), "rank": worker.rank,
                                         "world_size": worker.world}  # fmt: skip
-                extra = {"service": worker.service_state(dict(info))}
-                written = save(
-                    path, worker.learner, extra, worker.checkpoint_stage, group=worker.checkpoint_group
-                )
-                seconds = time.perf_counter() - start
+                service = worker.service_state(dict(info))
+                part = take(path, worker.learner, {"service": service}, group=worker.checkpoint_group)
+                info["stall_seconds"] = time.perf_counter() - start
         except DistributedError:
             raise  # a lost rank: the loop exits for a restart
         except (FoveateError, OSError) as exc:
@@ -163,24 +205,35 @@ class DistCheckpointDriver(CheckpointDriver):
             raise
         finally:
             self.last_taken = time.monotonic()
-        info.update(written)
-        info["seconds"] = info["stall_seconds"] = seconds
-        metrics.CHECKPOINT_STALL_SECONDS.observe(seconds)
-        metrics.CHECKPOINT_SECONDS.observe(seconds)
-        metrics.CHECKPOINT_BYTES.set(written["bytes"])
-        metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
-        metrics.CHECKPOINTS.inc()
-        metrics.LAST_CHECKPOINT.set(written_at)
-        worker.last_checkpoint = info
-        through = extra["service"].get("journal", {}).get("through")
-        if through is not None:  # the commit holds the journaled commands' effect
-            worker.broker.journal_trim(through)
-        self.worker.broker.reply([(ctl, {"ok": True, "checkpoint": info}) for ctl in waiting])
-        return info
+        metrics.CHECKPOINT_STALL_SECONDS.observe(info["stall_seconds"])
+        through = service.get("journal", {}).get("through")  # the snapshot's journal position
+        device = torch.cuda.current_device() if worker.learner.device.type == "cuda" else None
+
+        def write_part() -> dict[str, Any]:  # in the writer's thread
+            if device is not None:  # a thread's current CUDA device is its own: the loop's, for NCCL
+                torch.cuda.set_device(device)
+            written = write(part, worker.checkpoint_stage)
+            info.update(written)
+            info["seconds"] = written["write_seconds"]
+            metrics.CHECKPOINT_SECONDS.observe(written["write_seconds"])
+            metrics.CHECKPOINT_BYTES.set(written["bytes"])
+            metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
+            metrics.CHECKPOINTS.inc()
+            metrics.LAST_CHECKPOINT.set(written_at)
+            worker.last_checkpoint = info
+            if through is not None:  # the commit holds the journaled commands' effect up to there
+                worker.broker.journal_trim(through)
+            return info
+
+        job = self.writer.submit(write_part, background=background)
+        job.waited = True  # its end is reported by settle: to the commands, or in the log
+        self._committing = (job, waiting)
+        return job
 
     def quietly(self, when: str, *, wait: bool = True) -> None:
-        """``wait`` (at start, on every rank): checkpoint now, logging a failure. Otherwise (a
-        periodic checkpoint due on this rank's clock): ask for one at the next agreement."""
+        """``wait`` (at start and at stop, on every rank): checkpoint now and wait for the commit,
+        logging a failure. Otherwise (a periodic checkpoint due on this rank's clock): ask for one
+        at the next agreement."""
         if self.worker.settings.checkpoint_path is None:
             return
         if not wait:
@@ -190,14 +243,34 @@ class DistCheckpointDriver(CheckpointDriver):
             self.checkpoint()
         except DistributedError:
             raise
-        except (FoveateError, OSError) as exc:  # the same error on every rank (save tells them all)
+        except (FoveateError, OSError) as exc:  # the same error on every rank (write tells them all)
             logger.error("group checkpoint %s failed: %s", when, exc)
 
     def settle(self) -> None:
-        """Nothing: the waiting commands are answered by :meth:`checkpoint` in the loop."""
+        """Called from the loop: once the write in flight has ended, answer the commands that waited
+        for it, log a failure, and raise a lost rank (``DistributedError``: the loop exits)."""
+        if self._committing is None or not self._committing[0].done.is_set():
+            return
+        job = self._answer()
+        if isinstance(job.error, DistributedError):
+            raise job.error
+        if job.error is not None:  # the same on every rank (write tells them all): nothing committed
+            logger.error("group checkpoint failed: %s", job.error)
+
+    def _answer(self) -> WriteJob:
+        """Answer the commands that waited for the ended write in flight; return its job."""
+        assert self._committing is not None
+        job, waiting = self._committing
+        self._committing = None
+        self.worker.broker.reply([(ctl, self._committed(job)) for ctl in waiting])
+        return job
 
     def drain(self) -> None:
-        """At stop, the loop having ended: a command still waiting gets an error (the group is gone)."""
+        """At stop, the loop having ended: the write in flight is waited for and its commands
+        answered; a command still waiting gets an error (the group is gone)."""
+        self.writer.wait()
+        if self._committing is not None:
+            self._answer()
         if self._waiting:
             error = CheckpointError("the distributed worker stopped before a checkpoint committed")
             self.worker.broker.reply([(ctl, failure(error)) for ctl in self._waiting])

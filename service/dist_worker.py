@@ -16,11 +16,12 @@ exactly one per iteration, or none. Each iteration of :meth:`DistWorker.run`:
 
 1. gathers a tick's fixations as the single worker does, waiting at most ``_POLL_S`` when none come
    (so an idle service makes a few small agreements a second, not a spin);
-2. agrees with the others in one ``all_reduce`` (max) of four flags: has any rank fixations, does
-   any rank want to stop, does any want a checkpoint (below), is any still draining;
+2. agrees with the others in one ``all_reduce`` (max) of six flags: has any rank fixations, does
+   any rank want to stop, does any want a checkpoint, is any still writing one (below), is any
+   still draining, has any passed the drain's deadline;
 3. if any rank has fixations, every rank ticks: on its own admitted fixations, or ``idle_tick``;
 4. answers its commands (all local: a stream's state lives on its rank; ``model`` on rank 0), and
-   checkpoints when agreed.
+   snapshots a checkpoint when agreed.
 
 **Stopping.** SIGTERM to one rank stops all: once the stop is agreed, the ranks drain (for at most
 ``DRAIN_S``: they go on ticking while any rank holds fixations or its shard has entries past its
@@ -40,11 +41,14 @@ with status 3, so that the orchestrator (torchrun, compose) restarts the group; 
 
 **Checkpoints** (``FOVEATE_CHECKPOINT_PATH``; service/dist_checkpointer.py): every
 ``FOVEATE_CHECKPOINT_INTERVAL_S``, on a ``checkpoint`` command (rank 0), and when the ranks agree to
-stop, the third flag makes every rank save its part of one group checkpoint
-(learner/dist_checkpoint.py) after the same tick, in the loop; the command is answered after the
-commit. A reset or delete over Redis is written to the rank's command journal and answered at once
+stop, the third flag makes every rank snapshot its part of one group checkpoint
+(learner/dist_checkpoint.py) after the same tick, in the loop, unless the fourth says a write is
+still in flight somewhere (then a later iteration takes it); a thread on each rank writes it and
+commits it together beside the loop, on the checkpoint process group, and the command is answered
+after the commit. The stop's checkpoint waits for the write in flight, then for its own commit. A
+reset or delete over Redis is written to the rank's command journal and answered at once
 (service/journal.py). At start every rank restores the checkpoint, with the same or another number
-of ranks. A stop drains for at most ``DRAIN_S`` (the fifth flag: some rank's deadline passed).
+of ranks. A stop drains for at most ``DRAIN_S`` (the sixth flag: some rank's deadline passed).
 """
 
 from __future__ import annotations
@@ -87,8 +91,8 @@ _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 EXIT_RANK_LOST = 3
 #: At most this long after an agreed stop, the ranks answer the fixations in hand and in their
 #: shards before the final checkpoint (so that a re-partition finds the shards answered). torchrun
-#: gives its ranks 30 s after passing SIGTERM on, then kills them: the drain and the checkpoint's
-#: write (in the loop) must fit in that.
+#: gives its ranks 30 s after passing SIGTERM on, then kills them: the drain, the write in flight
+#: and the final checkpoint's must fit in that.
 DRAIN_S = 10.0
 
 
@@ -101,7 +105,8 @@ class Agreement(NamedTuple):
 
     rows: bool  # some rank has fixations: every rank takes one learning tick
     stop: bool  # some rank was asked to stop: all stop after this iteration
-    checkpoint: bool  # some rank wants a checkpoint: all save one after this iteration's tick
+    checkpoint: bool  # some rank wants a checkpoint: all snapshot one after this iteration's tick
+    writing: bool  # some rank's checkpoint write is in flight: the snapshot waits for its end
     more: bool  # stopping, some rank still has fixations to answer: the drain goes on
     over: bool  # stopping, some rank's drain deadline passed: all stop after this iteration
 
@@ -172,7 +177,8 @@ def init_group(settings: Settings, env: RankEnv) -> tuple[dist.ProcessGroup, dis
     dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=_RENDEZVOUS_TIMEOUT)
     group = dist.new_group(timeout=timedelta(seconds=settings.dist_timeout_s))
     # checkpoints' collectives wait for the slowest rank's write or load (thousands of streams, a
-    # shared file system): a group of the same ranks with the rendezvous's long timeout carries them
+    # shared file system), and the write's run in the writer's thread beside the ticks': a group of
+    # the same ranks with the rendezvous's long timeout carries them, apart from the ticks' group
     slow = dist.new_group(timeout=_RENDEZVOUS_TIMEOUT)
     if not isinstance(group, dist.ProcessGroup) or not isinstance(slow, dist.ProcessGroup):
         # torch's marker for "not a member": every rank is
@@ -241,6 +247,7 @@ class DistWorker(Worker):
         logger.info("rank %d of %d running on %s", self.rank, self.world, self.learner.device)
         drain_until: float | None = None  # set when the stop is agreed: answer what is in hand first
         while True:
+            self.checkpoints.settle()  # a write that ended: answer its commands (a lost rank raises)
             for ctl in self.broker.commands():
                 self._command(ctl)
             draining = drain_until is not None
@@ -251,6 +258,7 @@ class DistWorker(Worker):
                 rows=bool(batch),
                 stop=self._stop.is_set() or draining,
                 checkpoint=self.checkpoints.want,
+                writing=self.checkpoints.writing,
                 more=more,
                 over=over,  # bounds the drain while fixations keep arriving
             )
@@ -262,8 +270,10 @@ class DistWorker(Worker):
             for ctl in controls:
                 self._command(ctl)
             done = draining and (agreed.over or not (agreed.rows or agreed.more))
-            if (agreed.checkpoint or done) and self.settings.checkpoint_path is not None:
-                self.checkpoints.quietly("at stop" if done else "agreed")  # every rank, now
+            if done:  # every rank: after the write in flight, the final checkpoint, waited for
+                self.checkpoints.quietly("at stop")
+            elif agreed.checkpoint and not agreed.writing and self.settings.checkpoint_path is not None:
+                self.checkpoints.begin()  # every rank: the snapshot now, the write beside the loop
             self._housekeeping()
             if agreed.stop and not draining:
                 drain_until = time.monotonic() + DRAIN_S
@@ -278,12 +288,19 @@ class DistWorker(Worker):
         return self.batcher.held > 0 or self.broker.unanswered_after(self.offset.text)
 
     def _agree(
-        self, *, rows: bool, stop: bool, checkpoint: bool = False, more: bool = False, over: bool = False
+        self,
+        *,
+        rows: bool,
+        stop: bool,
+        checkpoint: bool = False,
+        writing: bool = False,
+        more: bool = False,
+        over: bool = False,
     ) -> Agreement:
-        """One ``all_reduce`` (max) of this rank's five flags: what any rank wants, every rank does."""
+        """One ``all_reduce`` (max) of this rank's six flags: what any rank wants, every rank does."""
         assert self.sync is not None
         flags = torch.tensor(
-            [rows, stop, checkpoint, more, over], dtype=torch.int32, device=self.learner.device
+            [rows, stop, checkpoint, writing, more, over], dtype=torch.int32, device=self.learner.device
         )
         self.sync._collective(
             "the iteration's agreement",

@@ -1,0 +1,303 @@
+"""A distributed worker's checkpoint is a snapshot in the loop, then a write beside it
+(service/dist_checkpointer.py), in one process: a gloo group of one rank (a file store), the
+in-process broker, a real checkpoint folder.
+
+The writer is held at a stage of its write (``Worker.checkpoint_stage``) until the test has seen
+fixations learned meanwhile, so nothing here depends on timing. The checkpoint so written holds the
+agreed tick's state: loaded into a fresh learner it equals, bit for bit, a reference worker stopped
+after the same fixations. A write that fails commits nothing and answers the command with the error;
+a stop asked for during a write waits for it, then takes the final checkpoint; over a real Redis,
+the commit trims the command journal only up to the snapshot's position; and (two spawned ranks) a
+rank that dies in its writer's thread makes the other's loop raise ``RankLost``, never hang.
+(tests/service/test_dist_worker_checkpoint.py covers the command, the stop and the restarts with
+real rank processes; tests/learner/test_dist_checkpoint.py the collective write itself.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from learner.checkpoint import MANIFEST, load_checkpoint
+from learner.distributed import shared_state
+from service.broker import LocalBroker
+from service.dist_worker import DistWorker
+from service.learner_setup import build_learner
+from service.messages import Control, Fixation
+from tests.learner.test_distributed import _assert_same
+from tests.service._support import small_settings
+from tests.service.test_worker import _fix
+
+BOUND_S = 120  # waiting longer than this is a failure, not a slow machine
+
+
+@pytest.fixture
+def group_of_one(tmp_path: Path) -> Iterator[None]:
+    """A gloo group of one rank, and one torch thread from the learners' construction on: a model's
+    initialisation (its orthogonal matrices) rounds differently with another number of threads, and
+    the reference below must start from the same model as the checkpointed rank."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    torch.set_num_threads(threads)
+
+
+class Rank:
+    """A started rank-of-one loop on a LocalBroker, and an event loop to submit from."""
+
+    def __init__(self, **settings: Any) -> None:
+        # no periodic checkpoint; one torch thread, as the fixture set it
+        self.settings = small_settings(checkpoint_interval_s=3600.0, torch_threads=1, **settings)
+        self.broker = LocalBroker(self.settings)
+        self.worker = DistWorker(self.settings, self.broker)
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.broker.start_api())
+        self.worker.start(thread=True)
+
+    async def learn(self, fixes: list[Fixation]) -> list[dict[str, Any]]:
+        """One fixation at a time, each answered before the next: one learning tick each."""
+        out = []
+        for fix in fixes:
+            await self.broker.submit([fix], wait=True)
+            out.append(await self.broker.result(fix.request_id or "", BOUND_S))
+        return out
+
+    def close(self) -> None:
+        self.worker.stop(checkpoint=False)  # the agreed stop checkpoints (with a path), in the loop
+        self.loop.close()
+
+
+def _first() -> list[Fixation]:
+    return [_fix("a", 1), _fix("b", 1), _fix("a", 2)]
+
+
+def _later() -> list[Fixation]:
+    return [_fix("b", 2), _fix("a", 3), _fix("b", 3)]
+
+
+def _generation(folder: Path) -> int:
+    manifest = folder / MANIFEST
+    return int(json.loads(manifest.read_text())["generation"]) if manifest.exists() else 0
+
+
+def _holder(stage_to_hold: str) -> tuple[threading.Event, threading.Event, Callable[[str], None]]:
+    """A ``checkpoint_stage`` that holds the writer's thread at ``stage_to_hold`` until released."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(stage: str) -> None:
+        if stage == stage_to_hold and not release.is_set():
+            held.set()
+            assert release.wait(BOUND_S)
+
+    return held, release, hold
+
+
+def test_learning_goes_on_during_the_write_and_the_checkpoint_holds_the_agreed_tick(
+    group_of_one: None, tmp_path: Path
+) -> None:
+    folder = tmp_path / "foveate.pt"
+    run = Rank(checkpoint_path=folder)
+    held, release, hold = _holder("rows")  # the snapshot taken, not one file written yet
+    try:
+        assert [o["step"] for o in run.loop.run_until_complete(run.learn(_first()))] == [1, 1, 2]
+        start_generation = _generation(folder)  # the starting point's (taken at start)
+        run.worker.checkpoint_stage = hold
+
+        async def go() -> tuple[list[dict[str, Any]], int, int, bool, dict[str, Any]]:
+            pending = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
+            assert await asyncio.to_thread(held.wait, BOUND_S), "the write never started"
+            before = run.worker.learner.updates_applied
+            out = await run.learn(_later())  # answered while the writer is held: learned meanwhile
+            applied = run.worker.learner.updates_applied - before
+            generation, answered_early = _generation(folder), pending.done()
+            release.set()
+            return out, applied, generation, answered_early, await pending
+
+        out, applied, during, answered_early, reply = run.loop.run_until_complete(go())
+        assert [(o["ok"], o["step"]) for o in out] == [(True, 2), (True, 3), (True, 3)]
+        assert applied == 3
+        assert during == start_generation and not answered_early  # nothing committed, nobody answered
+        assert reply["ok"], reply
+        assert reply["checkpoint"]["generation"] == _generation(folder) == start_generation + 1
+        saved = build_learner(run.settings)
+        extra = load_checkpoint(folder, saved)
+        records = extra["ranks"][0]["service"]["records"]
+        assert (records["a"]["fixations"], records["b"]["fixations"]) == (2, 1)
+    finally:
+        release.set()
+        run.close()
+    live = run.worker.learner  # three ticks past the checkpoint
+    # the reference: a rank stopped after the same fixations (no checkpoint)
+    ref = Rank()
+    try:
+        ref.loop.run_until_complete(ref.learn(_first()))
+    finally:
+        ref.close()
+    _assert_same(shared_state(saved), shared_state(ref.worker.learner), exact=True)
+    assert sorted(saved.stream_ids()) == sorted(ref.worker.learner.stream_ids()) == ["a", "b"]
+    for sid in ("a", "b"):
+        _assert_same(saved.states.row(sid), ref.worker.learner.states.row(sid), exact=True)
+    # and the live learner did move on during the write
+    now, then = live.states.row("a"), saved.states.row("a")
+    assert any(not torch.equal(now[name], then[name]) for name in then)
+
+
+def test_a_failed_write_commits_nothing_and_learning_goes_on(group_of_one: None, tmp_path: Path) -> None:
+    folder = tmp_path / "foveate.pt"
+    run = Rank(checkpoint_path=folder)
+
+    def full_disk(stage: str) -> None:
+        if stage == "commit":
+            raise OSError(28, "No space left on device")
+
+    try:
+        run.loop.run_until_complete(run.learn(_first()))
+        before = _generation(folder)
+        run.worker.checkpoint_stage = full_disk
+        reply = run.loop.run_until_complete(run.broker.command(Control("checkpoint", {}), BOUND_S))
+        assert not reply["ok"] and reply["error"] == "CheckpointError", reply
+        assert "No space left on device" in reply["detail"]
+        assert _generation(folder) == before  # the previous checkpoint stays the committed one
+        out = run.loop.run_until_complete(run.learn(_later()))
+        assert [o["step"] for o in out] == [2, 3, 3]
+        run.worker.checkpoint_stage = None
+        reply = run.loop.run_until_complete(run.broker.command(Control("checkpoint", {}), BOUND_S))
+        assert reply["ok"] and reply["checkpoint"]["generation"] == _generation(folder) > before
+    finally:
+        run.close()
+
+
+def test_a_stop_during_a_write_waits_for_it_then_takes_the_final_checkpoint(
+    group_of_one: None, tmp_path: Path
+) -> None:
+    folder = tmp_path / "foveate.pt"
+    run = Rank(checkpoint_path=folder)
+    held, release, hold = _holder("commit")
+    try:
+        run.loop.run_until_complete(run.learn(_first()))
+        start_generation = _generation(folder)
+        run.worker.checkpoint_stage = hold
+
+        async def go() -> dict[str, Any]:
+            pending = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
+            assert await asyncio.to_thread(held.wait, BOUND_S), "the write never reached its commit"
+            run.worker.request_stop()  # agreed at the next iteration, while the write is held
+            release.set()
+            return await pending
+
+        reply = run.loop.run_until_complete(go())
+        assert reply["ok"] and reply["checkpoint"]["generation"] == start_generation + 1
+    finally:
+        release.set()
+        run.close()
+    assert not run.worker.alive
+    assert _generation(folder) == start_generation + 2  # the held one committed, then the final one
+    assert run.worker.last_checkpoint is not None
+    assert run.worker.last_checkpoint["generation"] == start_generation + 2
+
+
+def test_the_commit_trims_the_journal_to_the_snapshots_position(
+    group_of_one: None, redis_server: str, tmp_path: Path
+) -> None:
+    """Over Redis: a reset journaled while the write is in flight is not in the snapshot, so the
+    commit must leave its record; the next checkpoint holds it and trims it."""
+    import redis
+
+    from service.redis_broker import RedisBroker
+    from tests.service._dist_support import ask_rank
+    from tests.service.test_worker import _patch, _reply
+
+    # a group of one reads the keys the API (FOVEATE_SHARDS=1) writes: those of the single worker
+    settings = small_settings(redis_url=redis_server, checkpoint_path=tmp_path / "foveate.pt", max_batch=1,
+                              checkpoint_interval_s=3600.0, torch_threads=1)  # fmt: skip
+    worker = DistWorker(settings, RedisBroker(settings))
+    r = redis.Redis.from_url(redis_server)
+    held, release, hold = _holder("rows")
+    try:
+        worker.start(thread=True)
+        for seq in range(2):
+            fields = {"stream_id": "a", "seq": seq, "raw": _patch(seq).tobytes(), "shape": "32,32,3",
+                      "request_id": f"a-{seq}"}  # fmt: skip
+            r.xadd(settings.input_stream, fields)  # type: ignore[arg-type]
+            assert _reply(r, f"a-{seq}")["step"] == seq + 1
+        worker.checkpoint_stage = hold
+        replies: list[dict[str, Any]] = []
+        asking = threading.Thread(target=lambda: replies.append(ask_rank(redis_server, 1, "checkpoint", 0)))
+        asking.start()
+        assert held.wait(BOUND_S), "the write never started"
+        reset = ask_rank(redis_server, 1, "reset", 0, stream_id="a")  # answered during the write
+        assert reset["step"] == 0
+        assert r.xlen(settings.journal_stream) == 1
+        release.set()
+        asking.join(BOUND_S)
+        assert replies and replies[0]["checkpoint"]["generation"] >= 1
+        assert r.xlen(settings.journal_stream) == 1  # after the snapshot: not trimmed by its commit
+        again = ask_rank(redis_server, 1, "checkpoint", 0)["checkpoint"]
+        assert again["generation"] == replies[0]["checkpoint"]["generation"] + 1
+        assert r.xlen(settings.journal_stream) == 0  # held by this one: trimmed
+    finally:
+        release.set()
+        worker.stop(checkpoint=False)
+
+
+def lost_writer_rank(rank: int, port: int, out: str) -> None:
+    """A spawned rank of a group of two on the in-process broker, checkpointing every 0.3 s beside the
+    loop. Rank 1 dies in its writer's thread, its snapshot taken, before its first file; rank 0
+    leaves what its loop raised in ``out/rank0.pt`` and exits 0."""
+    import os
+    import sys
+    from datetime import timedelta
+
+    from learner.errors import DistributedError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"rank": rank}
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=300))
+    group = dist.new_group(timeout=timedelta(seconds=20))
+    slow = dist.new_group(timeout=timedelta(seconds=300))
+    settings = small_settings(checkpoint_path=Path(out) / "foveate.pt", checkpoint_interval_s=0.3,
+                              torch_threads=1)  # fmt: skip
+    worker = DistWorker(settings, LocalBroker(settings), group, checkpoint_group=slow)
+    if rank == 1:
+        worker.checkpoint_stage = lambda stage: os._exit(3)  # no clean-up: as a killed process
+    worker.start(thread=False)
+    try:
+        worker.run()
+        result["returned"] = True
+    except DistributedError as exc:
+        result["lost"] = f"{type(exc).__name__}: {exc}"
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no teardown of a broken gloo group (its destructors can abort)
+
+
+@pytest.mark.slow
+def test_a_rank_lost_during_the_write_ends_the_others_loop(tmp_path: Path) -> None:
+    """A rank that dies while the group's checkpoint is written beside the loop makes the others'
+    loop raise ``RankLost`` (``foveate worker --distributed`` exits 3 on it), never hang, and
+    nothing is committed."""
+    from tests.learner import _ranks
+
+    (survivor,) = _ranks.run_ranks(
+        lost_writer_rank,
+        lambda r, port: (r, port, str(tmp_path)),
+        2,
+        lambda r: tmp_path / f"rank{r}.pt",
+        survivors=1,
+        join_bound_s=BOUND_S * 2,
+    )
+    assert "returned" not in survivor
+    assert survivor["lost"].startswith("RankLost:") and "another rank exited" in survivor["lost"]
+    assert not (tmp_path / "foveate.pt" / MANIFEST).exists()
