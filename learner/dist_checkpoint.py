@@ -107,6 +107,13 @@ class GroupSnapshot:
     problem: str | None  # why the checkpoint cannot be committed (rank 0: every rank's part), or None
 
 
+def _device(group: dist.ProcessGroup | None, learner: StreamLearner) -> torch.device:
+    """Where this module's small collective tensors live: the CPU on a gloo group (the service's
+    checkpoint group is gloo even beside NCCL: service/dist_worker.py ``init_group``), else the
+    learner's device (NCCL takes CUDA tensors only)."""
+    return torch.device("cpu") if dist.get_backend(group) == "gloo" else learner.device
+
+
 def _collective(group: dist.ProcessGroup | None, what: str, call: Callable[[], Any]) -> None:
     try:
         call()
@@ -141,7 +148,7 @@ def take(
     group = _group_of(learner) if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     path.mkdir(parents=True, exist_ok=True)
-    gen = torch.tensor([next_generation(path, learner)], dtype=torch.long, device=learner.device)
+    gen = torch.tensor([next_generation(path, learner)], dtype=torch.long, device=_device(group, learner))
     _collective(group, "the checkpoint's generation", lambda: dist.all_reduce(gen, dist.ReduceOp.MAX, group))
     snap, problem = None, None
     try:
@@ -321,7 +328,9 @@ def load(
     # summed over the ranks: [generation, streams listed] must be world times one rank's, [streams
     # loaded, their keys' sum] the manifest's
     check = torch.tensor(
-        [manifest["generation"], len(ids), len(mine), _key_sum(mine)], dtype=torch.long, device=learner.device
+        [manifest["generation"], len(ids), len(mine), _key_sum(mine)],
+        dtype=torch.long,
+        device=_device(group, learner),
     )
     _collective(group, "the checkpoint's load check", lambda: dist.all_reduce(check, group=group))
     generations, listed, loaded, keys = check.tolist()

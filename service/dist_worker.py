@@ -179,7 +179,9 @@ def init_group(settings: Settings, env: RankEnv) -> tuple[dist.ProcessGroup, dis
     # checkpoints' collectives wait for the slowest rank's write or load (thousands of streams, a
     # shared file system), and the write's run in the writer's thread beside the ticks': a group of
     # the same ranks with the rendezvous's long timeout carries them, apart from the ticks' group
-    slow = dist.new_group(timeout=_RENDEZVOUS_TIMEOUT)
+    # gloo, also beside NCCL: the writer thread's collectives then never share a GPU communicator
+    # with the ticks' (their data are pickled bookkeeping and a few integers, on the CPU anyway)
+    slow = dist.new_group(timeout=_RENDEZVOUS_TIMEOUT, backend="gloo")
     if not isinstance(group, dist.ProcessGroup) or not isinstance(slow, dist.ProcessGroup):
         # torch's marker for "not a member": every rank is
         raise DistributedError(f"rank {env.rank} is not in the group it made of every rank")
