@@ -70,9 +70,11 @@ from service.broker import Broker, Message
 from service.config import Settings
 from service.dist_checkpointer import DistCheckpointDriver
 from service.errors import WorkerError
+from service.handover import Handover
 from service.messages import Fixation
 from service.replies import failure, reject_reason
 from service.shards import rank_of, shard_key
+from service.streams import InputOffset
 from service.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -226,6 +228,39 @@ class DistWorker(Worker):
         reading this rank's shard. The loop runs on the caller's thread unless ``thread``."""
         self.sync = join(self.learner, self.group)
         super().start(thread=thread)
+        if self.checkpoints.repartitioned and self.settings.checkpoint_path is not None:
+            # the new layout's offsets and the hand-over's effect, before anything new is answered:
+            # a crash after it restores this layout; a failure stops the rank (it cannot be resumed)
+            self.checkpoints.checkpoint()
+            self.checkpoints.repartitioned = False
+
+    def hand_over(self, handover: Handover) -> None:
+        """Apply the fixations the old layout left unanswered (service/handover.py), in lockstep
+        ticks with the other ranks, then move the old shards' consumer groups past them and forget
+        the old shards' entry ids (collective, at restore)."""
+        if handover.misrouted:
+            self._refuse_misrouted(handover.misrouted)
+        while True:
+            batch = handover.batch(self.settings.max_batch)
+            if not self._agree(rows=bool(batch), stop=False).rows:
+                break
+            for fix in batch:
+                if (fix.stream_id, fix.entry_id) in handover.switches:  # its new-layout part begins
+                    self.deleted.lift(fix.stream_id)
+                    if (rec := self.records.get(fix.stream_id)) is not None:
+                        rec.last_entry_id = None
+            self._lockstep_tick(batch)
+        sync = getattr(self.broker, "sync", None)
+        if sync is not None:
+            handover.release(sync, self.settings.consumer_group)
+        # an old shard's entry ids, compared with another key's from now on, would order nothing
+        # (they are clock readings): a stream that changed keys forgets its last ids, and the
+        # tombstones (ids of the old shards) and the offset of the hand-over's entries are dropped
+        for sid, rec in self.records.items():
+            if handover.old_key(sid) != self.settings.input_stream:
+                rec.last_entry_id = rec.last_read_entry_id = None
+        self.deleted.load({})
+        self.offset = InputOffset()
 
     def run(self) -> None:
         """The lockstep loop; returns once the ranks agreed to stop. ``DistributedError`` (RankLost:
