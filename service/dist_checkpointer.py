@@ -22,15 +22,19 @@ writer held the stream. Then:
   writer ``r``'s input offset, as the single worker does (every fixation applied exactly once), and
   re-applies the resets and deletes of its shard's command journal after writer ``r``'s journal
   position at their place (service/journal.py); a commit trims the journal;
-- *another number* (or a single worker's checkpoint): the streams move to their new ranks, but the
-  fixations of the old shards cannot (an old shard's entry is for the old partition). So the old
-  shards must be fully answered: every rank checks that no old shard holds an entry after its
-  writer's saved offset (a SIGTERM stop with no traffic arriving leaves it so) and refuses to start,
-  naming the shard, otherwise. Then a rank whose shard existed resumes it after that offset (its
-  end), a new shard is read from its start; the old shards beyond the new world are left unread,
-  and the tombstones of deleted streams (entry ids of the old shards) are dropped, and so are the
-  journals' records (the checkpoint holds their effect: its shards were answered). The group
-  checkpoints at its first iteration, so that a crash after it restores the new layout.
+- *another number* (or a single worker's checkpoint): the streams move to their new ranks, and the
+  old shards' entries after each writer's saved offset (fixations the old ranks learned after the
+  checkpoint and lost, or never read) are handed over to the streams' new ranks and applied before
+  anything else, each exactly once (service/handover.py: where each old shard ends is agreed, each
+  stream's fixations keep their order, the old consumer groups move past them). A stream that
+  changed keys forgets its last entry ids, the tombstones of deleted streams (entry ids of the old
+  shards) are dropped after the hand-over, and so are the journals' records: the checkpoint holds
+  their effect, since a re-partition is **refused**, naming the key, when an old rank's command
+  journal holds resets or deletes after its writer's saved position (their place is an entry id of
+  the old shard, which the new layout does not read in that order: restart with the old number of
+  ranks first). The group checkpoints the new layout in ``DistWorker.start``, before it answers
+  anything new, so that a crash after it restores the new layout and one before it hands the same
+  fixations over again.
 """
 
 from __future__ import annotations

@@ -44,7 +44,10 @@ stop, the third flag makes every rank save its part of one group checkpoint
 (learner/dist_checkpoint.py) after the same tick, in the loop; the command is answered after the
 commit. A reset or delete over Redis is written to the rank's command journal and answered at once
 (service/journal.py). At start every rank restores the checkpoint, with the same or another number
-of ranks. A stop drains for at most ``DRAIN_S`` (the fifth flag: some rank's deadline passed).
+of ranks: with another number, the old shards' unanswered fixations are handed to the streams'
+new ranks first (:meth:`DistWorker.hand_over`, service/handover.py) and the new layout is
+checkpointed before anything new is answered. A stop drains for at most ``DRAIN_S`` (the fifth
+flag: some rank's deadline passed).
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 #: The exit status of a rank that lost its group: the orchestrator restarts the group.
 EXIT_RANK_LOST = 3
 #: At most this long after an agreed stop, the ranks answer the fixations in hand and in their
-#: shards before the final checkpoint (so that a re-partition finds the shards answered). torchrun
+#: shards before the final checkpoint (so that a re-partition has little to hand over). torchrun
 #: gives its ranks 30 s after passing SIGTERM on, then kills them: the drain and the checkpoint's
 #: write (in the loop) must fit in that.
 DRAIN_S = 10.0
@@ -238,6 +241,11 @@ class DistWorker(Worker):
         """Apply the fixations the old layout left unanswered (service/handover.py), in lockstep
         ticks with the other ranks, then move the old shards' consumer groups past them and forget
         the old shards' entry ids (collective, at restore)."""
+        assert self.sync is not None
+        # the ranks read and decode shares of different sizes: they wait for each other on the long
+        # timeout (the checkpoints'), not the ticks'
+        slow = self.checkpoint_group or self.group
+        self.sync._collective("the hand-over's read", lambda: dist.barrier(group=slow))
         if handover.misrouted:
             self._refuse_misrouted(handover.misrouted)
         while True:

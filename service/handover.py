@@ -149,6 +149,7 @@ class Handover:
         if bounds is None:
             return []
         low, high = bounds
+        _warn_if_trimmed(sync, shard)
         out: list[Fixation] = []
         while True:
             entries: Any = sync.xrange(shard.key, min=low, max=high, count=_PAGE)
@@ -186,6 +187,18 @@ class Handover:
         for shard in self.shards:
             if self.keeper(shard) == self.rank and shard.end is not None:
                 skip_through(sync, shard.key, group, shard.end)
+
+
+def _warn_if_trimmed(sync: redis.Redis, shard: OldShard) -> None:
+    info = str_fields(sync.xinfo_stream(shard.key))
+    deleted, offset = entry_key(id_text(info.get("max-deleted-entry-id") or b"")), entry_key(shard.offset)
+    if deleted is not None and deleted > (offset or (0, 0)):
+        logger.error(
+            "entries of %s after the checkpoint (offset %s) were trimmed or deleted before this "
+            "re-partition (up to %s): those fixations are lost; raise FOVEATE_STREAM_MAXLEN or "
+            "checkpoint more often (FOVEATE_CHECKPOINT_INTERVAL_S)",
+            shard.key, shard.offset, id_text(info["max-deleted-entry-id"]),
+        )  # fmt: skip
 
 
 def skip_through(sync: redis.Redis, key: str, group: str, end: str) -> None:
