@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from datetime import timedelta
 from typing import Any, NamedTuple
@@ -230,12 +231,16 @@ class DistWorker(Worker):
         """Join the group's model (collective: every rank checks it holds the same), then start
         reading this rank's shard. The loop runs on the caller's thread unless ``thread``."""
         self.sync = join(self.learner, self.group)
-        super().start(thread=thread)
+        super().start(thread=False)
         if self.checkpoints.repartitioned and self.settings.checkpoint_path is not None:
-            # the new layout's offsets and the hand-over's effect, before anything new is answered:
-            # a crash after it restores this layout; a failure stops the rank (it cannot be resumed)
+            # the new layout's offsets and the hand-over's effect, before anything new is answered
+            # (and before the loop: collectives on one thread): a crash after it restores this
+            # layout; a failure stops the rank, which could not resume this layout otherwise
             self.checkpoints.checkpoint()
             self.checkpoints.repartitioned = False
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="foveate-worker", daemon=True)
+            self._thread.start()
 
     def hand_over(self, handover: Handover) -> None:
         """Apply the fixations the old layout left unanswered (service/handover.py), in lockstep

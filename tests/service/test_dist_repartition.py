@@ -207,7 +207,8 @@ def test_a_killed_group_hands_its_unanswered_fixations_to_the_new_ranks(setup: S
 
     ranks = setup.ranks(2, "handed")
     after = _committed(setup, 2, after=generation)  # the hand-over's effect, committed at start
-    results = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange("foveate:results")]
+    entries: Any = r.xrange("foveate:results")
+    results = [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries]
     answers: dict[str, list[dict[str, str]]] = {}
     for res in results:
         if res.get("request_id") in queued:
@@ -239,7 +240,7 @@ def test_a_killed_group_hands_its_unanswered_fixations_to_the_new_ranks(setup: S
 def test_a_reset_journaled_after_the_checkpoint_refuses_a_repartition(setup: Setup) -> None:
     r = redis.Redis.from_url(setup.redis_url)
     sid = next(s for s in STREAMS if rank_of(s, 2) == 1)
-    record = {"command": "reset", "stream_id": sid, "stream_through": "", "input_through": ""}
+    record: Any = {"command": "reset", "stream_id": sid, "stream_through": "", "input_through": ""}
     r.xadd("foveate:journal:1", record)  # as a rank killed after journaling it leaves it
     ranks = setup.ranks(3, "refused", wait=False)
     for proc in ranks:
