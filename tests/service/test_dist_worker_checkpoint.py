@@ -84,7 +84,7 @@ def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> No
     again = post_patch(client, STREAMS[0], patch(last), seq=last)
     assert (again["status"], again["step"]) == ("duplicate", last + 1), again
     assert len(set(setup.fingerprints(3))) == 1
-    # the new layout was checkpointed at the group's first iteration (before the second fixation)
+    # the new layout was checkpointed at start, before the ranks answered anything new
     assert json.loads((setup.checkpoint / "manifest.json").read_text())["ranks"] == 3
     # a reset over Redis is answered from its rank's command journal, with no checkpoint for it
     before = json.loads((setup.checkpoint / "manifest.json").read_text())["generation"]
