@@ -37,15 +37,19 @@ writer held the stream. Then:
   writer ``r``'s input offset, as the single worker does (every fixation applied exactly once), and
   re-applies the resets and deletes of its shard's command journal after writer ``r``'s journal
   position at their place (service/journal.py); a commit trims the journal;
-- *another number* (or a single worker's checkpoint): the streams move to their new ranks, but the
-  fixations of the old shards cannot (an old shard's entry is for the old partition). So the old
-  shards must be fully answered: every rank checks that no old shard holds an entry after its
-  writer's saved offset (a SIGTERM stop with no traffic arriving leaves it so) and refuses to start,
-  naming the shard, otherwise. Then a rank whose shard existed resumes it after that offset (its
-  end), a new shard is read from its start; the old shards beyond the new world are left unread,
-  and the tombstones of deleted streams (entry ids of the old shards) are dropped, and so are the
-  journals' records (the checkpoint holds their effect: its shards were answered). The group
-  checkpoints at its first iteration, so that a crash after it restores the new layout.
+- *another number* (or a single worker's checkpoint): the streams move to their new ranks, and the
+  old shards' entries after each writer's saved offset (fixations the old ranks learned after the
+  checkpoint and lost, or never read) are handed over to the streams' new ranks and applied before
+  anything else, each exactly once (service/handover.py: where each old shard ends is agreed, each
+  stream's fixations keep their order, the old consumer groups move past them). A stream that
+  changed keys forgets its last entry ids, the tombstones of deleted streams (entry ids of the old
+  shards) are dropped after the hand-over, and so are the journals' records: the checkpoint holds
+  their effect, since a re-partition is **refused**, naming the key, when an old rank's command
+  journal holds resets or deletes after its writer's saved position (their place is an entry id of
+  the old shard, which the new layout does not read in that order: restart with the old number of
+  ranks first). The group checkpoints the new layout in ``DistWorker.start``, before it answers
+  anything new, so that a crash after it restores the new layout and one before it hands the same
+  fixations over again.
 """
 
 from __future__ import annotations
@@ -55,10 +59,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from learner.errors import CheckpointError, ConfigError, DistributedError, FoveateError
 from service import metrics
 from service.checkpointer import CheckpointDriver, WriteJob
+from service.handover import Handover, OldShard, old_ends
+from service.redis_common import id_text
 from service.replies import failure
 from service.shards import rank_of, shard_key
 
@@ -79,6 +86,7 @@ class DistCheckpointDriver(CheckpointDriver):
         super().__init__(worker, lock)
         self.dist_worker = worker
         self.wanted = False  # a periodic checkpoint is due here: asked for at the next agreement
+        self.repartitioned = False  # restored another layout: checkpoint the new one at start
 
     # ------------------------------------------------------------------ restore
 
@@ -101,45 +109,69 @@ class DistCheckpointDriver(CheckpointDriver):
         if writers == worker.world:
             mine = services[worker.rank]
             saved = {**mine, "records": records}
+            worker.load_service_state(saved)  # keeps the records of the streams this rank loaded
         else:
-            offset = self._repartition(services, writers)
-            # the journals' records are all in the checkpoint (its shards were answered): skip them,
-            # and the older records a shard's journal may keep from an earlier layout
+            handover = self._handover(services, writers)
+            # tombstones and records as the old layout left them: the hand-over's screening needs
+            # them (their entry ids are those of the old shards it reads); the journals' records are
+            # all in the checkpoint (``_handover`` refused otherwise): skip them, and older ones that
+            # a shard's journal may keep from an earlier layout
+            deleted: dict[str, Any] = {}
+            for service in services:
+                deleted.update(service.get("deleted", {}))
             journal: dict[str, Any] = {"through": worker.broker.journal_last(), "pending": []}
-            saved = {"records": records, "input_offset": offset, "deleted": {}, "journal": journal,
-                     "checkpoint": services[0].get("checkpoint")}  # fmt: skip
-        worker.load_service_state(saved)  # keeps the records of the streams this rank loaded
+            saved = {"records": records, "input_offset": handover.resume_after(), "deleted": deleted,
+                     "journal": journal, "checkpoint": services[0].get("checkpoint")}  # fmt: skip
+            worker.load_service_state(saved)
+            worker.hand_over(handover)
+            self.repartitioned = True  # the new layout is checkpointed once the group has started
         logger.info("rank %d of %d restored %s (written by %s): %d streams, resuming after %s",
                     worker.rank, worker.world, path, f"{writers} ranks" if writers else "one worker",
                     len(worker.records), saved.get("input_offset"))  # fmt: skip
         return True
 
-    def _repartition(self, services: list[dict[str, Any]], writers: int | None) -> str | None:
-        """Check that every old shard was answered up to its writer's offset; return the offset this
-        rank's shard resumes after (None: a new shard, read from its start)."""
+    def _handover(self, services: list[dict[str, Any]], writers: int | None) -> Handover:
+        """Refuse what cannot be handed over (an old journal's records after its writer's saved
+        position); agree with the other ranks where every old shard ends; read this rank's part."""
         worker = self.dist_worker
         base = worker.input_base
-        old = [shard_key(base, r) for r in range(writers)] if writers else [base]
+        journal_base = worker.settings.journal_stream.rsplit(":", 1)[0]
+        keys = [shard_key(base, r) for r in range(writers)] if writers else [base]
+        journals = [shard_key(journal_base, r) for r in range(writers)] if writers else [journal_base]
         sync = getattr(worker.broker, "sync", None)  # a Redis broker (others keep no entries)
-        for key, service in zip(old, services, strict=True):
-            offset = service.get("input_offset")
-            if sync is None:
-                continue
-            left = sync.xrange(key, min="-" if offset is None else "(" + offset, max="+", count=1)
-            if left:
+        for key, service in zip(journals, services, strict=True):
+            saved = service.get("journal", {})
+            through = saved.get("through")
+            low = "(" + through if through else "-"
+            left: Any = [] if sync is None else sync.xrange(key, min=low, max="+", count=1)
+            if left or saved.get("pending"):
+                first = id_text(left[0][0]) if left else saved["pending"][0].get("journal_id")
                 raise CheckpointError(
                     f"the checkpoint at {worker.settings.checkpoint_path} was written by "
-                    f"{writers or 'one'} worker(s) and this group has {worker.world} ranks, but {key} "
-                    f"holds entries after its saved offset {offset} (first: {left[0][0]!r}) that the old "
-                    f"partition never answered: restart with WORLD_SIZE={writers or 1} to learn them "
-                    "(then stop it with SIGTERM while no fixations arrive) before changing the ranks"
+                    f"{writers or 'one'} worker(s) and this group has {worker.world} ranks, but the "
+                    f"command journal {key} holds resets or deletes after the checkpoint (first: "
+                    f"{first!r}) whose place is among the old shard's entries: restart with "
+                    f"WORLD_SIZE={writers or 1} to apply them (then stop it with SIGTERM while no "
+                    "fixations arrive) before changing the ranks"
                 )
-        # the new layout's offsets, at the first agreement: a crash before the next checkpoint must
-        # not restore the old layout again, whose shards the new API writes to by now
-        self.wanted = True
-        if writers and worker.rank < writers:
-            return services[worker.rank].get("input_offset")
-        return None
+        # every rank hands over the same ranges: rank 0 reads where the old shards end now
+        ends: list[Any] = [None if sync is None else old_ends(sync, keys)] if worker.rank == 0 else [None]
+        group = worker.checkpoint_group or worker.group
+        assert worker.sync is not None
+        worker.sync._collective(
+            "the re-partition's hand-over ranges",
+            lambda: dist.broadcast_object_list(ends, group=group, group_src=0),
+        )
+        agreed = ends[0] or [None] * len(keys)
+        offsets = [service.get("input_offset") for service in services]
+        shards = [
+            OldShard(r, key, offset, end, shared=bool(writers) and r < worker.world)
+            for r, (key, offset, end) in enumerate(zip(keys, offsets, agreed, strict=True))
+        ]
+        handover = Handover(shards, writers or 1, worker.world, worker.rank)
+        if sync is not None:
+            handover.read(sync, worker.decoder())
+        return handover
 
     # ------------------------------------------------------------------ take
 

@@ -48,13 +48,17 @@ commits it together beside the loop, on the checkpoint process group, and the co
 after the commit. The stop's checkpoint waits for the write in flight, then for its own commit. A
 reset or delete over Redis is written to the rank's command journal and answered at once
 (service/journal.py). At start every rank restores the checkpoint, with the same or another number
-of ranks. A stop drains for at most ``DRAIN_S`` (the sixth flag: some rank's deadline passed).
+of ranks: with another number, the old shards' unanswered fixations are handed to the streams'
+new ranks first (:meth:`DistWorker.hand_over`, service/handover.py) and the new layout is
+checkpointed before anything new is answered. A stop drains for at most ``DRAIN_S`` (the sixth
+flag: some rank's deadline passed).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -75,10 +79,12 @@ from service.broker import Broker, Message
 from service.config import Settings
 from service.dist_checkpointer import DistCheckpointDriver
 from service.errors import WorkerError
+from service.handover import Handover
 from service.learner_setup import spill_folder
 from service.messages import Fixation
 from service.replies import failure, reject_reason
 from service.shards import rank_of, shard_key
+from service.streams import InputOffset
 from service.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -90,7 +96,7 @@ _RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 #: The exit status of a rank that lost its group: the orchestrator restarts the group.
 EXIT_RANK_LOST = 3
 #: At most this long after an agreed stop, the ranks answer the fixations in hand and in their
-#: shards before the final checkpoint (so that a re-partition finds the shards answered). torchrun
+#: shards before the final checkpoint (so that a re-partition has little to hand over). torchrun
 #: gives its ranks 30 s after passing SIGTERM on, then kills them: the drain, the write in flight
 #: and the final checkpoint's must fit in that.
 DRAIN_S = 10.0
@@ -241,7 +247,49 @@ class DistWorker(Worker):
         """Join the group's model (collective: every rank checks it holds the same), then start
         reading this rank's shard. The loop runs on the caller's thread unless ``thread``."""
         self.sync = join(self.learner, self.group)
-        super().start(thread=thread)
+        super().start(thread=False)
+        if self.checkpoints.repartitioned and self.settings.checkpoint_path is not None:
+            # the new layout's offsets and the hand-over's effect, before anything new is answered
+            # (and before the loop: collectives on one thread): a crash after it restores this
+            # layout; a failure stops the rank, which could not resume this layout otherwise
+            self.checkpoints.checkpoint()
+            self.checkpoints.repartitioned = False
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="foveate-worker", daemon=True)
+            self._thread.start()
+
+    def hand_over(self, handover: Handover) -> None:
+        """Apply the fixations the old layout left unanswered (service/handover.py), in lockstep
+        ticks with the other ranks, then move the old shards' consumer groups past them and forget
+        the old shards' entry ids (collective, at restore)."""
+        assert self.sync is not None
+        # the ranks read and decode shares of different sizes: they wait for each other on the long
+        # timeout (the checkpoints'), not the ticks'
+        slow = self.checkpoint_group or self.group
+        self.sync._collective("the hand-over's read", lambda: dist.barrier(group=slow))
+        if handover.misrouted:
+            self._refuse_misrouted(handover.misrouted)
+        while True:
+            batch = handover.batch(self.settings.max_batch)
+            if not self._agree(rows=bool(batch), stop=False).rows:
+                break
+            for fix in batch:
+                if (fix.stream_id, fix.entry_id) in handover.switches:  # its new-layout part begins
+                    self.deleted.lift(fix.stream_id)
+                    if (rec := self.records.get(fix.stream_id)) is not None:
+                        rec.last_entry_id = None
+            self._lockstep_tick(batch)
+        sync = getattr(self.broker, "sync", None)
+        if sync is not None:
+            handover.release(sync, self.settings.consumer_group)
+        # an old shard's entry ids, compared with another key's from now on, would order nothing
+        # (they are clock readings): a stream that changed keys forgets its last ids, and the
+        # tombstones (ids of the old shards) and the offset of the hand-over's entries are dropped
+        for sid, rec in self.records.items():
+            if handover.old_key(sid) != self.settings.input_stream:
+                rec.last_entry_id = rec.last_read_entry_id = None
+        self.deleted.load({})
+        self.offset = InputOffset()
 
     def run(self) -> None:
         """The lockstep loop; returns once the ranks agreed to stop. ``DistributedError`` (RankLost:

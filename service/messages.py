@@ -73,6 +73,9 @@ class Fixation:
     source: PatchSource | None = None
     entry_id: str | None = None
     problem: Exception | None = None
+    #: the Redis stream the entry came from when it is not the worker's own input (a re-partition
+    #: hands over another shard's entries: service/handover.py); acknowledged there
+    input_key: str | None = None
 
 
 @dataclass

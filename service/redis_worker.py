@@ -287,7 +287,7 @@ class RedisWorkerSide(RedisSide):
                     pipe.xadd(key, fields, maxlen=s.stream_results_maxlen, approximate=True)  # type: ignore[arg-type]
                     pipe.expire(key, _RESULTS_TTL_S)
                 if msg.entry_id:
-                    acks[s.input_stream].append(msg.entry_id)
+                    acks.setdefault(msg.input_key or s.input_stream, []).append(msg.entry_id)
             elif msg.entry_id:
                 acks[s.control_stream].append(msg.entry_id)
             if msg.request_id:

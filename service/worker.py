@@ -130,11 +130,7 @@ class Worker:
 
             trunk_fingerprint(self.learner)  # cached: not computed during a checkpoint's stall
         torch.set_num_threads(torch_threads(self.settings))
-        s = self.settings
-        decode = partial(
-            decode_fixation, max_pixels=s.max_pixels, size=s.input_size, max_patch_px=s.max_patch_px
-        )
-        offset = self.broker.start_worker(decode, after=self._saved_offset)
+        offset = self.broker.start_worker(self.decoder(), after=self._saved_offset)
         self.offset.through = entry_key(offset)
         self.journal.start(restored=restored)
         if offset is not None and not restored:
@@ -183,6 +179,13 @@ class Worker:
         self.checkpoints.writer.wait()
         metrics.WORKER_UP.set(0)
         self.started = False
+
+    def decoder(self) -> Callable[[Fixation], None]:
+        """Fills a fixation's patch from its encoded image (or sets its problem), with the limits."""
+        s = self.settings
+        return partial(
+            decode_fixation, max_pixels=s.max_pixels, size=s.input_size, max_patch_px=s.max_patch_px
+        )
 
     @property
     def alive(self) -> bool:

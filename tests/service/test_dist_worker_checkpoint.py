@@ -6,99 +6,32 @@ after the group's commit, SIGTERM stops both with a checkpoint; two new ranks co
 (steps go on, a resent seq is a duplicate, the model is the one saved); then three ranks restart from
 the two's checkpoint (every stream once, on its new rank, its steps intact, the fixations queued
 when the two were stopped learned by their drain, learning on, and a reset answered from its rank's
-command journal, which the stop's checkpoint trims); and a
-checkpoint whose old shard holds an entry it never answered is refused at start, naming the shard.
+command journal, which the stop's checkpoint trims). Going back from 3 ranks to 2, and a
+re-partition over entries the old ranks never answered: test_dist_repartition.py.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import redis
 
 from service.shards import rank_of
-from tests.service._dist_support import ask_rank, patch, start_ranks, wait_for_heartbeats
-from tests.service._support import (
-    ServiceProcess,
-    ThreadedServer,
-    png,
-    post_patch,
-    small_settings,
-)
+from tests.service._dist_support import Setup, group_setup, patch
+from tests.service._dist_support import stop_group as _stop
+from tests.service._support import png, post_patch
 
 pytestmark = pytest.mark.slow  # 2-3 worker processes with torch, restarted 3 times: about 60-90 s
 
 STREAMS = [f"rig-{i}" for i in range(6)]  # both ranks of 2, and all of 3, hold streams
 QUEUED = 60  # fixations of one stream (one tick each) in its shard when the group is stopped
-BOUND_S = 120  # a wait longer than this is a hang (collective timeout below: 20 s)
-
-
-@dataclass
-class Setup:
-    """Redis, the checkpoint folder, and every process started (for the teardown)."""
-
-    redis_url: str
-    tmp: Path
-    checkpoint: Path
-    procs: list[ServiceProcess] = field(default_factory=list)
-    apis: dict[int, tuple[ThreadedServer, httpx.Client]] = field(default_factory=dict)
-
-    def ranks(self, world: int, tag: str, *, wait: bool = True) -> list[ServiceProcess]:
-        """``world`` ranks of ``foveate worker --distributed`` with the variables torchrun sets."""
-        ranks = start_ranks(world, self.redis_url, self.tmp, tag, checkpoint=self.checkpoint)
-        self.procs.extend(ranks)
-        if wait:
-            wait_for_heartbeats(redis.Redis.from_url(self.redis_url), ranks, BOUND_S)
-        return ranks
-
-    def client(self, world: int) -> httpx.Client:
-        """An API in front of ``world`` ranks (``FOVEATE_SHARDS=world``), started once."""
-        from service.api.main import create_app
-
-        if world not in self.apis:
-            api = ThreadedServer(create_app(small_settings(redis_url=self.redis_url, shards=world))).start()
-            self.apis[world] = (api, httpx.Client(base_url=api.url, timeout=60.0))
-        return self.apis[world][1]
-
-    def ask_rank(self, command: str, rank: int, world: int, **args: Any) -> dict[str, Any]:
-        return ask_rank(self.redis_url, world, command, rank, **args)
-
-    def fingerprints(self, world: int) -> list[str]:
-        return [self.ask_rank("model", r, world)["model"]["distributed"]["fingerprint"] for r in range(world)]
-
-
-def _stop(ranks: list[ServiceProcess]) -> None:
-    """SIGTERM to one rank stops the group: every rank checkpoints and exits 0."""
-    ranks[-1].process.send_signal(signal.SIGTERM)
-    for proc in ranks:
-        assert proc.process.wait(timeout=BOUND_S) == 0, proc.tail()
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    from bench._servers import RedisServer
-    from tests.conftest import require_server_binary
-
-    tmp = tmp_path_factory.mktemp("dist-ckpt")
-    redis_srv = RedisServer.start_in(tmp / "redis", binary=require_server_binary("redis-server"))
-    s = Setup(redis_srv.url, tmp, tmp / "checkpoints" / "foveate.pt")
-    try:
-        yield s
-    finally:
-        for _, client in s.apis.values():
-            client.close()
-        for api, _ in s.apis.values():
-            api.stop()
-        for proc in s.procs:
-            proc.stop(signal.SIGKILL, timeout=10)
-        redis_srv.stop()
+    yield from group_setup(tmp_path_factory, "dist-ckpt")
 
 
 def test_a_checkpoint_command_is_answered_after_the_commit_and_a_restart_continues(setup: Setup) -> None:
@@ -151,7 +84,7 @@ def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> No
     again = post_patch(client, STREAMS[0], patch(last), seq=last)
     assert (again["status"], again["step"]) == ("duplicate", last + 1), again
     assert len(set(setup.fingerprints(3))) == 1
-    # the new layout was checkpointed at the group's first iteration (before the second fixation)
+    # the new layout was checkpointed at start, before the ranks answered anything new
     assert json.loads((setup.checkpoint / "manifest.json").read_text())["ranks"] == 3
     # a reset over Redis is answered from its rank's command journal, with no checkpoint for it
     before = json.loads((setup.checkpoint / "manifest.json").read_text())["generation"]
@@ -164,15 +97,3 @@ def test_three_ranks_restart_from_two_with_every_stream_once(setup: Setup) -> No
     _stop(ranks)  # the stop's checkpoint holds the reset: the journal is trimmed
     assert json.loads((setup.checkpoint / "manifest.json").read_text())["generation"] > before
     assert r.xlen(journal) == 0
-
-
-def test_a_repartition_over_unanswered_entries_is_refused(setup: Setup) -> None:
-    r = redis.Redis.from_url(setup.redis_url)
-    sid = next(s for s in STREAMS if rank_of(s, 3) == 2)
-    r.xadd("foveate:fixations:2", {"stream_id": sid, "patch": b"x", "request_id": "left"})  # never read
-    ranks = setup.ranks(2, "fourth", wait=False)
-    for proc in ranks:
-        assert proc.process.wait(timeout=BOUND_S) != 0, proc.tail()
-    log = ranks[0].log.read_text()
-    assert "foveate:fixations:2 holds entries after its saved offset" in log, ranks[0].tail()
-    assert "restart with WORLD_SIZE=3" in log
