@@ -5,7 +5,7 @@
 - ``api``: the stateless HTTP front end alone; needs ``--redis`` or ``FOVEATE_REDIS_URL``.
 - ``worker``: the learning worker alone, over Redis; serves its metrics on
   ``--metrics-port`` (``FOVEATE_WORKER_METRICS_PORT``, default 9101); SIGTERM checkpoints and exits.
-  ``worker --distributed``: one rank of a group under torchrun (service/dist_worker.py).
+  ``worker --distributed``: one rank of a group under torchrun (service/dist_launch.py, dist_worker.py).
 - ``keys create | revoke | list``: the API keys of a keys file (service/auth.py).
 
 Options override the ``FOVEATE_*`` environment variables they name.
@@ -209,7 +209,7 @@ def _worker(args: argparse.Namespace) -> int:
     _need_redis(settings, "worker")
     _check_control_secret(settings, "worker")
     if getattr(args, "distributed", False):
-        from service.dist_worker import run_rank
+        from service.dist_launch import run_rank
 
         return run_rank(settings, _serve_worker_metrics, _stop_on_signals)
 

@@ -10,7 +10,7 @@ import pytest
 
 from foveate.cli import build_parser
 from service.config import Settings
-from service.dist_worker import check_settings
+from service.dist_launch import check_settings
 from tests.deploy.tools import COMPOSE_CPU_FILE, COMPOSE_FILE, compose_model, run_compose, write_env_file
 
 GPU = [COMPOSE_FILE]

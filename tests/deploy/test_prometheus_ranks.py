@@ -75,11 +75,12 @@ def test_prometheus_labels_each_rank_by_its_port(tmp_path: Path) -> None:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, f"Prometheus listed {labels}, not {targets}"
             try:
-                reply = httpx.get(f"{url}/api/v1/targets", timeout=5).json()
+                reply = httpx.get(f"{url}/api/v1/targets", timeout=5)
+            except httpx.HTTPError:  # not listening yet
+                reply = None
+            if reply is not None and reply.status_code == 200:  # 503 while it starts
                 labels = {t["labels"]["instance"]: t["labels"].get("rank")
-                          for t in reply["data"]["activeTargets"]}  # fmt: skip
-            except httpx.HTTPError:
-                pass
+                          for t in reply.json()["data"]["activeTargets"]}  # fmt: skip
             time.sleep(0.2)
     finally:
         proc.terminate()

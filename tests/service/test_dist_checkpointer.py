@@ -15,7 +15,8 @@ import redis
 import torch.distributed as dist
 
 from service.broker import LocalBroker
-from service.dist_worker import DistWorker, rank_settings
+from service.dist_launch import rank_settings
+from service.dist_worker import DistWorker
 from service.redis_broker import RedisBroker
 from service.worker import Worker
 from tests.service._support import small_settings

@@ -23,7 +23,8 @@ from learner.distributed import join
 from learner.errors import ConfigError
 from service.admission import screen
 from service.broker import LocalBroker
-from service.dist_worker import DistWorker, check_settings, rank_env, rank_settings
+from service.dist_launch import check_settings, rank_env, rank_settings
+from service.dist_worker import DistWorker
 from service.messages import Control, Fixation
 from service.redis_broker import RedisBroker
 from service.shards import rank_of

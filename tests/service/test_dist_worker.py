@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from service.dist_worker import EXIT_RANK_LOST
+from service.dist_launch import EXIT_RANK_LOST
 from service.shards import rank_of
 from tests.service._dist_support import (
     ask_rank,
