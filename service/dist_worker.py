@@ -6,10 +6,11 @@ Launched by torchrun, one process per rank (docs/deploy.md, "Scale-out on torch.
 
 Each rank reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` from its environment,
 joins a process group (service/dist_launch.py; gloo on the CPU, NCCL when the learner is on CUDA),
-makes its learner one rank of the data-parallel model (``learner.distributed.join``) and consumes only its shard of Redis: the
-input, control and heartbeat keys of rank ``r`` are ``shard_key(key, r)`` (``foveate:fixations:1``),
-where the API (``FOVEATE_SHARDS`` = the world size) writes the fixations and commands of every
-stream that ``rank_of(stream_id, world)`` gives to ``r``. Results go to the shared result keys.
+makes its learner one rank of the data-parallel model (``learner.distributed.join``) and consumes
+only its shard of Redis: the input, control and heartbeat keys of rank ``r`` are
+``shard_key(key, r)`` (``foveate:fixations:1``), where the API (``FOVEATE_SHARDS`` = the world
+size) writes the fixations and commands of every stream that ``rank_of(stream_id, world)`` gives to
+``r``. Results go to the shared result keys.
 
 **Lockstep.** Every learning tick is a collective (learner/distributed.py), so every rank must take
 exactly one per iteration, or none. Each iteration of :meth:`DistWorker.run`:
