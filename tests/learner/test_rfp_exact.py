@@ -31,13 +31,17 @@ def make_learner(
     embed_from: str = "context",
     rgc_inputs: int = 0,
     preview: int = 0,
+    embed_pcs: int = 0,
+    embed_state_scale: float = 1.0,
 ) -> RFPLearner:
     """``head``: ``mlp`` (the spec's predictor, no context whitening), or ``default`` (the residual
     predictor and the context whitening of ModelConfig's defaults, with random non-trivial weights and
     statistics held fixed, since RFP treats them as constants of each step). ``embed_from``: the
     embedding reads the context list [u; s(h)] (the default) or the state alone. ``rgc_inputs``: area 6
     reads a fixed random projection of u to that many inputs (0: all of u). ``preview``: the predictor
-    also reads a preview of that width per fixation, whitened by fixed random statistics."""
+    also reads a preview of that width per fixation, whitened by fixed random statistics.
+    ``embed_pcs``, ``embed_state_scale``: the embedding reads u projected on a fixed random
+    orthonormal basis of that many columns (the input whitening held at the identity) and A s(h)."""
     cfg = ModelConfig(
         predictor="mlp" if head == "mlp" else "residual",
         context_norm=head != "mlp",
@@ -52,7 +56,9 @@ def make_learner(
         loss=loss,
         phi=phi,
         gate_bias=weights == "random",
-        input_norm=False,
+        input_norm=embed_pcs > 0,
+        embed_pcs=embed_pcs,
+        embed_state_scale=embed_state_scale,
         update_mode="segment",
         segment_len=0,
         optimizer="sgd",
@@ -88,6 +94,13 @@ def make_learner(
         norm.observe = lambda x: None  # type: ignore[method-assign]
         with torch.no_grad():  # Q starts at zero, which would hide the preview's forward pass
             learner.model.Q.weight.copy_(torch.randn(H, preview, generator=gen, dtype=torch.float64) * 0.3)
+    if embed_pcs:  # the input whitening at the identity, its basis random and fixed
+        norm = learner.model.input_norm
+        gen = torch.Generator().manual_seed(500 + seed)
+        with torch.no_grad():
+            basis, _ = torch.linalg.qr(torch.randn(M, embed_pcs, generator=gen, dtype=torch.float64))
+            norm.basis.copy_(basis)
+        norm.observe = lambda x: None  # type: ignore[method-assign]
     if loss == "whitened_mse":  # a random fixed metric: RFP treats it as a constant of each step
         gen = torch.Generator().manual_seed(300 + seed)
         q = torch.randn(D, D, generator=gen, dtype=torch.float64)
@@ -165,6 +178,24 @@ def test_rfp_exact_with_a_preview_input(head: str) -> None:
         learner._head = None if impl == "autograd" else learner._head
         previews = torch.randn(B, T, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
         assert_exact(learner, head=head, weights="random", previews=previews)
+
+
+@pytest.mark.parametrize("embed_pcs,scale", [(3, 1.0), (3, 0.3), (0, 0.3)])
+def test_rfp_exact_when_the_embedding_reads_top_components_and_a_scaled_state(
+    embed_pcs: int, scale: float
+) -> None:
+    """``embed_pcs`` (z = E [u V; s]) and ``embed_state_scale`` (z = E [u; A s]): E's gradient
+    and every RFP group still equal BPTT's; the reference writes both out on its own."""
+    learner = make_learner(
+        loss="whitened_mse",
+        phi="tanh",
+        weights="random",
+        head="default",
+        embed_pcs=embed_pcs,
+        embed_state_scale=scale,
+    )
+    assert learner.model.E.weight.shape[1] == (embed_pcs or M) + N
+    assert_exact(learner, head="default", weights="random")
 
 
 def assert_exact(
