@@ -122,7 +122,9 @@ class ModelConfig:
         ``relu(G1 z_{t-1} + Q n(v_t) + g1)``, with n the running whitening of the previews and Q (H, F)
         learned like G from zero (so an untrained model predicts as it would without the preview).
         The preview feeds only the predictor, never area 6, so RFP stays exact. Not with the linear
-        predictor; ``RFPLearner`` only. On the OSIE controls it does not help yet (docs/results.md).
+        predictor; ``RFPLearner`` only. On the OSIE controls it does not help the default target, which it
+        can hardly predict; it does help a target of the patch's top components (``embed_pcs`` with
+        ``embed_state_scale=0``) given two passes (docs/results.md).
     min_norm
         A scored fixation is learned from only when the prediction's and the target's norms are both
         at least ``min_norm * sqrt(embed_dim)`` (``model.well_conditioned``); others are scored but
