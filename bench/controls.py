@@ -504,13 +504,16 @@ def run_seed(
     test_paths: Sequence[Scanpath],
     rs: RetrievalSet,
     seed: int,
+    epochs: int = 1,
 ) -> dict[str, Any]:
-    """Every measure for one seed: train online, then the controls on the held-out split."""
+    """Every measure for one seed: train online (``epochs`` passes over the training ticks, the
+    records of every pass joined: "training, second half" is then the later passes), then the
+    controls on the held-out split."""
     cfg = cfg.replace(seed=seed)
     gen = torch.Generator().manual_seed(1000 + seed)
     learner = RFPLearner(cfg)
     t0 = time.perf_counter()
-    train_records = online(learner, train)
+    train_records = [rec for _ in range(epochs) for rec in online(learner, train)]
     t_train = time.perf_counter() - t0
     # with a preview: G starts at the identity whatever Q is, and Q is drawn after every other weight,
     # so the untrained model is the same without the preview (and BPTT, which runs it, reads none)
@@ -566,6 +569,7 @@ def run(
     cache: Path | None = None,
     preview: str = "none",
     preview_dims: int = 0,
+    epochs: int = 1,
 ) -> dict[str, Any]:
     """``preview``: ``none``, ``preview`` (each fixation's peripheral preview, ``attach_previews``)
     or ``saccade+preview``; the model then reads it (``cfg.preview_features`` is set to its width);
@@ -600,7 +604,7 @@ def run(
         gen=torch.Generator().manual_seed(7),
     )
     t_features = time.perf_counter() - t0
-    per_seed = [run_seed(cfg, train, test, test_paths, rs, s) for s in seeds]
+    per_seed = [run_seed(cfg, train, test, test_paths, rs, s, epochs) for s in seeds]
     return {
         "config": cfg.to_dict(),
         "split": {
@@ -612,6 +616,7 @@ def run(
         "retrieval_candidates": {"same_image": same_image, "other_images": 9 - same_image},
         "preview": preview,
         "preview_dims": preview_dims,
+        "epochs": epochs,
         "seconds_features": t_features,
         "seeds": per_seed,
     }
@@ -729,6 +734,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--preview-dims", type=int, default=0, help="the preview's top principal components (0: all)"
     )
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the training split")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache", type=Path, default=Path("runs/cache"), help="trunk feature cache folder")
     ap.add_argument("--out-dir", type=Path, default=None, help="write controls.json, .md and the figure")
@@ -755,6 +761,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.epochs < 1:
+        raise SystemExit(f"--epochs must be at least 1, got {args.epochs}")
     extra = config_overrides(args.set)
     cfg = ModelConfig(
         trunk=args.trunk, trunk_weights=args.trunk_weights, embed_from=args.embed_from, lr=args.lr, **extra
@@ -773,6 +781,7 @@ def main(argv: list[str] | None = None) -> None:
         cache=args.cache,
         preview=args.preview,
         preview_dims=args.preview_dims,
+        epochs=args.epochs,
     )
     for s in res["seeds"]:
         s.pop("learner")

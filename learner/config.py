@@ -36,6 +36,8 @@ ARCHITECTURE_FIELDS = (
     "input_norm",
     "context_norm",
     "embed_from",
+    "embed_pcs",
+    "embed_state_scale",
     "preview_features",
     "loss",  # whitened_mse keeps statistics of its own in the weights
 )
@@ -99,6 +101,18 @@ class ModelConfig:
         What the embedding E projects: ``context`` (default; spec v2) the context list, the patch now
         fixated's whitened trunk features u_t and the whitened state s(h_t); ``state`` s(h_t) alone
         (spec v1, kept for ablation: it admits the slowness collapse of spec 1.6).
+    embed_pcs
+        K_e: with ``embed_pcs`` > 0 (and ``embed_from='context'``) the embedding reads the patch's
+        top ``embed_pcs`` whitened principal components instead of all M whitened features,
+        ``z = E [u V; s(h)]`` with V (M, K_e) the top eigenvectors of the input whitening's running
+        covariance (recomputed with it, each vector's sign kept from the last recompute). 0 (the
+        default): all of u. An experiment on the target (docs/results.md, "why the online predictor
+        does not use the preview"): a peripheral preview predicts the next patch's few high-variance
+        directions, which are a small part of a random projection of all 1752 whitened ones.
+    embed_state_scale
+        A: the state's weight in the context list, ``z = E [u; A s(h)]`` (1, the default). Below 1 the
+        target is more the patch's and less the state's; 0 makes the embedding a function of the
+        patch alone, so the loss no longer reaches area 6 (an ablation, not a recurrent model).
     preview_features
         F, width of an optional per-fixation *preview* input of the predictor (0, the default: none).
         When > 0, every tick gives, for each fixation, a vector v_t of F numbers known before the
@@ -108,7 +122,9 @@ class ModelConfig:
         ``relu(G1 z_{t-1} + Q n(v_t) + g1)``, with n the running whitening of the previews and Q (H, F)
         learned like G from zero (so an untrained model predicts as it would without the preview).
         The preview feeds only the predictor, never area 6, so RFP stays exact. Not with the linear
-        predictor; ``RFPLearner`` only. On the OSIE controls it does not help yet (docs/results.md).
+        predictor; ``RFPLearner`` only. On the OSIE controls it does not help the default target, which it
+        can hardly predict; it does help a target of the patch's top components (``embed_pcs`` with
+        ``embed_state_scale=0``) given two passes (docs/results.md).
     min_norm
         A scored fixation is learned from only when the prediction's and the target's norms are both
         at least ``min_norm * sqrt(embed_dim)`` (``model.well_conditioned``); others are scored but
@@ -132,6 +148,10 @@ class ModelConfig:
         initialisation, a fixed random projection of the context list: on OSIE, E learning at ``lr``
         does not improve the skill against the repeat baseline and collapses the embedding to 11-30
         effective dimensions of 120 (docs/results.md).
+    preview_lr_scale
+        The preview's projection Q (``preview_features``) learns at ``lr * preview_lr_scale`` (1, the
+        default: like G). An experiment (docs/results.md): Q starts at zero and, at ``lr``, grows to
+        a seventh of G1's drive in 10,000 fixations.
     update_mode
         ``every_fixation``: one optimizer step per tick (the service's mode; online RTRL).
         ``segment``: accumulate, step every ``segment_len`` ticks or at ``end_segment()``;
@@ -161,6 +181,8 @@ class ModelConfig:
     input_norm: bool = True
     context_norm: bool = True
     embed_from: str = "context"
+    embed_pcs: int = 0
+    embed_state_scale: float = 1.0
     preview_features: int = 0
     min_norm: float = 0.01
     loss: str = "whitened_mse"
@@ -169,6 +191,7 @@ class ModelConfig:
     weight_decay: float = 0.0
     gain_lr_scale: float = 10.0
     embed_lr_scale: float = 0.0
+    preview_lr_scale: float = 1.0
     update_mode: str = "every_fixation"
     segment_len: int = 100
     init_scale: float = 0.0
@@ -201,10 +224,11 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.input_size < 16 and self.trunk != "none":
             raise ConfigError(f"input_size must be at least 16 px for a ResNet trunk, got {self.input_size}")
-        scales = (self.gain_lr_scale, self.embed_lr_scale)
+        scales = (self.gain_lr_scale, self.embed_lr_scale, self.preview_lr_scale)
         if min(self.lr, self.weight_decay, self.init_scale, self.min_norm, *scales) < 0:
             raise ConfigError(
-                "lr, gain_lr_scale, embed_lr_scale, weight_decay, init_scale and min_norm must be >= 0"
+                "lr, gain_lr_scale, embed_lr_scale, preview_lr_scale, weight_decay, init_scale and "
+                "min_norm must be >= 0"
             )
         if self.rgc_inputs < 0:
             raise ConfigError(f"rgc_inputs must be >= 0 (0 = all {self.M} inputs), got {self.rgc_inputs}")
@@ -213,6 +237,15 @@ class ModelConfig:
         if self.preview_features and self.predictor == "linear":
             raise ConfigError(
                 "preview_features needs predictor='residual' or 'mlp' (it feeds their hidden layer)"
+            )
+        if self.embed_pcs < 0 or self.embed_state_scale < 0:
+            raise ConfigError("embed_pcs and embed_state_scale must be >= 0")
+        if self.embed_pcs and not (
+            self.embed_pcs < self.M and self.input_norm and self.embed_from == "context"
+        ):
+            raise ConfigError(
+                f"embed_pcs={self.embed_pcs} needs input_norm, embed_from='context' and fewer than "
+                f"in_features={self.M} components (0 reads all of u)"
             )
         if self.segment_len < 0:
             raise ConfigError(f"segment_len must be >= 0 (0 = never), got {self.segment_len}")

@@ -37,7 +37,7 @@ class HandHead:
     lin2: nn.Linear
     residual: bool
     norm: RunningWhitening | None
-    context: int  # M, the width of u in kappa (0: the embedding reads the state alone)
+    context: int  # M (or K_e), the width of the patch's part of kappa (0: the state alone)
     q: nn.Linear | None  # the preview's projection into the hidden layer (cfg.preview_features > 0)
     model: RJEPA  # for whitened_mse's metric (``RJEPA.change_metric``) and whether it is ready
 
@@ -56,7 +56,7 @@ def hand_head(model: RJEPA) -> HandHead:
     lin1, lin2 = layers
     assert isinstance(lin1, nn.Linear) and isinstance(lin2, nn.Linear)
     residual = isinstance(g, ResidualPredictor)
-    norm, context = model.context_norm, model.context_features
+    norm, context = model.context_norm, model.embed_features
     return HandHead(model.E, lin1, lin2, residual, norm, context, model.Q, model)
 
 
@@ -85,8 +85,12 @@ def backward(
     bs = h_prev.shape[0]
     both = torch.cat([h_prev, h])  # (2 Bs, N): the context's state and the target's, in one pass
     s_both = norm.transform(both) if norm is not None else both
+    scale = cfg.embed_state_scale
+    if scale != 1:
+        s_both = s_both * scale
     if head.context:
-        s_both = torch.cat([torch.cat([u_prev, u]), s_both], 1)  # (2 Bs, M + N): kappa = [u; s]
+        patch = head.model.patch_part(torch.cat([u_prev, u]))  # (2 Bs, M), or (2 Bs, K_e) u V
+        s_both = torch.cat([patch, s_both], 1)  # (2 Bs, M + N): kappa = [u; s]
     z_both = s_both @ e.t()  # (2 Bs, D)
     k_prev, z, target = s_both[:bs], z_both[:bs], z_both[bs:]  # target: sg(z_t)
     pre = torch.addmm(b1, z, w1.t())  # (Bs, H)
@@ -131,5 +135,7 @@ def backward(
     if e.requires_grad:  # E is fixed at embed_lr_scale 0
         grad_of(e).addmm_(g_z.t(), k_prev)  # (D, M + N)
     delta = g_z @ e[:, head.context :]  # (Bs, N): only the state part of kappa reaches the RGC
+    if scale != 1:
+        delta = delta * scale
     delta = delta @ norm.whiten.t() if norm is not None else delta
     return Scores(per_stream, repeat, ok, target - z), delta

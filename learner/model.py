@@ -84,6 +84,7 @@ class RunningWhitening(nn.Module):
     whiten: torch.Tensor
     count: torch.Tensor
     updates: torch.Tensor
+    basis: torch.Tensor  # (F, top), only when top > 0 (None otherwise)
 
     def __init__(
         self,
@@ -94,10 +95,16 @@ class RunningWhitening(nn.Module):
         eps: float = 1e-5,
         shrink: float = 0.01,
         sample_shrink: bool = True,
+        top: int = 0,
     ) -> None:
         super().__init__()
         self.window, self.every, self.eps = window, every, eps
         self.shrink, self.sample_shrink = shrink, sample_shrink
+        # ``top`` > 0: also keep the covariance's top eigenvectors (F, top) from each recompute
+        # (``ModelConfig.embed_pcs``), each sign kept from the last recompute so that what they
+        # span does not flip sign in the embedding
+        self.top = top
+        self.register_buffer("basis", torch.zeros(features, top) if top else None)
         self.register_buffer("mean", torch.zeros(features))  # (F,)
         self.register_buffer("cov", torch.eye(features))  # (F, F), without the pending rows
         self.register_buffer("whiten", torch.eye(features))  # (F, F) applied as (x - mean) @ whiten
@@ -217,10 +224,21 @@ class RunningWhitening(nn.Module):
             # second at M = 1752 on a CPU core) at each of the first power-of-two counts
             var = self.cov.diagonal() + shrink
             self.whiten.copy_(torch.diag(var.clamp(min=self.eps).rsqrt()))
+            if self.top:
+                self._keep_top(torch.linalg.eigh(self.cov)[1])
             return
         cov = self.cov + shrink * torch.eye(m, dtype=self.cov.dtype, device=self.cov.device)
         evals, evecs = torch.linalg.eigh(cov)
         self.whiten.copy_((evecs * evals.clamp(min=self.eps).rsqrt()) @ evecs.T)
+        if self.top:
+            self._keep_top(evecs)
+
+    def _keep_top(self, evecs: torch.Tensor) -> None:
+        """``basis`` <- the last ``top`` eigenvectors (ascending order: the largest), signed like the
+        previous basis."""
+        new = evecs[:, -self.top :]  # (F, top)
+        sign = torch.where((new * self.basis).sum(0) < 0, -1.0, 1.0).to(new.dtype)  # (top,)
+        self.basis.copy_(new * sign)
 
 
 class ResidualPredictor(nn.Module):
@@ -310,7 +328,9 @@ class RJEPA(nn.Module):
         # only every 4096 observations once the first ones are in: the trunk's feature statistics
         # settle early (the cost per tick: docs/results.md, "Learner speed and memory").
         self.input_norm = (
-            RunningWhitening(cfg.M, every=4096 if cfg.M > 1024 else 256) if cfg.input_norm else None
+            RunningWhitening(cfg.M, every=4096 if cfg.M > 1024 else 256, top=cfg.embed_pcs)
+            if cfg.input_norm
+            else None
         )
         # the state's statistics drift as the RGC learns to hold memory: a shorter window, recomputed
         # more often (every 128 learning ticks, an N x N eigendecomposition each).
@@ -348,8 +368,9 @@ class RJEPA(nn.Module):
             else None
         )
         self.register_buffer("change_sq", torch.zeros(2) if self.change_norm is not None else None)
-        self.context_features = cfg.M if cfg.embed_from == "context" else 0  # width of u in kappa
-        self.E = nn.Linear(self.context_features + cfg.n_units, cfg.embed_dim, bias=False)  # (D, M + N)
+        self.context_features = cfg.M if cfg.embed_from == "context" else 0  # width of u kept per stream
+        self.embed_features = cfg.embed_pcs or self.context_features  # width of the patch's part of kappa
+        self.E = nn.Linear(self.embed_features + cfg.n_units, cfg.embed_dim, bias=False)  # (D, M + N)
         if cfg.predictor == "mlp":
             self.G: nn.Module = nn.Sequential(
                 nn.Linear(cfg.embed_dim, cfg.pred_hidden),
@@ -426,9 +447,20 @@ class RJEPA(nn.Module):
 
     def context(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The context list kappa = [u; s(h)] that E projects (or s(h) alone with ``embed_from='state'``):
-        (B, M), (B, N) -> (B, M + N). s(h) is h whitened when ``cfg.context_norm``."""
+        (B, M), (B, N) -> (B, M + N). s(h) is h whitened when ``cfg.context_norm``; with
+        ``cfg.embed_pcs`` the patch's part is u V (B, K_e), with ``cfg.embed_state_scale`` A the
+        state's A s(h)."""
         s = self.context_norm.transform(h) if self.context_norm is not None else h  # (B, N)
-        return torch.cat([u, s], 1) if self.context_features else s
+        if self.cfg.embed_state_scale != 1:
+            s = s * self.cfg.embed_state_scale
+        return torch.cat([self.patch_part(u), s], 1) if self.context_features else s
+
+    def patch_part(self, u: torch.Tensor) -> torch.Tensor:
+        """The patch's part of kappa: the whitened u (B, M), or its top components u V (B, K_e)."""
+        if self.cfg.embed_pcs:
+            assert self.input_norm is not None and self.input_norm.basis is not None
+            return u @ self.input_norm.basis  # (B, K_e)
+        return u
 
     def embed(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """z = E kappa: (B, M), (B, N) -> (B, D)."""

@@ -90,8 +90,13 @@ class StreamLearner:
         self._params = [p for p in params if p.requires_grad]  # for the per-tick foreach calls
         gains = self.model.gain_parameters()
         embedding = [self.model.E.weight]
-        special = {id(p) for p in gains + embedding}
-        members = ([p for p in params if id(p) not in special], gains, embedding)
+        # the preview's Q has a group of its own (``preview_lr_scale``), only in a model with one, so
+        # that every other model's optimizer, and its checkpoints, keep their three groups
+        preview = list(self.model.Q.parameters()) if self.model.Q is not None else []
+        special = {id(p) for p in gains + embedding + preview}
+        members = ([p for p in params if id(p) not in special], gains, embedding) + (
+            (preview,) if preview else ()
+        )
         groups: list[dict[str, Any]] = [
             {"params": ps, "lr": lr} for ps, lr in zip(members, self.group_lrs(), strict=True)
         ]
@@ -124,10 +129,12 @@ class StreamLearner:
         # the whitening rows and the gradient sums with the other ranks
         self.sync: Any = None
 
-    def group_lrs(self) -> tuple[float, float, float]:
-        """Learning rates of the optimizer's groups: everything else, the RGC's gains, the embedding E."""
+    def group_lrs(self) -> tuple[float, ...]:
+        """Learning rates of the optimizer's groups: everything else, the RGC's gains, the embedding E,
+        and in a model with a preview its projection Q."""
         cfg = self.cfg
-        return cfg.lr, cfg.lr * cfg.gain_lr_scale, cfg.lr * cfg.embed_lr_scale
+        lrs = (cfg.lr, cfg.lr * cfg.gain_lr_scale, cfg.lr * cfg.embed_lr_scale)
+        return lrs + ((cfg.lr * cfg.preview_lr_scale,) if self.model.Q is not None else ())
 
     # --- subclass interface ---------------------------------------------------------------------
     def _trace_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -36,8 +36,9 @@ STREAM_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 QUALIFIED_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,161}$"
 
 #: ModelConfig fields that are no setting: the trunk's width follows from the trunk; a peripheral
-#: preview is an input the API does not carry yet (bench.controls --preview feeds it to the learner).
-_DERIVED = frozenset({"in_features", "preview_features"})
+#: preview is an input the API does not carry yet (bench.controls --preview feeds it to the learner),
+#: so neither its width nor its projection's learning rate is a setting.
+_DERIVED = frozenset({"in_features", "preview_features", "preview_lr_scale"})
 #: The Settings fields passed to ModelConfig under the same name: every field of it but the derived.
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in _DERIVED)
 

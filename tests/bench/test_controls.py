@@ -11,14 +11,17 @@ import torch
 from bench.controls import (
     Scanpath,
     by_image,
+    cached_features,
     iid_other_images,
     lockstep_ticks,
     main,
     parse_range,
+    scanpaths_of,
     shuffled,
     with_previews,
 )
-from clients.recorded import bundled_dataset_path
+from clients.recorded import RecordedDataset, bundled_dataset_path
+from learner import ModelConfig, RFPLearner
 
 
 def paths() -> list[Scanpath]:
@@ -157,9 +160,16 @@ def test_the_command_reports_every_control_and_combines_runs(
 def test_the_command_runs_the_controls_with_a_preview_input(tmp_path: Path) -> None:
     """``--preview saccade+preview --preview-dims 8``: the model reads the top 8 principal components
     of the trunk's features of each fixation's peripheral preview and the saccade's 15 features, and
-    every control runs with them."""
+    every control runs with them; here with the target variants and Q's own learning rate, and two
+    passes over the training split (each of its fixations learned from twice)."""
     main(
         [
+            "--set",
+            "embed_pcs=4",
+            "embed_state_scale=0.5",
+            "preview_lr_scale=10",
+            "--epochs",
+            "2",
             "--dataset",
             str(bundled_dataset_path()),
             "--train-subjects",
@@ -195,3 +205,8 @@ def test_the_command_runs_the_controls_with_a_preview_input(tmp_path: Path) -> N
     assert seed["untrained"]["model_minus_repeat"][0] == pytest.approx(0.0, abs=1e-6)  # identity G
     assert seed["retrieval"]["n"] == 6
     assert list((tmp_path / "cache").glob("preview-*.pt"))  # the previews went through the trunk
+    assert res["epochs"] == 2 and res["config"]["embed_pcs"] == 4 and res["config"]["preview_lr_scale"] == 10
+    ds = RecordedDataset.open(bundled_dataset_path())
+    learner = RFPLearner(ModelConfig())
+    train = scanpaths_of(cached_features(learner, ds, ds.images[:2], ds.subjects[:2], 50, tmp_path / "cache"))
+    assert seed["train_fixations"] == 2 * sum(len(p.u) - 1 for p in train)  # every pass scored them all

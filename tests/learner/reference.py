@@ -42,7 +42,10 @@ def embed(model: RJEPA, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     norm = model.context_norm
     if norm is not None:
         h = (h - norm.mean) @ norm.whiten
+    h = h * model.cfg.embed_state_scale
     if model.cfg.embed_from == "context":
+        if model.cfg.embed_pcs:  # the top components of u: u times the input whitening's basis
+            u = u @ model.input_norm.basis
         e_u, e_h = model.E.weight[:, : u.shape[1]], model.E.weight[:, u.shape[1] :]
         return u @ e_u.T + h @ e_h.T
     return h @ model.E.weight.T

@@ -64,3 +64,27 @@ def test_the_preview_is_what_makes_the_next_fixation_predictable() -> None:
                 repeats.append(out.repeat_error)
         ratios[name] = float(torch.cat(errors).mean() / torch.cat(repeats).mean())
     assert ratios["with"] < 0.75 * ratios["without"], ratios
+
+
+def test_the_preview_projection_learns_at_its_own_rate() -> None:
+    """``preview_lr_scale``: Q is a group of its own at lr x scale. Q starts at zero, so every run is
+    the same until Q's first step; that step is ten times larger at scale 10 than at 1, and at 0 Q
+    never moves while G learns."""
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(8, 2, 8, generator=gen), torch.randn(8, 2, 3, generator=gen)
+    first = {}
+    for scale in (0.0, 1.0, 10.0):
+        cfg = ModelConfig(**TINY, preview_features=3, loss="mse", lr=1e-3, preview_lr_scale=scale)
+        learner = RFPLearner(cfg)
+        assert learner.optimizer.param_groups[3]["lr"] == 1e-3 * scale
+        assert learner.model.Q is not None
+        q = torch.zeros(5, 3)
+        for t in range(8):
+            learner.tick_features(["a", "b"], u[t], preview=v[t])
+            q = learner.model.Q.weight.detach().clone()
+            if q.abs().max() > 0:
+                break
+        first[scale] = q
+        assert float(learner.model.G.lin2.weight.abs().max()) > 0  # G learned either way
+    assert float(first[0.0].abs().max()) == 0.0 and float(first[1.0].abs().max()) > 0
+    assert torch.allclose(first[10.0], 10 * first[1.0], rtol=1e-3, atol=0)

@@ -32,6 +32,8 @@ def make_learner(
     rgc_inputs: int = 0,
     preview: int = 0,
     input_norm: bool = False,
+    embed_pcs: int = 0,
+    embed_state_scale: float = 1.0,
 ) -> RFPLearner:
     """``head``: ``mlp`` (the spec's predictor, no context whitening), or ``default`` (the residual
     predictor and the context whitening of ModelConfig's defaults, with random non-trivial weights and
@@ -39,7 +41,9 @@ def make_learner(
     embedding reads the context list [u; s(h)] (the default) or the state alone. ``rgc_inputs``: area 6
     reads a fixed random projection of u to that many inputs (0: all of u). ``preview``: the predictor
     also reads a preview of that width per fixation, whitened by fixed random statistics.
-    ``input_norm``: the trunk features are whitened first, by fixed random statistics."""
+    ``input_norm``: the trunk features are whitened first, by fixed random statistics.
+    ``embed_pcs``, ``embed_state_scale``: the embedding reads u projected on a fixed random
+    orthonormal basis of that many columns (the input whitening held at the identity) and A s(h)."""
     cfg = ModelConfig(
         predictor="mlp" if head == "mlp" else "residual",
         context_norm=head != "mlp",
@@ -54,7 +58,9 @@ def make_learner(
         loss=loss,
         phi=phi,
         gate_bias=weights == "random",
-        input_norm=input_norm,
+        input_norm=input_norm or embed_pcs > 0,
+        embed_pcs=embed_pcs,
+        embed_state_scale=embed_state_scale,
         update_mode="segment",
         segment_len=0,
         optimizer="sgd",
@@ -97,6 +103,13 @@ def make_learner(
             norm.mean.copy_(torch.randn(M, generator=gen, dtype=torch.float64) * 0.5)
             q = torch.randn(M, M, generator=gen, dtype=torch.float64)
             norm.whiten.copy_(torch.eye(M, dtype=torch.float64) + 0.3 * q)  # not symmetric
+        norm.observe = lambda x: None  # type: ignore[method-assign]
+    if embed_pcs:  # the input whitening at the identity, its basis random and fixed
+        norm = learner.model.input_norm
+        gen = torch.Generator().manual_seed(500 + seed)
+        with torch.no_grad():
+            basis, _ = torch.linalg.qr(torch.randn(M, embed_pcs, generator=gen, dtype=torch.float64))
+            norm.basis.copy_(basis)
         norm.observe = lambda x: None  # type: ignore[method-assign]
     if loss == "whitened_mse":  # a random fixed metric: RFP treats it as a constant of each step
         gen = torch.Generator().manual_seed(300 + seed)
@@ -185,6 +198,24 @@ def test_rfp_exact_when_the_trunk_features_are_whitened(head: str) -> None:
         learner = make_learner(loss="whitened_mse", phi="tanh", weights="random", head=head, input_norm=True)
         learner._head = None if impl == "autograd" else learner._head
         assert_exact(learner, head=head, weights="random")
+
+
+@pytest.mark.parametrize("embed_pcs,scale", [(3, 1.0), (3, 0.3), (0, 0.3)])
+def test_rfp_exact_when_the_embedding_reads_top_components_and_a_scaled_state(
+    embed_pcs: int, scale: float
+) -> None:
+    """``embed_pcs`` (z = E [u V; s]) and ``embed_state_scale`` (z = E [u; A s]): E's gradient
+    and every RFP group still equal BPTT's; the reference writes both out on its own."""
+    learner = make_learner(
+        loss="whitened_mse",
+        phi="tanh",
+        weights="random",
+        head="default",
+        embed_pcs=embed_pcs,
+        embed_state_scale=scale,
+    )
+    assert learner.model.E.weight.shape[1] == (embed_pcs or M) + N
+    assert_exact(learner, head="default", weights="random")
 
 
 def assert_exact(

@@ -55,8 +55,10 @@ def test_model_fields_map_onto_model_config() -> None:
 
 def test_every_model_field_is_a_setting_of_its_type_default_and_doc() -> None:
     """A new ModelConfig field becomes a FOVEATE_* variable by itself (``in_features`` is the trunk's
-    width, not a choice; ``preview_features`` an input the API does not carry)."""
-    expected = {f.name for f in dataclasses.fields(ModelConfig)} - {"in_features", "preview_features"}
+    width, not a choice; ``preview_features`` an input the API does not carry, and
+    ``preview_lr_scale`` its projection's learning rate)."""
+    preview = {"preview_features", "preview_lr_scale"}
+    expected = {f.name for f in dataclasses.fields(ModelConfig)} - {"in_features", *preview}
     assert set(model_fields()) == expected
     assert expected <= set(Settings.model_fields)
     types = typing.get_type_hints(ModelConfig)
