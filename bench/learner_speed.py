@@ -128,7 +128,7 @@ def measure_ticks(
 def settle_whitening(learner: StreamLearner, patches: np.ndarray, ids: list[str]) -> None:
     """Take a learning variant's running whitenings past their start-up schedule, untimed.
 
-    ``model.RunningWhitening`` (on the trunk features, and on the state h with ``context_norm``)
+    ``whitening.RunningWhitening`` (on the trunk features, and on the state h with ``context_norm``)
     recomputes its matrix (an eigendecomposition) after 1, 2, 4, ..., 128 observations and then every
     256: a service passes the doubling phase in its first seconds. Timed ticks inside it would charge
     a one-off start-up cost to a few ticks of a short run; the steady-state recomputes are reported on

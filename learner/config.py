@@ -92,7 +92,7 @@ class ModelConfig:
         without them ``tau * h = tanh(w h) h >= 0`` for any gain, so the RGC cannot hold signed memory;
         on OSIE they are what lets the error fall along a scanpath.
     input_norm
-        Whiten the trunk features with running statistics of the inputs (``model.RunningWhitening``).
+        Whiten the trunk features with running statistics of the inputs (``whitening.RunningWhitening``).
     context_norm
         Whiten the recurrent state h before the embedding E, with running statistics of h (the
         paper's normalised context covariance; keeps the embedding from collapsing once the RGC holds

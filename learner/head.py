@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from learner.config import ModelConfig
-from learner.model import RJEPA, ResidualPredictor, RunningWhitening, Scores, prediction_loss
+from learner.model import RJEPA, ResidualPredictor, Scores, prediction_loss
 from learner.streaming import grad_of
+from learner.whitening import RunningWhitening
 
 
 @dataclass(frozen=True)

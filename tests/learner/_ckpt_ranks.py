@@ -36,9 +36,9 @@ import torch.distributed as dist
 from learner import dist_checkpoint
 from learner.distributed import fingerprint, join, shared_state
 from learner.errors import CheckpointError, RankLost
-from learner.model import RunningWhitening
 from learner.snapshot import cloned
 from learner.streaming import StreamLearner
+from learner.whitening import RunningWhitening
 from service.shards import rank_of
 from tests.learner import _ranks
 

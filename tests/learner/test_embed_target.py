@@ -8,7 +8,7 @@ import torch
 
 from learner import ModelConfig, RFPLearner
 from learner.errors import ConfigError
-from learner.model import RunningWhitening
+from learner.whitening import RunningWhitening
 
 TINY = dict(trunk="none", in_features=8, n_units=6, embed_dim=4, pred_hidden=5)
 

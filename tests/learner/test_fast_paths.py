@@ -8,8 +8,8 @@ import torch
 from learner import ModelConfig, RFPLearner
 from learner.errors import ConfigError
 from learner.kernels import FusedAdamStep, advance_w_traces, mix
-from learner.model import RunningWhitening
 from learner.rgc import RGC
+from learner.whitening import RunningWhitening
 
 F64 = torch.float64
 
@@ -251,7 +251,7 @@ def test_loading_a_live_learners_state_leaves_the_two_apart() -> None:
 
 def test_a_wide_whitening_is_diagonal_until_it_has_more_samples_than_features() -> None:
     """RunningWhitening wider than DIAGONAL_BELOW skips the eigendecomposition while n < F."""
-    from learner.model import RunningWhitening
+    from learner.whitening import RunningWhitening
 
     f = RunningWhitening.DIAGONAL_BELOW + 8
     w = RunningWhitening(f, every=4)
