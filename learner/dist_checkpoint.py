@@ -109,7 +109,7 @@ class GroupSnapshot:
 
 def _device(group: dist.ProcessGroup | None, learner: StreamLearner) -> torch.device:
     """Where this module's small collective tensors live: the CPU on a gloo group (the service's
-    checkpoint group is gloo even beside NCCL: service/dist_worker.py ``init_group``), else the
+    checkpoint group is gloo even beside NCCL: service/dist_launch.py ``init_group``), else the
     learner's device (NCCL takes CUDA tensors only)."""
     return torch.device("cpu") if dist.get_backend(group) == "gloo" else learner.device
 
@@ -147,14 +147,19 @@ def take(
     path = Path(path)
     group = _group_of(learner) if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    path.mkdir(parents=True, exist_ok=True)
-    gen = torch.tensor([next_generation(path, learner)], dtype=torch.long, device=_device(group, learner))
-    _collective(group, "the checkpoint's generation", lambda: dist.all_reduce(gen, dist.ReduceOp.MAX, group))
-    snap, problem = None, None
-    try:
-        snap = take_snapshot(path, learner, extra, generation=int(gen))
-    except (OSError, CheckpointError) as e:  # one still being written, say: told to every rank below
+    snap, problem, generation = None, None, 0
+    try:  # a local failure here must not keep this rank out of the collectives below (a hang)
+        path.mkdir(parents=True, exist_ok=True)
+        generation = next_generation(path, learner)
+    except (OSError, CheckpointError) as e:  # a folder this rank cannot read: told to every rank below
         problem = f"rank {rank}: {e}"
+    gen = torch.tensor([generation], dtype=torch.long, device=_device(group, learner))
+    _collective(group, "the checkpoint's generation", lambda: dist.all_reduce(gen, dist.ReduceOp.MAX, group))
+    if problem is None:
+        try:
+            snap = take_snapshot(path, learner, extra, generation=int(gen))
+        except (OSError, CheckpointError) as e:  # one still being written, say: told to every rank below
+            problem = f"rank {rank}: {e}"
     part: dict[str, Any] = {"problem": problem}
     if snap is not None:
         part.update(

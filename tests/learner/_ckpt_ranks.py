@@ -110,6 +110,21 @@ def rank_main(rank: int, world: int, port: int, out: str, role: str, kind: str =
                 dist_checkpoint.save(ck, learner)
             except CheckpointError as e:
                 result["refused"] = str(e)
+        elif role == "unreadable":  # the last rank cannot read the folder (a stale NFS handle, say)
+            _ranks.play(learner, ticks[:3], rank, world)
+            real = dist_checkpoint.next_generation
+            if rank == world - 1:
+
+                def stale(path: Any, learner: Any) -> int:
+                    raise OSError(116, "Stale file handle")
+
+                dist_checkpoint.next_generation = stale  # type: ignore[assignment]
+            try:
+                dist_checkpoint.save(ck, learner)
+            except CheckpointError as e:
+                result["refused"] = str(e)
+            dist_checkpoint.next_generation = real  # type: ignore[assignment]
+            result["saved"] = dist_checkpoint.save(ck, learner)  # the next one commits
         else:
             result["extras"] = dist_checkpoint.load(ck, learner, rank_of)
             result["rows_at_load"] = rows(learner)

@@ -221,6 +221,17 @@ def test_ranks_with_different_models_commit_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "ck" / MANIFEST).exists()
 
 
+@pytest.mark.slow
+def test_a_rank_that_cannot_read_the_folder_fails_the_checkpoint_on_every_rank(tmp_path: Path) -> None:
+    """A local failure before the checkpoint's first collective (the generation, read from the folder)
+    is told to every rank, which all go on: not a rank that leaves the others waiting in a collective."""
+    results = _spawn(tmp_path, 2, "unreadable")
+    for res in results:
+        assert "rank 1: [Errno 116] Stale file handle" in res["refused"]
+        assert res["saved"]["generation"] == 1  # nothing was committed before; the next one is
+    assert read_state(tmp_path / "ck")["manifest"]["ranks"] == 2
+
+
 @pytest.fixture
 def group_of_one(tmp_path: Path) -> Any:
     store = dist.FileStore(str(tmp_path / "store"), 1)
