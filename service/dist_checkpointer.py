@@ -150,9 +150,10 @@ class DistCheckpointDriver(CheckpointDriver):
                     f"the checkpoint at {worker.settings.checkpoint_path} was written by "
                     f"{writers or 'one'} worker(s) and this group has {worker.world} ranks, but the "
                     f"command journal {key} holds resets or deletes after the checkpoint (first: "
-                    f"{first!r}) whose place is among the old shard's entries: restart with "
-                    f"WORLD_SIZE={writers or 1} to apply them (then stop it with SIGTERM while no "
-                    "fixations arrive) before changing the ranks"
+                    f"{first!r}) whose place is among the old shard's entries: restart "
+                    + (f"with WORLD_SIZE={writers}" if writers else "the single worker (`foveate worker`)")
+                    + " to apply them (then stop it with SIGTERM while no fixations arrive) before "
+                    "changing the ranks"
                 )
         # every rank hands over the same ranges: rank 0 reads where the old shards end now
         ends: list[Any] = [None if sync is None else old_ends(sync, keys)] if worker.rank == 0 else [None]

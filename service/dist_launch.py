@@ -62,6 +62,12 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
 
 def check_settings(settings: Settings, world: int) -> None:
     """Refuse what a distributed worker cannot do yet, before any process group is made."""
+    if world == 1:
+        raise ConfigError(
+            "a distributed worker of WORLD_SIZE=1 would read the shard keys (foveate:fixations:0), which "
+            "an API with FOVEATE_SHARDS=1 does not write: run the single worker, `foveate worker`, "
+            "instead (it reads the same checkpoints), or launch at least 2 ranks"
+        )
     if "shards" in settings.model_fields_set and settings.shards != world:
         raise ConfigError(
             f"FOVEATE_SHARDS={settings.shards} but the group has WORLD_SIZE={world} ranks: the API "

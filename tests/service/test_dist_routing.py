@@ -102,6 +102,8 @@ def test_a_rank_refuses_a_wrong_shard_count() -> None:
     with pytest.raises(ConfigError, match="FOVEATE_SHARDS=3 but the group has WORLD_SIZE=2"):
         check_settings(small_settings(shards=3), 2)
     check_settings(small_settings(), 2)  # FOVEATE_SHARDS unset in a worker: the world size rules
+    with pytest.raises(ConfigError, match="run the single worker, `foveate worker`"):
+        check_settings(small_settings(), 1)  # a group of one: shard keys that no API writes
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2 -m foveate worker --distributed"):
         rank_env({"RANK": "0"})
     assert rank_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}) == (1, 2, 1)
