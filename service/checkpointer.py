@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from learner.errors import ConfigError, FoveateError
+from learner.errors import CheckpointError, ConfigError, FoveateError
 from service import metrics
 from service.messages import Control
 from service.replies import failure
@@ -140,12 +140,19 @@ class CheckpointDriver:
 
     def restore(self) -> bool:
         """Load ``checkpoint_path`` if it exists; ``ArchitectureMismatch``, ``CheckpointError`` propagate."""
-        from learner.checkpoint import has_checkpoint, load_checkpoint
+        from learner.checkpoint import has_checkpoint, load_checkpoint, read_checkpoint
 
         path = self.worker.settings.checkpoint_path
         if path is None or not has_checkpoint(path):
             logger.info("no checkpoint at %s: starting fresh", path)
             return False
+        ranks = read_checkpoint(path).get("ranks")
+        if ranks:  # its offsets are of the shards foveate:fixations:r, which this worker does not read
+            raise CheckpointError(
+                f"the checkpoint at {path} was written by a distributed worker of {ranks} ranks: restore "
+                "it with `foveate worker --distributed` (any number of ranks >= 2), or point "
+                "FOVEATE_CHECKPOINT_PATH elsewhere to start this single worker fresh"
+            )
         extra = load_checkpoint(path, self.worker.learner)
         self.worker.load_service_state(extra.get("service", {}))
         return True

@@ -11,9 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import redis
 import torch.distributed as dist
 
+from learner.errors import CheckpointError
 from service.broker import LocalBroker
 from service.dist_launch import rank_settings
 from service.dist_worker import DistWorker
@@ -51,6 +53,9 @@ def test_a_periodic_checkpoint_due_on_a_rank_is_taken_by_the_group() -> None:
             assert not worker.alive and _generation(folder) >= 3
         finally:
             dist.destroy_process_group()
+        single = Worker(settings, LocalBroker(settings))  # its offsets and records are the ranks'
+        with pytest.raises(CheckpointError, match=r"written by a distributed worker of 1 ranks"):
+            single.checkpoints.restore()
 
 
 def test_a_group_restored_from_a_single_worker_learns_what_it_left_unanswered(
