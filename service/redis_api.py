@@ -229,7 +229,7 @@ class RedisApiSide(RedisSide):
             problem = self._unavailable(exc)
         for key, i in waiting.items():
             out[i] = problem or WorkerTimeout(
-                f"the worker did not answer within {timeout:g} s (request {key[len(prefix) :]}); the "
+                f"the worker did not answer within {timeout:g} s (request {key[len(prefix) :]}); a "
                 f"fixation stays queued and its result will be in {self.settings.results_stream}"
             )
         return out  # type: ignore[return-value]

@@ -370,8 +370,8 @@ class RedisWorkerSide(RedisSide):
         """Whether the input stream holds an entry after ``offset`` (every entry up to it answered):
         unread, or read and not answered yet (being decoded, queued, in a tick). Read from Redis
         now: :meth:`backlog`'s reading may be a second old, and a drain that trusted it could end
-        while the shard holds entries, which a re-partition then refuses (the same XRANGE as its
-        check, service/dist_checkpointer.py). Redis unreachable: yes (the drain is bounded)."""
+        while the shard holds entries, which a re-partition would then have to hand over (the same
+        XRANGE as the hand-over's, service/handover.py). Redis unreachable: yes (the drain is bounded)."""
         if self.inbox.fixations():
             return True
         start = "-" if offset is None else "(" + offset

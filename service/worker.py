@@ -124,12 +124,12 @@ class Worker:
     def start(self, *, thread: bool = True) -> None:
         """Restore the checkpoint if there is one, start receiving (a Redis broker first re-reads what
         came after the checkpoint), and (``thread``) run in a thread."""
+        torch.set_num_threads(torch_threads(self.settings))  # before a restore that may learn (a hand-over)
         restored = self.restore()
         if self.settings.checkpoint_path is not None:
             from learner.checkpoint import trunk_fingerprint
 
             trunk_fingerprint(self.learner)  # cached: not computed during a checkpoint's stall
-        torch.set_num_threads(torch_threads(self.settings))
         offset = self.broker.start_worker(self.decoder(), after=self._saved_offset)
         self.offset.through = entry_key(offset)
         self.journal.start(restored=restored)

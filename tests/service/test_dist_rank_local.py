@@ -5,7 +5,7 @@ file store), a real learner, a real spill folder, a real redis-server.
   leave another rank's spilled streams alone (the ranks of one machine share the checkpoint's folder).
 - The stop's drain asks Redis now whether the rank's shard holds entries past its input offset:
   ``backlog``'s reading may be a second old, and a drain that trusted it would end while the shard
-  holds entries (which a re-partition then refuses).
+  holds entries (which a re-partition would then have to hand over).
 """
 
 from __future__ import annotations
