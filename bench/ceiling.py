@@ -63,9 +63,10 @@ from bench.controls import (
     held_out_split,
     retrieval_set,
     scanpaths_of,
+    split_arguments,
 )
 from bench.peripheral import LENGTH_CENTRES_DEG, positions, preview_features, saccade_features
-from clients.recorded import RecordedDataset, default_dataset_path
+from clients.recorded import RecordedDataset
 from learner import ModelConfig, RFPLearner, StreamLearner
 
 #: ``extra(split, index, w)``: the inputs beyond the current patch and the running mean for the pairs
@@ -328,11 +329,7 @@ def target_inputs(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(default_dataset_path()))
-    ap.add_argument("--train-subjects", default="1-12")
-    ap.add_argument("--train-images", default="1-100")
-    ap.add_argument("--test-subjects", default="13-15")
-    ap.add_argument("--test-images", default="351-400")
+    split_arguments(ap, train_images="1-100", test_images="351-400")
     ap.add_argument("--dims", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--ridge", type=float, default=1e3)
     ap.add_argument("--cache", type=Path, default=Path("runs/cache"))

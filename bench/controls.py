@@ -67,6 +67,15 @@ class Scanpath:
     v: torch.Tensor | None = None  # (T, F) each fixation's preview (row 0: zeros, never read), or None
 
 
+def split_arguments(ap: argparse.ArgumentParser, *, train_images: str, test_images: str) -> None:
+    """The data set and the held-out split (people and images) every OSIE benchmark takes."""
+    ap.add_argument("--dataset", default=str(default_dataset_path()))
+    ap.add_argument("--train-subjects", default="1-12")
+    ap.add_argument("--train-images", default=train_images)
+    ap.add_argument("--test-subjects", default="13-15")
+    ap.add_argument("--test-images", default=test_images)
+
+
 def held_out_split(
     ds: RecordedDataset, train_subjects: str, train_images: str, test_subjects: str, test_images: str
 ) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -709,11 +718,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(default_dataset_path()))
-    ap.add_argument("--train-subjects", default="1-12")
-    ap.add_argument("--train-images", default="1-350")
-    ap.add_argument("--test-subjects", default="13-15")
-    ap.add_argument("--test-images", default="351-700")
+    split_arguments(ap, train_images="1-350", test_images="351-700")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--retrieval", type=int, default=1000, help="scored fixations ranked in retrieval")
     ap.add_argument("--same-image", type=int, default=5, help="of the 9 distractors, from the same image")

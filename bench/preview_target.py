@@ -59,8 +59,9 @@ from bench.controls import (
     online,
     retrieval_set,
     scanpaths_of,
+    split_arguments,
 )
-from clients.recorded import RecordedDataset, default_dataset_path
+from clients.recorded import RecordedDataset
 from learner import ModelConfig, RFPLearner
 from learner.model import CHANGE_SHRINK, RJEPA
 
@@ -246,11 +247,7 @@ def trained_model(cfg: ModelConfig, train: Sequence, cache: Path) -> RFPLearner:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(default_dataset_path()))
-    ap.add_argument("--train-subjects", default="1-12")
-    ap.add_argument("--train-images", default="1-100")
-    ap.add_argument("--test-subjects", default="13-15")
-    ap.add_argument("--test-images", default="351-400")
+    split_arguments(ap, train_images="1-100", test_images="351-400")
     ap.add_argument("--dims", type=int, default=64, help="the preview's and the pcs targets' components")
     ap.add_argument("--ridge", type=float, default=1e3)
     ap.add_argument("--retrieval", type=int, default=1000)

@@ -117,6 +117,25 @@ class Checkpointer:
 Waiting = list[Control]
 
 
+def committed(
+    worker: Worker, info: dict[str, Any], written: dict[str, Any], journal_through: str | None
+) -> dict[str, Any]:
+    """After a commit (in the writer's thread): its figures into ``info`` and the metrics, ``info``
+    as the worker's last checkpoint, and the command journal trimmed to the snapshot's position (the
+    commit holds the effect of the commands journaled up to there). Returns ``info``."""
+    info.update(written)
+    info["seconds"] = written["write_seconds"]
+    metrics.CHECKPOINT_SECONDS.observe(written["write_seconds"])
+    metrics.CHECKPOINT_BYTES.set(written["bytes"])
+    metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
+    metrics.CHECKPOINTS.inc()
+    metrics.LAST_CHECKPOINT.set(info["written_at"])
+    worker.last_checkpoint = info
+    if journal_through is not None:
+        worker.broker.journal_trim(journal_through)
+    return info
+
+
 class CheckpointDriver:
     """Restores and takes the worker's checkpoints, and answers the checkpoint commands at their commit.
 
@@ -210,18 +229,7 @@ class CheckpointDriver:
         self.last_taken = time.monotonic()
 
         def write() -> dict[str, Any]:  # in the writer's thread
-            written = write_snapshot(snap, worker.checkpoint_stage)
-            info.update(written)
-            info["seconds"] = written["write_seconds"]
-            metrics.CHECKPOINT_SECONDS.observe(written["write_seconds"])
-            metrics.CHECKPOINT_BYTES.set(written["bytes"])
-            metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
-            metrics.CHECKPOINTS.inc()
-            metrics.LAST_CHECKPOINT.set(written_at)
-            worker.last_checkpoint = info
-            if journal_through is not None:  # the commit holds their effect
-                worker.broker.journal_trim(journal_through)
-            return info
+            return committed(worker, info, write_snapshot(snap, worker.checkpoint_stage), journal_through)
 
         return self.writer.submit(write, background=background)
 

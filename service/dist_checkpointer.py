@@ -63,7 +63,7 @@ import torch.distributed as dist
 
 from learner.errors import CheckpointError, ConfigError, DistributedError, FoveateError
 from service import metrics
-from service.checkpointer import CheckpointDriver, WriteJob
+from service.checkpointer import CheckpointDriver, WriteJob, committed
 from service.handover import Handover, OldShard, old_ends
 from service.redis_common import id_text
 from service.replies import failure
@@ -245,18 +245,7 @@ class DistCheckpointDriver(CheckpointDriver):
         def write_part() -> dict[str, Any]:  # in the writer's thread
             if device is not None:  # a thread's current CUDA device is its own: the loop's, for NCCL
                 torch.cuda.set_device(device)
-            written = write(part, worker.checkpoint_stage)
-            info.update(written)
-            info["seconds"] = written["write_seconds"]
-            metrics.CHECKPOINT_SECONDS.observe(written["write_seconds"])
-            metrics.CHECKPOINT_BYTES.set(written["bytes"])
-            metrics.CHECKPOINT_WRITTEN_BYTES.set(written["bytes_written"])
-            metrics.CHECKPOINTS.inc()
-            metrics.LAST_CHECKPOINT.set(written_at)
-            worker.last_checkpoint = info
-            if through is not None:  # the commit holds the journaled commands' effect up to there
-                worker.broker.journal_trim(through)
-            return info
+            return committed(worker, info, write(part, worker.checkpoint_stage), through)
 
         job = self.writer.submit(write_part, background=background)
         job.waited = True  # its end is reported by settle: to the commands, or in the log
