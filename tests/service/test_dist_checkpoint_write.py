@@ -6,6 +6,7 @@ The writer is held at a stage of its write (``Worker.checkpoint_stage``) until t
 fixations learned meanwhile, so nothing here depends on timing. The checkpoint so written holds the
 agreed tick's state: loaded into a fresh learner it equals, bit for bit, a reference worker stopped
 after the same fixations. A write that fails commits nothing and answers the command with the error;
+a checkpoint asked for during a write is snapshotted only after it (the agreement's ``writing``);
 a stop asked for during a write waits for it, then takes the final checkpoint; over a real Redis,
 the commit trims the command journal only up to the snapshot's position; and (two spawned ranks) a
 rank that dies in its writer's thread makes the other's loop raise ``RankLost``, never hang.
@@ -174,6 +175,59 @@ def test_a_failed_write_commits_nothing_and_learning_goes_on(group_of_one: None,
         reply = run.loop.run_until_complete(run.broker.command(Control("checkpoint", {}), BOUND_S))
         assert reply["ok"] and reply["checkpoint"]["generation"] == _generation(folder) > before
     finally:
+        run.close()
+
+
+def test_a_checkpoint_asked_for_during_a_write_waits_for_its_end(group_of_one: None, tmp_path: Path) -> None:
+    """The agreement's ``writing`` flag: a second ``checkpoint`` command that arrives while the first
+    write is held takes no snapshot until that write has ended; then it is taken and answered."""
+    folder = tmp_path / "foveate.pt"
+    run = Rank(checkpoint_path=folder)
+    held, release, hold = _holder("rows")
+    driver = run.worker.checkpoints
+    begun: list[int] = []  # one entry per snapshot the loop begins
+    agree, begin = run.worker._agree, driver.begin
+    seen = threading.Event()  # two agreements that wanted a checkpoint while one was written, or a begin
+    wanting = [0]
+
+    def counting_agree(**flags: bool) -> Any:
+        agreed = agree(**flags)
+        if flags.get("checkpoint") and agreed.writing and len(begun) == 1:
+            wanting[0] += 1
+            if wanting[0] >= 2:  # the first one's decision (begin or not) is taken before the second
+                seen.set()
+        return agreed
+
+    def counting_begin() -> None:
+        begun.append(_generation(folder))
+        if len(begun) > 1:
+            seen.set()
+        begin()
+
+    run.worker._agree = counting_agree  # type: ignore[method-assign]
+    driver.begin = counting_begin  # type: ignore[method-assign]
+    try:
+        run.loop.run_until_complete(run.learn(_first()))
+        start_generation = _generation(folder)
+        run.worker.checkpoint_stage = hold
+
+        async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+            first = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
+            assert await asyncio.to_thread(held.wait, BOUND_S), "the first write never started"
+            second = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
+            assert await asyncio.to_thread(seen.wait, BOUND_S), "the loop never asked for the second"
+            assert len(begun) == 1, "a second snapshot was begun while the first was written"
+            assert not (first.done() or second.done())  # nothing committed yet
+            release.set()
+            return await first, await second
+
+        one, two = run.loop.run_until_complete(go())
+        assert one["ok"] and two["ok"], (one, two)
+        assert one["checkpoint"]["generation"] == start_generation + 1
+        assert two["checkpoint"]["generation"] == start_generation + 2 == _generation(folder)
+        assert len(begun) == 2
+    finally:
+        release.set()
         run.close()
 
 
