@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -232,11 +233,24 @@ def test_a_checkpoint_asked_for_during_a_write_waits_for_its_end(group_of_one: N
 
 
 def test_a_stop_during_a_write_waits_for_it_then_takes_the_final_checkpoint(
-    group_of_one: None, tmp_path: Path
+    group_of_one: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The held write is released only once the loop, the stop agreed, waits for it in the stop's
+    checkpoint: both then commit, in order, and the loop returns."""
+    caplog.set_level(logging.INFO, logger="service.dist_worker")
     folder = tmp_path / "foveate.pt"
     run = Rank(checkpoint_path=folder)
     held, release, hold = _holder("commit")
+    writer = run.worker.checkpoints.writer
+    wait = writer.wait
+    loop_waits = threading.Event()  # the loop thread waits for the writer: only the stop's checkpoint
+
+    def watched_wait() -> None:
+        if threading.current_thread() is run.worker._thread:
+            loop_waits.set()
+        wait()
+
+    writer.wait = watched_wait  # type: ignore[method-assign]
     try:
         run.loop.run_until_complete(run.learn(_first()))
         start_generation = _generation(folder)
@@ -246,11 +260,20 @@ def test_a_stop_during_a_write_waits_for_it_then_takes_the_final_checkpoint(
             pending = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
             assert await asyncio.to_thread(held.wait, BOUND_S), "the write never reached its commit"
             run.worker.request_stop()  # agreed at the next iteration, while the write is held
+            thread = run.worker._thread
+            assert thread is not None
+            while not await asyncio.to_thread(loop_waits.wait, 0.1):  # or the loop ended without it
+                assert thread.is_alive(), "the loop ended without waiting for the write in flight"
+            assert not pending.done() and _generation(folder) == start_generation  # still held
             release.set()
             return await pending
 
         reply = run.loop.run_until_complete(go())
         assert reply["ok"] and reply["checkpoint"]["generation"] == start_generation + 1
+        assert run.worker._thread is not None
+        run.worker._thread.join(BOUND_S)  # the loop returns after the stop's checkpoint
+        assert not run.worker._thread.is_alive()
+        assert "rank 0: the ranks agreed to stop" in caplog.messages  # returned, raised nothing
     finally:
         release.set()
         run.close()
