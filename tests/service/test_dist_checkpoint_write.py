@@ -9,7 +9,8 @@ after the same fixations. A write that fails commits nothing and answers the com
 a checkpoint asked for during a write is snapshotted only after it (the agreement's ``writing``);
 a stop asked for during a write waits for it, then takes the final checkpoint; over a real Redis,
 the commit trims the command journal only up to the snapshot's position; and (two spawned ranks) a
-rank that dies in its writer's thread makes the other's loop raise ``RankLost``, never hang.
+rank that dies in its writer's thread makes the other's loop raise ``RankLost``, never hang; and
+ranks that see the checkpoint folder differently restore as rank 0 sees it.
 (tests/service/test_dist_worker_checkpoint.py covers the command, the stop and the restarts with
 real rank processes; tests/learner/test_dist_checkpoint.py the collective write itself.)
 """
@@ -34,6 +35,7 @@ from service.broker import LocalBroker
 from service.dist_worker import DistWorker
 from service.learner_setup import build_learner
 from service.messages import Control, Fixation
+from service.worker import Worker
 from tests.learner.test_distributed import _assert_same
 from tests.service._support import small_settings
 from tests.service.test_worker import _fix
@@ -378,3 +380,58 @@ def test_a_rank_lost_during_the_write_ends_the_others_loop(tmp_path: Path) -> No
     assert "returned" not in survivor
     assert survivor["lost"].startswith("RankLost:") and "another rank exited" in survivor["lost"]
     assert not (tmp_path / "foveate.pt" / MANIFEST).exists()
+
+
+def folder_view_rank(rank: int, port: int, out: str) -> None:
+    """A spawned rank of a group of two whose checkpoint folder differs from the other's: rank 0's is
+    empty, rank 1's holds a single worker's checkpoint (``out/seen``). It restores, then meets the
+    other rank once more, and leaves what it restored in ``out/rank<r>.pt``."""
+    import os
+    from datetime import timedelta
+
+    from learner.distributed import join
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"rank": rank}
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    group = dist.new_group(timeout=timedelta(seconds=20))
+    slow = dist.new_group(timeout=timedelta(seconds=20))
+    folder = Path(out) / ("seen" if rank == 1 else "empty") / "foveate.pt"
+    settings = small_settings(checkpoint_path=folder, checkpoint_interval_s=3600.0, torch_threads=1)
+    try:
+        worker = DistWorker(settings, LocalBroker(settings), group, checkpoint_group=slow)
+        worker.sync = join(worker.learner, group)  # as DistWorker.start, before it restores
+        result["restored"] = worker.restore()
+        dist.barrier(group=group)  # both ranks left the restore's collectives alike
+        result["streams"] = sorted(worker.records)
+    except Exception as exc:  # a collective that timed out: the ranks entered different ones
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    os._exit(0)  # no teardown of a gloo group that may be broken
+
+
+@pytest.mark.slow
+def test_rank_0_decides_for_every_rank_whether_there_is_a_checkpoint(tmp_path: Path) -> None:
+    """Rank 1 sees a checkpoint where rank 0 sees none (here: another folder): rank 0's view holds
+    on both, so neither enters a load the other does not (which would fail the group's collectives
+    at their timeout)."""
+    from tests.learner import _ranks
+
+    settings = small_settings(checkpoint_path=tmp_path / "seen" / "foveate.pt", torch_threads=1)
+    single = Worker(settings, LocalBroker(settings))
+    single.start(thread=False)
+    single.checkpoint()
+    single.stop(checkpoint=False)
+    assert _generation(tmp_path / "seen" / "foveate.pt") == 1
+
+    results = _ranks.run_ranks(
+        folder_view_rank,
+        lambda r, port: (r, port, str(tmp_path)),
+        2,
+        lambda r: tmp_path / f"rank{r}.pt",
+        join_bound_s=BOUND_S,
+    )
+    for res in results:
+        assert "error" not in res, res
+        assert res["restored"] is False and res["streams"] == []
