@@ -7,7 +7,8 @@ fixations learned meanwhile, so nothing here depends on timing. The checkpoint s
 agreed tick's state: loaded into a fresh learner it equals, bit for bit, a reference worker stopped
 after the same fixations. A write that fails commits nothing and answers the command with the error;
 a checkpoint asked for during a write is snapshotted only after it (the agreement's ``writing``);
-a stop asked for during a write waits for it, then takes the final checkpoint; over a real Redis,
+a stop asked for during a write waits for it, then takes the final checkpoint, and ``stop``'s own
+checkpoint (outside the loop) is not taken; over a real Redis,
 the commit trims the command journal only up to the snapshot's position; and (two spawned ranks) a
 rank that dies in its writer's thread makes the other's loop raise ``RankLost``, never hang; and
 ranks that see the checkpoint folder differently restore as rank 0 sees it.
@@ -390,6 +391,7 @@ def folder_view_rank(rank: int, port: int, out: str) -> None:
     from datetime import timedelta
 
     from learner.distributed import join
+    from learner.errors import ConfigError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -399,6 +401,10 @@ def folder_view_rank(rank: int, port: int, out: str) -> None:
     slow = dist.new_group(timeout=timedelta(seconds=20))
     folder = Path(out) / ("seen" if rank == 1 else "empty") / "foveate.pt"
     settings = small_settings(checkpoint_path=folder, checkpoint_interval_s=3600.0, torch_threads=1)
+    try:  # no checkpoint group: its writer would share the loop's group
+        DistWorker(settings, LocalBroker(settings), group)
+    except ConfigError as exc:
+        result["refused"] = str(exc)
     try:
         worker = DistWorker(settings, LocalBroker(settings), group, checkpoint_group=slow)
         worker.sync = join(worker.learner, group)  # as DistWorker.start, before it restores
@@ -413,9 +419,9 @@ def folder_view_rank(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_rank_0_decides_for_every_rank_whether_there_is_a_checkpoint(tmp_path: Path) -> None:
-    """Rank 1 sees a checkpoint where rank 0 sees none (here: another folder): rank 0's view holds
-    on both, so neither enters a load the other does not (which would fail the group's collectives
-    at their timeout)."""
+    """A group of two ranks refuses a DistWorker without a checkpoint group. Rank 1 sees a checkpoint
+    where rank 0 sees none (here: another folder): rank 0's view holds on both, so neither enters a
+    load the other does not (which would fail the group's collectives at their timeout)."""
     from tests.learner import _ranks
 
     settings = small_settings(checkpoint_path=tmp_path / "seen" / "foveate.pt", torch_threads=1)
@@ -433,5 +439,26 @@ def test_rank_0_decides_for_every_rank_whether_there_is_a_checkpoint(tmp_path: P
         join_bound_s=BOUND_S,
     )
     for res in results:
+        assert "checkpoint_group" in res.get("refused", ""), res
         assert "error" not in res, res
         assert res["restored"] is False and res["streams"] == []
+
+
+def test_stop_with_a_checkpoint_takes_none_outside_the_loop(
+    group_of_one: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Worker.stop``'s default (``checkpoint=True``) would take a collective checkpoint on one rank,
+    outside the loop: a rank ignores it, with a warning; the agreed stop's own is the last."""
+    caplog.set_level(logging.WARNING, logger="service.dist_worker")
+    folder = tmp_path / "foveate.pt"
+    run = Rank(checkpoint_path=folder)
+    try:
+        run.loop.run_until_complete(run.learn(_first()))
+        before = _generation(folder)
+        run.worker.stop()  # the loop agrees the stop and takes the final checkpoint
+        assert not run.worker.alive
+        assert run.worker.last_checkpoint is not None
+        assert _generation(folder) == run.worker.last_checkpoint["generation"] == before + 1
+        assert any("takes no checkpoint of its own" in m for m in caplog.messages), caplog.messages
+    finally:
+        run.loop.close()
