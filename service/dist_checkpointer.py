@@ -29,9 +29,11 @@ and waits for its commit before the ranks exit; so does the checkpoint at start.
 **What each rank saves** as its ``extra``: ``Worker.service_state`` (its streams' records: seq,
 dedup answers; its shard's input offset; its deleted streams). ``load`` hands every writer's back.
 
-**Restoring** (:meth:`DistCheckpointDriver.restore`): every rank loads the shared state and the
-streams ``rank_of(stream, world)`` gives it, and takes each of its streams' record from whichever
-writer held the stream. Then:
+**Restoring** (:meth:`DistCheckpointDriver.restore`): rank 0 decides whether there is a checkpoint,
+and which number of ranks wrote it, and tells the others (a rank that saw the folder otherwise
+would enter other collectives); then every rank loads the shared state and the streams
+``rank_of(stream, world)`` gives it, and takes each of its streams' record from whichever writer
+held the stream. Then:
 
 - *same number of ranks* (a group checkpoint of ``world`` ranks): rank ``r`` resumes its shard after
   writer ``r``'s input offset, as the single worker does (every fixation applied exactly once), and
@@ -97,10 +99,31 @@ class DistCheckpointDriver(CheckpointDriver):
 
         worker = self.dist_worker
         path = worker.settings.checkpoint_path
-        if path is None or not has_checkpoint(path):
+        if path is None:  # the same settings on every rank: none of them restores
+            logger.info("rank %d: checkpoints are disabled: starting fresh", worker.rank)
+            return False
+        # rank 0 decides whether there is a checkpoint, and who wrote it, for every rank: a rank
+        # that saw the shared folder otherwise (not mounted yet, a commit racing the look) would
+        # enter other collectives than the rest (a load, a hand-over) and hang the group
+        found: list[Any] = [None]
+        if worker.rank == 0:
+            exists, writers, error = has_checkpoint(path), None, None
+            try:
+                writers = read_checkpoint(path).get("ranks") if exists else None
+            except CheckpointError as exc:  # told to every rank: all of them refuse it
+                error = str(exc)
+            found = [(exists, writers, error)]
+        assert worker.sync is not None
+        worker.sync._collective(
+            "whether there is a checkpoint to restore",
+            lambda: dist.broadcast_object_list(found, group=self._group(), group_src=0),
+        )
+        exists, writers, error = found[0]  # writers None: one worker's checkpoint
+        if error is not None:
+            raise CheckpointError(error)
+        if not exists:
             logger.info("rank %d: no checkpoint at %s: starting fresh", worker.rank, path)
             return False
-        writers = read_checkpoint(path).get("ranks")  # None: one worker's checkpoint
         extras = load(path, worker.learner, rank_of, group=worker.checkpoint_group)
         services = [extra.get("service", {}) for extra in extras]
         records: dict[str, Any] = {}
@@ -157,11 +180,10 @@ class DistCheckpointDriver(CheckpointDriver):
                 )
         # every rank hands over the same ranges: rank 0 reads where the old shards end now
         ends: list[Any] = [None if sync is None else old_ends(sync, keys)] if worker.rank == 0 else [None]
-        group = worker.checkpoint_group or worker.group
         assert worker.sync is not None
         worker.sync._collective(
             "the re-partition's hand-over ranges",
-            lambda: dist.broadcast_object_list(ends, group=group, group_src=0),
+            lambda: dist.broadcast_object_list(ends, group=self._group(), group_src=0),
         )
         agreed = ends[0] or [None] * len(keys)
         offsets = [service.get("input_offset") for service in services]
@@ -173,6 +195,11 @@ class DistCheckpointDriver(CheckpointDriver):
         if sync is not None:
             handover.read(sync, worker.decoder())
         return handover
+
+    def _group(self) -> dist.ProcessGroup | None:
+        """The checkpoints' group (its long timeout: a rank may be reading files while the others
+        wait), the learner's where none was given (a group of one)."""
+        return self.dist_worker.checkpoint_group or self.dist_worker.group
 
     # ------------------------------------------------------------------ take
 

@@ -52,7 +52,9 @@ reset or delete over Redis is written to the rank's command journal and answered
 of ranks: with another number, the old shards' unanswered fixations are handed to the streams'
 new ranks first (:meth:`DistWorker.hand_over`, service/handover.py) and the new layout is
 checkpointed before anything new is answered. A stop drains for at most ``DRAIN_S`` (the sixth
-flag: some rank's deadline passed).
+flag: some rank's deadline passed). ``stop(checkpoint=True)`` takes no checkpoint of its own (one
+rank, outside the loop: the others would never join it); the agreed stop's is the final one. With
+more than one rank the checkpoints need a process group of their own (``checkpoint_group``).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ import torch
 import torch.distributed as dist
 
 from learner.distributed import TickSync, fingerprint, idle_tick, join
-from learner.errors import DistributedError, FoveateError, InputError
+from learner.errors import ConfigError, DistributedError, FoveateError, InputError
 from learner.patches import preprocess
 from learner.streaming import StreamLearner, TickOutput
 from service import metrics
@@ -126,7 +128,9 @@ class DistWorker(Worker):
     learner
         A ready learner; built from ``settings`` when ``None``.
     checkpoint_group
-        The group the checkpoints' collectives use (a long timeout); ``group`` when ``None``.
+        The group the checkpoints' collectives use (a long timeout). Required with more than one
+        rank: the writer's thread runs them beside the loop's, and two threads must not share a
+        group. A group of one may leave it ``None`` (then ``group``).
     """
 
     checkpoints: DistCheckpointDriver  # the group's checkpoints (service/dist_checkpointer.py)
@@ -141,6 +145,12 @@ class DistWorker(Worker):
     ) -> None:
         self.rank = dist.get_rank(group)  # before Worker's __init__: its spill folder is this rank's
         self.world = dist.get_world_size(group)
+        if checkpoint_group is None and self.world > 1:
+            raise ConfigError(
+                f"a DistWorker of {self.world} ranks needs a checkpoint_group of its own (the second "
+                "group of service.dist_launch.init_group): its checkpoint writer's collectives run "
+                "beside the loop's, which must not share a process group with them"
+            )
         super().__init__(settings, broker, learner)
         self.group = group
         self.checkpoint_group = checkpoint_group  # None: the checkpoints use ``group``
@@ -173,6 +183,17 @@ class DistWorker(Worker):
         if thread:
             self._thread = threading.Thread(target=self.run, name="foveate-worker", daemon=True)
             self._thread.start()
+
+    def stop(self, *, checkpoint: bool = True) -> None:
+        """Stop the loop and close the broker's worker side. A group checkpoint is collective: every
+        rank takes it at the stop the ranks agree on, in the loop (``run``); a checkpoint asked for
+        here, on one rank and outside the loop, would wait for ranks that never join it, so it is
+        ignored, with a warning."""
+        if checkpoint and self.settings.checkpoint_path is not None and self.started:
+            logger.warning("rank %d: stop(checkpoint=True) takes no checkpoint of its own: a group "
+                           "checkpoint is collective; the stop the ranks agree on (request_stop, "
+                           "then run returns) takes the final one in the loop", self.rank)  # fmt: skip
+        super().stop(checkpoint=False)
 
     def hand_over(self, handover: Handover) -> None:
         """Apply the fixations the old layout left unanswered (service/handover.py), in lockstep

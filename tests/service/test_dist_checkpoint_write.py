@@ -6,9 +6,12 @@ The writer is held at a stage of its write (``Worker.checkpoint_stage``) until t
 fixations learned meanwhile, so nothing here depends on timing. The checkpoint so written holds the
 agreed tick's state: loaded into a fresh learner it equals, bit for bit, a reference worker stopped
 after the same fixations. A write that fails commits nothing and answers the command with the error;
-a stop asked for during a write waits for it, then takes the final checkpoint; over a real Redis,
+a checkpoint asked for during a write is snapshotted only after it (the agreement's ``writing``);
+a stop asked for during a write waits for it, then takes the final checkpoint, and ``stop``'s own
+checkpoint (outside the loop) is not taken; over a real Redis,
 the commit trims the command journal only up to the snapshot's position; and (two spawned ranks) a
-rank that dies in its writer's thread makes the other's loop raise ``RankLost``, never hang.
+rank that dies in its writer's thread makes the other's loop raise ``RankLost``, never hang; and
+ranks that see the checkpoint folder differently restore as rank 0 sees it.
 (tests/service/test_dist_worker_checkpoint.py covers the command, the stop and the restarts with
 real rank processes; tests/learner/test_dist_checkpoint.py the collective write itself.)
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +36,7 @@ from service.broker import LocalBroker
 from service.dist_worker import DistWorker
 from service.learner_setup import build_learner
 from service.messages import Control, Fixation
+from service.worker import Worker
 from tests.learner.test_distributed import _assert_same
 from tests.service._support import small_settings
 from tests.service.test_worker import _fix
@@ -177,12 +182,78 @@ def test_a_failed_write_commits_nothing_and_learning_goes_on(group_of_one: None,
         run.close()
 
 
+def test_a_checkpoint_asked_for_during_a_write_waits_for_its_end(group_of_one: None, tmp_path: Path) -> None:
+    """The agreement's ``writing`` flag: a second ``checkpoint`` command that arrives while the first
+    write is held takes no snapshot until that write has ended; then it is taken and answered."""
+    folder = tmp_path / "foveate.pt"
+    run = Rank(checkpoint_path=folder)
+    held, release, hold = _holder("rows")
+    driver = run.worker.checkpoints
+    begun: list[int] = []  # one entry per snapshot the loop begins
+    agree, begin = run.worker._agree, driver.begin
+    seen = threading.Event()  # two agreements that wanted a checkpoint while one was written, or a begin
+    wanting = [0]
+
+    def counting_agree(**flags: bool) -> Any:
+        agreed = agree(**flags)
+        if flags.get("checkpoint") and agreed.writing and len(begun) == 1:
+            wanting[0] += 1
+            if wanting[0] >= 2:  # the first one's decision (begin or not) is taken before the second
+                seen.set()
+        return agreed
+
+    def counting_begin() -> None:
+        begun.append(_generation(folder))
+        if len(begun) > 1:
+            seen.set()
+        begin()
+
+    run.worker._agree = counting_agree  # type: ignore[method-assign]
+    driver.begin = counting_begin  # type: ignore[method-assign]
+    try:
+        run.loop.run_until_complete(run.learn(_first()))
+        start_generation = _generation(folder)
+        run.worker.checkpoint_stage = hold
+
+        async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+            first = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
+            assert await asyncio.to_thread(held.wait, BOUND_S), "the first write never started"
+            second = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
+            assert await asyncio.to_thread(seen.wait, BOUND_S), "the loop never asked for the second"
+            assert len(begun) == 1, "a second snapshot was begun while the first was written"
+            assert not (first.done() or second.done())  # nothing committed yet
+            release.set()
+            return await first, await second
+
+        one, two = run.loop.run_until_complete(go())
+        assert one["ok"] and two["ok"], (one, two)
+        assert one["checkpoint"]["generation"] == start_generation + 1
+        assert two["checkpoint"]["generation"] == start_generation + 2 == _generation(folder)
+        assert len(begun) == 2
+    finally:
+        release.set()
+        run.close()
+
+
 def test_a_stop_during_a_write_waits_for_it_then_takes_the_final_checkpoint(
-    group_of_one: None, tmp_path: Path
+    group_of_one: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The held write is released only once the loop, the stop agreed, waits for it in the stop's
+    checkpoint: both then commit, in order, and the loop returns."""
+    caplog.set_level(logging.INFO, logger="service.dist_worker")
     folder = tmp_path / "foveate.pt"
     run = Rank(checkpoint_path=folder)
     held, release, hold = _holder("commit")
+    writer = run.worker.checkpoints.writer
+    wait = writer.wait
+    loop_waits = threading.Event()  # the loop thread waits for the writer: only the stop's checkpoint
+
+    def watched_wait() -> None:
+        if threading.current_thread() is run.worker._thread:
+            loop_waits.set()
+        wait()
+
+    writer.wait = watched_wait  # type: ignore[method-assign]
     try:
         run.loop.run_until_complete(run.learn(_first()))
         start_generation = _generation(folder)
@@ -192,11 +263,20 @@ def test_a_stop_during_a_write_waits_for_it_then_takes_the_final_checkpoint(
             pending = asyncio.ensure_future(run.broker.command(Control("checkpoint", {}), BOUND_S))
             assert await asyncio.to_thread(held.wait, BOUND_S), "the write never reached its commit"
             run.worker.request_stop()  # agreed at the next iteration, while the write is held
+            thread = run.worker._thread
+            assert thread is not None
+            while not await asyncio.to_thread(loop_waits.wait, 0.1):  # or the loop ended without it
+                assert thread.is_alive(), "the loop ended without waiting for the write in flight"
+            assert not pending.done() and _generation(folder) == start_generation  # still held
             release.set()
             return await pending
 
         reply = run.loop.run_until_complete(go())
         assert reply["ok"] and reply["checkpoint"]["generation"] == start_generation + 1
+        assert run.worker._thread is not None
+        run.worker._thread.join(BOUND_S)  # the loop returns after the stop's checkpoint
+        assert not run.worker._thread.is_alive()
+        assert "rank 0: the ranks agreed to stop" in caplog.messages  # returned, raised nothing
     finally:
         release.set()
         run.close()
@@ -301,3 +381,84 @@ def test_a_rank_lost_during_the_write_ends_the_others_loop(tmp_path: Path) -> No
     assert "returned" not in survivor
     assert survivor["lost"].startswith("RankLost:") and "another rank exited" in survivor["lost"]
     assert not (tmp_path / "foveate.pt" / MANIFEST).exists()
+
+
+def folder_view_rank(rank: int, port: int, out: str) -> None:
+    """A spawned rank of a group of two whose checkpoint folder differs from the other's: rank 0's is
+    empty, rank 1's holds a single worker's checkpoint (``out/seen``). It restores, then meets the
+    other rank once more, and leaves what it restored in ``out/rank<r>.pt``."""
+    import os
+    from datetime import timedelta
+
+    from learner.distributed import join
+    from learner.errors import ConfigError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"rank": rank}
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    group = dist.new_group(timeout=timedelta(seconds=20))
+    slow = dist.new_group(timeout=timedelta(seconds=20))
+    folder = Path(out) / ("seen" if rank == 1 else "empty") / "foveate.pt"
+    settings = small_settings(checkpoint_path=folder, checkpoint_interval_s=3600.0, torch_threads=1)
+    try:  # no checkpoint group: its writer would share the loop's group
+        DistWorker(settings, LocalBroker(settings), group)
+    except ConfigError as exc:
+        result["refused"] = str(exc)
+    try:
+        worker = DistWorker(settings, LocalBroker(settings), group, checkpoint_group=slow)
+        worker.sync = join(worker.learner, group)  # as DistWorker.start, before it restores
+        result["restored"] = worker.restore()
+        dist.barrier(group=group)  # both ranks left the restore's collectives alike
+        result["streams"] = sorted(worker.records)
+    except Exception as exc:  # a collective that timed out: the ranks entered different ones
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    os._exit(0)  # no teardown of a gloo group that may be broken
+
+
+@pytest.mark.slow
+def test_rank_0_decides_for_every_rank_whether_there_is_a_checkpoint(tmp_path: Path) -> None:
+    """A group of two ranks refuses a DistWorker without a checkpoint group. Rank 1 sees a checkpoint
+    where rank 0 sees none (here: another folder): rank 0's view holds on both, so neither enters a
+    load the other does not (which would fail the group's collectives at their timeout)."""
+    from tests.learner import _ranks
+
+    settings = small_settings(checkpoint_path=tmp_path / "seen" / "foveate.pt", torch_threads=1)
+    single = Worker(settings, LocalBroker(settings))
+    single.start(thread=False)
+    single.checkpoint()
+    single.stop(checkpoint=False)
+    assert _generation(tmp_path / "seen" / "foveate.pt") == 1
+
+    results = _ranks.run_ranks(
+        folder_view_rank,
+        lambda r, port: (r, port, str(tmp_path)),
+        2,
+        lambda r: tmp_path / f"rank{r}.pt",
+        join_bound_s=BOUND_S,
+    )
+    for res in results:
+        assert "checkpoint_group" in res.get("refused", ""), res
+        assert "error" not in res, res
+        assert res["restored"] is False and res["streams"] == []
+
+
+def test_stop_with_a_checkpoint_takes_none_outside_the_loop(
+    group_of_one: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Worker.stop``'s default (``checkpoint=True``) would take a collective checkpoint on one rank,
+    outside the loop: a rank ignores it, with a warning; the agreed stop's own is the last."""
+    caplog.set_level(logging.WARNING, logger="service.dist_worker")
+    folder = tmp_path / "foveate.pt"
+    run = Rank(checkpoint_path=folder)
+    try:
+        run.loop.run_until_complete(run.learn(_first()))
+        before = _generation(folder)
+        run.worker.stop()  # the loop agrees the stop and takes the final checkpoint
+        assert not run.worker.alive
+        assert run.worker.last_checkpoint is not None
+        assert _generation(folder) == run.worker.last_checkpoint["generation"] == before + 1
+        assert any("takes no checkpoint of its own" in m for m in caplog.messages), caplog.messages
+    finally:
+        run.loop.close()
