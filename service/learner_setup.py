@@ -70,7 +70,7 @@ def limit_memory(learner: StreamLearner, settings: Settings, spill: Path | None 
     Returns how many streams stay resident.
     """
     s = settings
-    spill = spill if learner.can_spill else None
+    spill = spill if spill is not None and learner.can_spill else None
     streams = learner.limit_memory(s.max_state_mb * 2**20, spill)
     if spill is not None and streams < s.max_batch:
         raise ConfigError(
