@@ -180,28 +180,24 @@ def test_a_killed_group_hands_its_unanswered_fixations_to_the_new_ranks(setup: S
         proc.process.wait(timeout=BOUND_S)
     queued: dict[str, tuple[str, int]] = {}  # request id -> (stream, seq)
     pipe = r.pipeline()
+
+    def queue(sid: str, seq: int, world: int) -> None:  # into the stream's shard of ``world`` ranks
+        queued[f"q-{sid}-{seq}"] = (sid, seq)
+        fields = {
+            "stream_id": sid,
+            "seq": seq,
+            "patch": png(_image(sid, seq)),
+            "request_id": f"q-{sid}-{seq}",
+        }
+        pipe.xadd(f"foveate:fixations:{rank_of(sid, world)}", fields)  # type: ignore[arg-type]
+        plan[sid].append(seq)
+
     for sid in HANDED:  # never read: the three's shards
         for seq in (6, 7, 8):
-            queued[f"q-{sid}-{seq}"] = (sid, seq)
-            fields = {
-                "stream_id": sid,
-                "seq": seq,
-                "patch": png(_image(sid, seq)),
-                "request_id": f"q-{sid}-{seq}",
-            }
-            pipe.xadd(f"foveate:fixations:{rank_of(sid, 3)}", fields)  # type: ignore[arg-type]
-            plan[sid].append(seq)
+            queue(sid, seq, 3)
     for sid in MOVED:  # as an API switched to two shards writes them, before the two start
         for seq in (9, 10):
-            queued[f"q-{sid}-{seq}"] = (sid, seq)
-            fields = {
-                "stream_id": sid,
-                "seq": seq,
-                "patch": png(_image(sid, seq)),
-                "request_id": f"q-{sid}-{seq}",
-            }
-            pipe.xadd(f"foveate:fixations:{rank_of(sid, 2)}", fields)  # type: ignore[arg-type]
-            plan[sid].append(seq)
+            queue(sid, seq, 2)
     pipe.execute()
     generation = json.loads((setup.checkpoint / "manifest.json").read_text())["generation"]
 
